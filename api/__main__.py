@@ -1,0 +1,35 @@
+"""``market api``: serve the api with uvicorn (uvloop + httptools)."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from api.main import build_app
+from market import logs
+from market.settings import Settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="market api", description="Serve the marketplace api.")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args()
+    settings = Settings.from_env()
+    logs.setup("api", settings.log_level)
+    uvicorn.run(
+        build_app(settings),
+        host=args.host or settings.http_host,
+        port=args.port or settings.http_port,
+        log_config=None,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    main()

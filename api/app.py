@@ -1,0 +1,115 @@
+"""The Litestar application factory. Importing this module is cheap; ``create_app`` builds the app."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request
+from litestar.config.app import AppConfig
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import EXCEPTION_HANDLERS
+from api.health import HealthController
+from api.state import AppState
+from market import __version__, bus, db
+from market.ids import ulid
+from market.logs import request_id_var
+from market.settings import Settings
+
+log = logging.getLogger("api")
+
+Startup = Callable[[AppState], Any]
+"""Extra start-up hooks (domain areas register their services on the state)."""
+
+
+def request_id_middleware(app: ASGIApp) -> ASGIApp:
+    """Give every request an id (or keep the caller's ``X-Request-Id``), echo it, log with it."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await app(scope, receive, send)
+            return
+        incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        request_id = incoming.decode("latin-1")[:64] if incoming else "req_" + ulid().lower()
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                headers = message["headers"]
+                if isinstance(headers, list):
+                    headers.append((b"x-request-id", request_id.encode("latin-1")))
+            await send(message)
+
+        try:
+            await app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+    return middleware
+
+
+def create_app(
+    settings: Settings,
+    *,
+    route_handlers: Sequence[Any] = (),
+    on_startup: Sequence[Startup] = (),
+) -> Litestar:
+    """Build the api. The token, admin, tenant and provider routes come in ``route_handlers``."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        engine = db.create_engine(settings)
+        nc = await bus.connect(settings, name=f"api-{ulid()[-8:].lower()}")
+        js = nc.jetstream()
+        await bus.ensure_usage_stream(js)
+        state = AppState(settings=settings, engine=engine, sessions=db.session_factory(engine), nc=nc, js=js)
+        app.state.app_state = state
+        for hook in on_startup:
+            result = hook(state)
+            if hasattr(result, "__await__"):
+                await result
+        started = time.monotonic()
+        log.info("api ready", extra={"startup_ms": round((time.monotonic() - started) * 1000, 1)})
+        try:
+            yield
+        finally:
+            for closer in reversed(state.closers):
+                await closer()
+            await nc.drain()
+            await engine.dispose()
+
+    def provide_state(request: Request[Any, Any, Any]) -> AppState:
+        state: AppState = request.app.state.app_state
+        return state
+
+    prometheus = PrometheusConfig(
+        app_name="market_api",
+        group_path=True,
+        exclude=["/metrics", "/healthz", "/readyz"],
+    )
+    config = AppConfig(
+        route_handlers=[HealthController, PrometheusController, *route_handlers],
+        dependencies={"app_state": Provide(provide_state, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[request_id_middleware, prometheus.middleware],
+        lifespan=[lifespan],
+        openapi_config=OpenAPIConfig(
+            title="Compute Market",
+            version=__version__,
+            description="Token API (OpenAI-compatible), admin, tenant and provider APIs.",
+            path="/schema",
+        ),
+        request_max_body_size=settings.max_body_bytes,
+        debug=False,
+    )
+    return Litestar.from_config(config)

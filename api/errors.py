@@ -1,0 +1,210 @@
+"""Application errors, mapped once to HTTP: OpenAI's error body under ``/v1/``, RFC 9457 elsewhere.
+
+Services raise these; controllers never build error responses by hand. Anything unexpected is a
+500 in the right format with the request id, and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from market.ids import ulid
+from market.logs import request_id_var
+
+log = logging.getLogger(__name__)
+
+
+class AppError(Exception):
+    """An error a client can act on. ``code`` is stable and machine-readable."""
+
+    status = 400
+    code = "invalid_request"
+    openai_type = "invalid_request_error"
+    title = "Bad Request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.param = param
+        self.headers = headers or {}
+
+
+class InvalidRequest(AppError):
+    pass
+
+
+class Unauthorized(AppError):
+    status = 401
+    code = "invalid_api_key"
+    openai_type = "authentication_error"
+    title = "Unauthorized"
+
+
+class Forbidden(AppError):
+    status = 403
+    code = "forbidden"
+    openai_type = "permission_error"
+    title = "Forbidden"
+
+
+class NotFound(AppError):
+    status = 404
+    code = "not_found"
+    openai_type = "invalid_request_error"
+    title = "Not Found"
+
+
+class Conflict(AppError):
+    status = 409
+    code = "conflict"
+    openai_type = "invalid_request_error"
+    title = "Conflict"
+
+
+class PayloadTooLarge(AppError):
+    status = 413
+    code = "request_too_large"
+    title = "Payload Too Large"
+
+
+class RateLimited(AppError):
+    status = 429
+    code = "rate_limit_exceeded"
+    openai_type = "rate_limit_error"
+    title = "Too Many Requests"
+
+
+class QuotaExceeded(RateLimited):
+    code = "insufficient_quota"
+    openai_type = "insufficient_quota"
+
+
+class Unavailable(AppError):
+    status = 503
+    code = "no_capacity"
+    openai_type = "server_error"
+    title = "Service Unavailable"
+
+
+class UpstreamError(AppError):
+    status = 502
+    code = "upstream_error"
+    openai_type = "server_error"
+    title = "Bad Gateway"
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/v1"
+
+
+def error_body(
+    request: Request[Any, Any, Any],
+    status: int,
+    message: str,
+    *,
+    code: str,
+    openai_type: str,
+    title: str,
+    param: str | None = None,
+) -> dict[str, Any]:
+    if is_openai_path(request.url.path):
+        return {"error": {"message": message, "type": openai_type, "param": param, "code": code}}
+    body: dict[str, Any] = {
+        "type": f"https://docs.compute-market.dev/errors/{code}",
+        "title": title,
+        "status": status,
+        "detail": message,
+        "code": code,
+        "instance": request.url.path,
+    }
+    body["request_id"] = request_id_of(request)
+    return body
+
+
+def request_id_of(request: Request[Any, Any, Any]) -> str:
+    """The id the request-id middleware gave; unrouted requests (404/405) never reach it."""
+    state = request.scope.setdefault("state", {})
+    request_id = state.get("request_id") or request_id_var.get()
+    if not request_id:
+        request_id = state["request_id"] = "req_" + ulid().lower()
+    return str(request_id)
+
+
+def _response(
+    request: Request[Any, Any, Any], status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Response[dict[str, Any]]:
+    media_type = "application/json" if is_openai_path(request.url.path) else "application/problem+json"
+    headers = dict(headers or {})
+    if not request_id_var.get():
+        headers["x-request-id"] = request_id_of(request)
+    return Response(content=body, status_code=status, headers=headers, media_type=media_type)
+
+
+def app_error_handler(request: Request[Any, Any, Any], exc: AppError) -> Response[dict[str, Any]]:
+    body = error_body(
+        request, exc.status, exc.message, code=exc.code, openai_type=exc.openai_type, title=exc.title, param=exc.param
+    )
+    return _response(request, exc.status, body, exc.headers)
+
+
+_HTTP_CODES = {
+    400: ("invalid_request", "invalid_request_error", "Bad Request"),
+    401: ("invalid_api_key", "authentication_error", "Unauthorized"),
+    403: ("forbidden", "permission_error", "Forbidden"),
+    404: ("not_found", "invalid_request_error", "Not Found"),
+    405: ("method_not_allowed", "invalid_request_error", "Method Not Allowed"),
+    413: ("request_too_large", "invalid_request_error", "Payload Too Large"),
+    415: ("unsupported_media_type", "invalid_request_error", "Unsupported Media Type"),
+    429: ("rate_limit_exceeded", "rate_limit_error", "Too Many Requests"),
+}
+
+
+def http_error_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    status = exc.status_code
+    code, openai_type, title = _HTTP_CODES.get(status, ("error", "invalid_request_error", "Error"))
+    message = exc.detail or title
+    if isinstance(exc, ValidationException) and exc.extra:
+        message = f"{message}: {exc.extra}"
+    if isinstance(exc, NotAuthorizedException):
+        code, openai_type = "invalid_api_key", "authentication_error"
+    if status >= 500:
+        code, openai_type, title = "internal_error", "server_error", "Internal Server Error"
+    body = error_body(request, status, str(message), code=code, openai_type=openai_type, title=title)
+    return _response(request, status, body, dict(exc.headers or {}))
+
+
+def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    body = error_body(
+        request,
+        HTTP_500_INTERNAL_SERVER_ERROR,
+        "internal error; the request id identifies it",
+        code="internal_error",
+        openai_type="server_error",
+        title="Internal Server Error",
+    )
+    return _response(request, HTTP_500_INTERNAL_SERVER_ERROR, body)
+
+
+EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
+    AppError: app_error_handler,
+    HTTPException: http_error_handler,
+    Exception: internal_error_handler,
+}

@@ -1,0 +1,11 @@
+"""The database schema, shared by api, scheduler and billing (they meet here, not in each other).
+
+Each area has its own module; importing this package registers every table on ``Base.metadata``,
+which the migrations' drift check compares against.
+"""
+
+from market.models.catalog import Model
+from market.models.fleet import EnrolmentToken, Node, Provider
+from market.models.tenancy import ApiKey, Incubator, Tenant
+
+__all__ = ["ApiKey", "EnrolmentToken", "Incubator", "Model", "Node", "Provider", "Tenant"]

@@ -1,0 +1,195 @@
+"""Wire messages between api, scheduler, nodes and billing (msgspec Structs, MessagePack on NATS).
+
+These types are the only thing the domain packages share besides the database schema, so every
+field is documented and changes must stay backward compatible (add fields with defaults).
+
+Data path of one request::
+
+    api --request jobs.submit (Job)--> scheduler --reply Placement--> api
+    scheduler --publish node.<id>.jobs (Job, reply=Job.reply)--> node agent
+    node --publish Job.reply (Chunk: accepted, data..., end | error)--> api
+    api --publish node.<id>.cancel (Cancel)--> node          (client went away)
+    node --publish fleet.heartbeat.<id> (Heartbeat)--> schedulers, api
+    scheduler --publish fleet.events (FleetEvent)--> api     (node lost: fail its jobs over)
+    api --JetStream usage.<tenant> (UsageEvent, Nats-Msg-Id=request id)--> billing
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+JobKind = Literal["chat", "completion"]
+AdmissionClass = Literal["reserved", "burst", "on_demand"]
+ServingMode = Literal["unified", "semi-pd", "disaggregated"]
+NodeStatus = Literal["starting", "healthy", "unhealthy", "draining", "revoked"]
+ChunkKind = Literal["accepted", "data", "end", "error"]
+Outcome = Literal["completed", "cancelled", "failed"]
+
+
+class Job(msgspec.Struct, kw_only=True):
+    """One inference request, as the api hands it to a scheduler and the scheduler to a node."""
+
+    id: str
+    """Request id (``req_...``); also the usage event's Nats-Msg-Id and the ledger's key."""
+    tenant_id: str
+    key_id: str
+    model: str
+    """The marketplace model name the tenant asked for."""
+    kind: JobKind
+    body: dict[str, Any]
+    """The OpenAI request body to send to the engine, validated and normalised by the api
+    (``model`` is replaced by the node with the engine's served name; streaming is forced on)."""
+    prompt_tokens: int
+    """The api's estimate of prompt tokens, for placement and the quota hold."""
+    max_tokens: int
+    admission_class: AdmissionClass = "on_demand"
+    reply: str
+    """Subject the node publishes Chunks to (the api's inbox for this job)."""
+    deadline: float
+    """Unix time after which nobody waits for this job any more."""
+    exclude_nodes: list[str] = msgspec.field(default_factory=list)
+    allowed_providers: list[str] | None = None
+    max_price_minor_per_million: int | None = None
+    attempt: int = 1
+
+
+class Placement(msgspec.Struct, kw_only=True):
+    """A scheduler's reply to ``jobs.submit``: the node a job went to, or why none."""
+
+    job_id: str
+    node_id: str | None = None
+    provider_id: str | None = None
+    error: str | None = None
+    """Set when no node could take the job: ``no_capacity`` or ``unknown_model``."""
+    retry_after_s: float = 1.0
+
+
+class Piece(msgspec.Struct, array_like=True):
+    """Generated text for one choice; ``tokens`` is how many engine tokens it carries."""
+
+    index: int
+    text: str
+    tokens: int = 1
+    finish_reason: str | None = None
+
+
+class Usage(msgspec.Struct):
+    """Token counts as the engine reported them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Chunk(msgspec.Struct, kw_only=True):
+    """A node's message to the api about one job.
+
+    ``accepted`` comes first, as soon as the node took the job; ``data`` carries pieces (several
+    tokens batched when they come faster than they can be sent); the job ends with ``end`` (with
+    the engine's usage) or ``error``. ``seq`` counts from 0 so the api can detect loss.
+    """
+
+    job_id: str
+    node_id: str
+    seq: int
+    kind: ChunkKind
+    pieces: list[Piece] = msgspec.field(default_factory=list)
+    usage: Usage | None = None
+    error: str | None = None
+    error_code: str | None = None
+    """``engine_unavailable`` or ``draining`` (safe to retry before the first token),
+    ``invalid_request`` (the engine refused the body), ``engine_error``."""
+    status: int | None = None
+    """HTTP status the engine answered with, when it refused the request."""
+
+
+class Cancel(msgspec.Struct, kw_only=True):
+    """The api no longer wants a job (client disconnect, deadline)."""
+
+    job_id: str
+    reason: str = "client_disconnected"
+
+
+class Hardware(msgspec.Struct, kw_only=True):
+    accelerator: str = "cpu"
+    memory_gib: float = 0.0
+    count: int = 1
+
+
+class ProfileInfo(msgspec.Struct, kw_only=True):
+    """What a node's serving profile means for placement (see ``nodes`` serving profiles)."""
+
+    mode: ServingMode = "unified"
+    prefill_share: int = 100
+    """Percent of the accelerator's compute given to prefill (semi-PD); 100 for unified."""
+    decode_share: int = 100
+    max_num_seqs: int = 256
+    max_model_len: int = 4096
+
+
+class Heartbeat(msgspec.Struct, kw_only=True):
+    """A node's periodic report; missing ones make the node unhealthy for placement."""
+
+    node_id: str
+    provider_id: str
+    status: NodeStatus
+    models: list[str]
+    engine: str = "vllm"
+    """``vllm`` or ``sim`` (the simulated engine, never billed as real capacity in production)."""
+    profile: ProfileInfo = msgspec.field(default_factory=ProfileInfo)
+    hardware: Hardware = msgspec.field(default_factory=Hardware)
+    slots: int = 0
+    """How many more sequences the node would take now."""
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    agent_version: str = ""
+    sent_at: float = 0.0
+    seq: int = 0
+
+
+class FleetEvent(msgspec.Struct, kw_only=True):
+    """A change in the fleet the api must act on (fail over jobs of a lost node)."""
+
+    kind: Literal["node_lost", "node_draining", "node_revoked"]
+    node_id: str
+    at: float
+
+
+class UsageEvent(msgspec.Struct, kw_only=True):
+    """What one request consumed; published once per request, billed exactly once."""
+
+    request_id: str
+    tenant_id: str
+    key_id: str
+    model: str
+    admission_class: AdmissionClass
+    node_id: str | None
+    provider_id: str | None
+    prompt_tokens: int
+    """As the engine reported them (0 if the engine never reported)."""
+    completion_tokens: int
+    relayed_completion_tokens: int
+    """Tokens the api itself relayed to the client: the cross-check on the engine's count."""
+    outcome: Outcome
+    started_at: float
+    ended_at: float
+    ttft_ms: float | None = None
+    duration_ms: float = 0.0
+    reservation_id: str | None = None
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _ENCODER.encode(message)
+
+
+T = TypeVar("T")
+
+
+def decoder(kind: type[T]) -> msgspec.msgpack.Decoder[T]:
+    """A reusable decoder for one message type (build once per subscriber; decoding is hot)."""
+    return msgspec.msgpack.Decoder(kind)

@@ -1,0 +1,150 @@
+"""Test harness: real PostgreSQL and NATS, started once per session on free ports.
+
+The schema is built by running the Alembic migrations. Tests that touch the database get a clean
+one afterwards (every table truncated), so each test sees only what it made. Helpers here start
+the real api over HTTP (uvicorn on a free port) so end-to-end tests go through the same stack a
+tenant's ``openai`` SDK does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+import pytest
+from nats.aio.client import Client
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from market import db, migrate
+from market.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from market.settings import Settings
+
+
+@dataclass
+class Servers:
+    postgres: EmbeddedPostgres
+    nats: EmbeddedNats
+    base: Path
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    base = tmp_path_factory.mktemp("servers")
+    postgres = EmbeddedPostgres(base / "postgres" / "data", fast=True)
+    nats_server = EmbeddedNats(base / "nats")
+    postgres.start()
+    nats_server.start()
+    try:
+        migrate.upgrade(postgres.url)
+        yield Servers(postgres, nats_server, base)
+    finally:
+        nats_server.stop()
+        postgres.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(servers: Servers) -> Settings:
+    return replace(
+        Settings(),
+        data_dir=servers.base / "data",
+        database_url=servers.postgres.url,
+        nats_url=servers.nats.url,
+        heartbeat_interval_s=0.2,
+        heartbeat_timeout_s=1.5,
+        accept_timeout_s=1.0,
+        first_token_timeout_s=60.0,
+        log_level=os.environ.get("MARKET_LOG_LEVEL", "WARNING"),
+    )
+
+
+@pytest.fixture(scope="session")
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    eng = db.create_engine(settings)
+    yield eng
+    await eng.dispose()
+
+
+async def truncate_all(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        names = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+        )
+        if names:
+            await conn.execute("TRUNCATE " + ", ".join(f'"{r[0]}"' for r in names) + " RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(autouse=True)
+async def _clean_database(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """After any test that used the servers, leave an empty database for the next one."""
+    used = "servers" in request.fixturenames
+    url = request.getfixturevalue("settings").database_url if used else None
+    yield
+    if url is not None:
+        await truncate_all(url)
+
+
+@pytest.fixture
+async def nc(settings: Settings) -> AsyncIterator[Client]:
+    client = await nats.connect(settings.require_nats_url())
+    yield client
+    with contextlib.suppress(Exception):
+        await client.drain()
+
+
+class RunningApi:
+    """A real api on a free port, served by uvicorn inside the test's event loop."""
+
+    def __init__(self, app: Any, port: int) -> None:
+        import uvicorn
+
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.app = app
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=port,
+                log_config=None,
+                access_log=False,
+                lifespan="on",
+                loop="none",
+                timeout_graceful_shutdown=2,
+            )
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> RunningApi:
+        self.task = asyncio.create_task(self.server.serve())
+        for _ in range(400):
+            if self.server.started:
+                return self
+            if self.task.done():
+                self.task.result()
+            await asyncio.sleep(0.025)
+        raise RuntimeError("api did not start")
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 15)
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[RunningApi]:
+    """The full api (every route) over real HTTP."""
+    from api.main import build_app
+
+    running = await RunningApi(build_app(settings), free_port()).start()
+    yield running
+    await running.stop()
