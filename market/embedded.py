@@ -238,8 +238,8 @@ class EmbeddedPostgres:
                     "-d",
                     "postgres",
                     "-tAc",
-                    f"SELECT 1 FROM pg_database WHERE datname = '{PG_DATABASE}'",
-                ],  # noqa: S608 - a constant
+                    f"SELECT 1 FROM pg_database WHERE datname = '{PG_DATABASE}'",  # noqa: S608 - a constant
+                ],
                 capture_output=True,
                 text=True,
                 check=False,
