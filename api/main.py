@@ -1,12 +1,33 @@
-"""The full api: every area's routes on the app skeleton."""
+"""The full api: every area's routes and start-up hooks on the app skeleton.
+
+Each area adds its controllers to ``route_handlers()`` and its services to ``startup_hooks()``.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from litestar import Litestar
 
-from api.app import create_app
+from api.app import Startup, create_app
+from api.auth import Authenticator
+from api.state import AppState
 from market.settings import Settings
 
 
+async def _start_auth(state: AppState) -> None:
+    auth = Authenticator(state)
+    await auth.start()
+    state.services["auth"] = auth
+
+
+def route_handlers() -> list[Any]:
+    return []
+
+
+def startup_hooks() -> list[Startup]:
+    return [_start_auth]
+
+
 def build_app(settings: Settings) -> Litestar:
-    return create_app(settings, route_handlers=[], on_startup=[])
+    return create_app(settings, route_handlers=route_handlers(), on_startup=startup_hooks())
