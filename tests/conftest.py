@@ -26,6 +26,8 @@ from market import db, migrate
 from market.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from market.settings import Settings
 
+pytest_plugins = ["tests.fixtures_vllm"]
+
 
 @dataclass
 class Servers:
