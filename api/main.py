@@ -12,6 +12,7 @@ from litestar import Litestar
 from api.app import Startup, create_app
 from api.auth import Authenticator
 from api.state import AppState
+from api.token.routes import TokenController, start_token_service
 from market.settings import Settings
 
 
@@ -22,11 +23,11 @@ async def _start_auth(state: AppState) -> None:
 
 
 def route_handlers() -> list[Any]:
-    return []
+    return [TokenController]
 
 
 def startup_hooks() -> list[Startup]:
-    return [_start_auth]
+    return [_start_auth, start_token_service]
 
 
 def build_app(settings: Settings) -> Litestar:

@@ -1,0 +1,198 @@
+"""OpenAI-compatible token routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
+
+Bodies are read raw and decoded with msgspec (see ``schemas``) so every validation error carries
+OpenAI's error shape. Errors before the first token are HTTP errors with the right status;
+after it, a streamed response ends with an error event (the status line is already sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from litestar import Controller, Request, Response, get, post
+from litestar.response import Stream
+
+from api.auth import principal_of
+from api.errors import AppError
+from api.state import AppState
+from api.token.format import DONE, StreamFormatter, whole_response
+from api.token.schemas import decode_chat, decode_completion
+from api.token.service import Run, TokenService
+from market.wire import Usage
+
+log = logging.getLogger(__name__)
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _spawn(coro: Any) -> None:
+    """Run cleanup that must outlive a cancelled request (anyio re-cancels awaits in its scope)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+def token_service(request: Request[Any, Any, Any]) -> TokenService:
+    state: AppState = request.app.state.app_state
+    service: TokenService = state.services["token"]
+    return service
+
+
+class TokenController(Controller):
+    path = "/v1"
+    tags = ["token API"]
+
+    @get("/models")
+    async def list_models(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """The models this marketplace sells."""
+        await principal_of(request)
+        models = await token_service(request).catalog.all()
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": m.name,
+                    "object": "model",
+                    "created": int(m.created_at.timestamp()),
+                    "owned_by": m.owned_by,
+                    "context_length": m.context_length,
+                }
+                for m in models.values()
+            ],
+        }
+
+    @get("/models/{model_id:str}")
+    async def get_model(self, request: Request[Any, Any, Any], model_id: str) -> dict[str, Any]:
+        await principal_of(request)
+        m = await token_service(request).catalog.get(model_id)
+        return {
+            "id": m.name,
+            "object": "model",
+            "created": int(m.created_at.timestamp()),
+            "owned_by": m.owned_by,
+            "context_length": m.context_length,
+        }
+
+    @post("/chat/completions", status_code=200)
+    async def chat_completions(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        """Create a chat completion (OpenAI's request and response format; ``stream`` supported)."""
+        return await _complete(request, "chat")
+
+    @post("/completions", status_code=200)
+    async def completions(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        """Create a text completion (OpenAI's legacy completions format; ``stream`` supported)."""
+        return await _complete(request, "completion")
+
+
+async def _complete(request: Request[Any, Any, Any], kind: Literal["chat", "completion"]) -> Response[Any]:
+    principal = await principal_of(request)
+    body = await request.body()
+    parsed = decode_chat(body) if kind == "chat" else decode_completion(body)
+    service = token_service(request)
+    run = await service.prepare(principal, kind, parsed)
+    headers = dict(getattr(run.admission, "headers", None) or {})
+    headers["x-request-id"] = run.job.id
+    try:
+        await run.begin()
+    except asyncio.CancelledError:
+        _spawn(run.cancel_and_finish())
+        raise
+    except BaseException:
+        _spawn(run.finish("failed"))
+        raise
+    created = int(run.started_at)
+    if parsed.stream:
+        return Stream(
+            _sse(run, StreamFormatter(kind, run.job.id, run.model, created), parsed.include_usage),
+            media_type="text/event-stream",
+            headers={**headers, "cache-control": "no-cache"},
+        )
+    return await _whole(request, run, kind, created, headers)
+
+
+async def _sse(run: Run, fmt: StreamFormatter, include_usage: bool) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        async for chunk in run.chunks():
+            if chunk.pieces:
+                yield fmt.pieces(chunk.pieces)
+            if chunk.kind == "end":
+                finished = True
+        usage = run.engine_usage or Usage(0, run.relayed_tokens)
+        await run.finish("completed")
+        if include_usage:
+            yield fmt.usage(usage)
+        yield DONE
+    except AppError as exc:
+        finished = True
+        await run.finish("failed")
+        yield fmt.error(exc.message, exc.code)
+        yield DONE
+    finally:
+        if not finished and not run._finished:
+            # The client went away (the response was cancelled) or the generator was closed.
+            _spawn(run.cancel_and_finish())
+
+
+async def _whole(
+    request: Request[Any, Any, Any], run: Run, kind: str, created: int, headers: dict[str, str]
+) -> Response[Any]:
+    texts: dict[int, list[str]] = {}
+    finish: dict[int, str | None] = {}
+
+    async def collect() -> None:
+        async for chunk in run.chunks():
+            for piece in chunk.pieces:
+                texts.setdefault(piece.index, []).append(piece.text)
+                if piece.finish_reason:
+                    finish[piece.index] = piece.finish_reason
+
+    disconnect = asyncio.create_task(_wait_disconnect(request))
+    work = asyncio.create_task(collect())
+    try:
+        await asyncio.wait({work, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            _spawn(run.cancel_and_finish())
+            with contextlib.suppress(BaseException):
+                await work
+            return Response(b"", status_code=499)
+        try:
+            work.result()
+        except AppError:
+            _spawn(run.finish("failed"))
+            raise
+    except asyncio.CancelledError:
+        work.cancel()
+        _spawn(run.cancel_and_finish())
+        raise
+    finally:
+        disconnect.cancel()
+    usage = run.engine_usage or Usage(0, run.relayed_tokens)
+    await run.finish("completed")
+    return Response(
+        whole_response(kind, run.job.id, run.model, created, texts, finish, usage),
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+async def _wait_disconnect(request: Request[Any, Any, Any]) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def start_token_service(state: AppState) -> None:
+    service = TokenService(state)
+    await service.start()
+    state.services["token"] = service
+    state.closers.append(service.stop)
+
+
+__all__ = ["TokenController", "start_token_service"]

@@ -1,0 +1,385 @@
+"""The token path: admission, placement through a scheduler, relay of a node's chunks, usage.
+
+One ``Run`` is one tenant request. ``begin()`` places the job and waits for its first token (or
+its end); failures up to then are invisible to the client: the job is placed again on another
+node (up to ``MAX_ATTEMPTS``). After the first token the client has seen output, so a failure
+ends the response with an error event and only what was delivered is billed. ``finish()`` runs
+exactly once whatever happens (completion, error, client disconnect): it settles the quota hold
+and publishes one UsageEvent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import nats.errors
+from sqlalchemy import select
+
+from api.auth import Principal
+from api.errors import AppError, InvalidRequest, NotFound, Unavailable, UpstreamError
+from api.state import AppState
+from api.token.relay import LOST, FleetWatch, Inboxes, UsagePublisher
+from api.token.schemas import ChatCompletionRequest, CompletionRequest, estimate_tokens
+from market import subjects, wire
+from market.ids import new_id
+from market.models import Model
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+RETRYABLE = {"engine_unavailable", "draining", "engine_error", "node_lost", "accept_timeout"}
+CATALOG_TTL_S = 5.0
+INTER_CHUNK_TIMEOUT_S = 60.0
+_placement_decoder = wire.decoder(wire.Placement)
+
+
+class Limiter(Protocol):
+    """What the token path needs from the quota and rate-limit service (``api.limits``)."""
+
+    async def admit(self, principal: Principal, model: str, prompt_tokens: int, max_tokens: int) -> Any: ...
+
+    async def settle(self, admission: Any, used_tokens: int) -> None: ...
+
+
+class Catalog:
+    """Active models from the database, cached for a few seconds per replica."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self._models: dict[str, Model] = {}
+        self._loaded_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def all(self) -> dict[str, Model]:
+        if time.monotonic() - self._loaded_at > CATALOG_TTL_S:
+            async with self._lock:
+                if time.monotonic() - self._loaded_at > CATALOG_TTL_S:
+                    async with self.state.sessions() as session:
+                        rows = (await session.scalars(select(Model).where(Model.active))).all()
+                    self._models = {m.name: m for m in rows}
+                    self._loaded_at = time.monotonic()
+        return self._models
+
+    async def get(self, name: str) -> Model:
+        model = (await self.all()).get(name)
+        if model is None:
+            raise NotFound(
+                f"The model '{name}' does not exist or you do not have access to it.",
+                code="model_not_found",
+                param="model",
+            )
+        return model
+
+    def invalidate(self) -> None:
+        self._loaded_at = 0.0
+
+
+@dataclass
+class Run:
+    """One request's journey; see the module docstring."""
+
+    service: TokenService
+    principal: Principal
+    kind: Literal["chat", "completion"]
+    model: str
+    job: wire.Job
+    admission: Any
+    started_at: float = field(default_factory=time.time)
+    node_id: str | None = None
+    provider_id: str | None = None
+    subject: str | None = None
+    queue: asyncio.Queue[Any] | None = None
+    first: wire.Chunk | None = None
+    first_token_at: float | None = None
+    relayed_tokens: int = 0
+    engine_usage: wire.Usage | None = None
+    outcome: wire.Outcome | None = None
+    _finished: bool = False
+
+    # ---- placement -------------------------------------------------------------------------
+    async def begin(self) -> None:
+        """Place the job and wait for its first output; raise an AppError if that never comes."""
+        last_error = "no node could serve the request"
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            self.job.attempt = attempt
+            self.subject, self.queue = self.service.inboxes.open(self.job.id, attempt)
+            self.job.reply = self.subject
+            try:
+                placement = await self._submit()
+                if placement.error:
+                    self._release_attempt()
+                    raise Unavailable(
+                        f"no capacity for model '{self.model}' right now; retry shortly",
+                        code="no_capacity",
+                        headers={"Retry-After": str(max(1, round(placement.retry_after_s)))},
+                    )
+                self.node_id, self.provider_id = placement.node_id, placement.provider_id
+                assert self.node_id is not None
+                self.service.fleet.watch(self.node_id, self.subject, self.queue)
+                failure = await self._await_first()
+            except BaseException:
+                self._release_attempt()
+                raise
+            if failure is None:
+                return
+            last_error = failure
+            log.info(
+                "job failed over before its first token",
+                extra={"job": self.job.id, "node": self.node_id, "reason": failure, "attempt": attempt},
+            )
+            if self.node_id and self.node_id not in self.job.exclude_nodes:
+                self.job.exclude_nodes.append(self.node_id)
+            self._release_attempt()
+            self.node_id = self.provider_id = None
+        await self.finish("failed")
+        raise Unavailable(f"{last_error}; retry shortly", code="no_capacity", headers={"Retry-After": "1"})
+
+    async def _submit(self) -> wire.Placement:
+        try:
+            reply = await self.service.state.nc.request(
+                subjects.JOBS_SUBMIT, wire.encode(self.job), timeout=self.service.settings.accept_timeout_s * 2
+            )
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            await self.finish("failed")
+            raise Unavailable(
+                "no scheduler is answering; retry shortly", code="no_capacity", headers={"Retry-After": "1"}
+            ) from None
+        return _placement_decoder.decode(reply.data)
+
+    async def _await_first(self) -> str | None:
+        """None when the first output arrived (kept in ``self.first``), else why this attempt failed."""
+        assert self.queue is not None
+        settings = self.service.settings
+        accept_deadline = time.monotonic() + settings.accept_timeout_s
+        token_deadline = time.monotonic() + settings.first_token_timeout_s
+        accepted = False
+        while True:
+            deadline = token_deadline if accepted else accept_deadline
+            try:
+                item = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                if not accepted:
+                    return "accept_timeout"
+                await self._cancel("first_token_timeout")
+                await self.finish("failed")
+                raise UpstreamError("the engine produced no output in time", code="timeout", status=504) from None
+            if item is LOST:
+                return "node_lost"
+            chunk: wire.Chunk = item
+            if chunk.kind == "accepted":
+                accepted = True
+                continue
+            if chunk.kind == "error":
+                code = chunk.error_code or "engine_error"
+                if code == "invalid_request":
+                    await self.finish("failed")
+                    raise InvalidRequest(
+                        chunk.error or "the engine refused the request",
+                        code="invalid_request",
+                        status=chunk.status if chunk.status and 400 <= chunk.status < 500 else 400,
+                    )
+                if code in RETRYABLE:
+                    return code
+                return "engine_error"
+            self.first = chunk
+            self.first_token_at = time.time()
+            return None
+
+    def _release_attempt(self) -> None:
+        if self.subject is not None:
+            self.service.inboxes.close(self.subject)
+            if self.node_id is not None:
+                self.service.fleet.unwatch(self.node_id, self.subject)
+
+    # ---- relay -----------------------------------------------------------------------------
+    async def chunks(self) -> AsyncIterator[wire.Chunk]:
+        """The job's chunks from the first output on; ends after ``end`` or raises UpstreamError."""
+        assert self.queue is not None
+        assert self.first is not None
+        item: Any = self.first
+        while True:
+            if item is LOST:
+                raise UpstreamError("the provider node serving this request was lost", code="node_lost")
+            chunk: wire.Chunk = item
+            if chunk.kind == "data" or chunk.kind == "end":
+                for piece in chunk.pieces:
+                    self.relayed_tokens += piece.tokens
+                if chunk.kind == "end":
+                    self.engine_usage = chunk.usage
+                yield chunk
+                if chunk.kind == "end":
+                    return
+            elif chunk.kind == "error":
+                raise UpstreamError(
+                    chunk.error or "the engine failed mid-stream", code=chunk.error_code or "engine_error"
+                )
+            try:
+                item = await asyncio.wait_for(self.queue.get(), INTER_CHUNK_TIMEOUT_S)
+            except TimeoutError:
+                raise UpstreamError("the engine stopped sending output", code="timeout") from None
+
+    async def _cancel(self, reason: str) -> None:
+        if self.node_id is not None:
+            with contextlib.suppress(Exception):
+                await self.service.state.nc.publish(
+                    subjects.node_cancel(self.node_id), wire.encode(wire.Cancel(job_id=self.job.id, reason=reason))
+                )
+
+    async def cancel_and_finish(self) -> None:
+        """The client went away: abort on the node, wait briefly for its final count, then bill."""
+        await self._cancel("client_disconnected")
+        if self.queue is not None and self.engine_usage is None:
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    break
+                if item is LOST:
+                    break
+                if item.kind == "end":
+                    self.engine_usage = item.usage
+                    break
+                if item.kind == "error":
+                    break
+        await self.finish("cancelled")
+
+    # ---- end -------------------------------------------------------------------------------
+    async def finish(self, outcome: wire.Outcome) -> None:
+        """Settle the quota and publish the usage event: exactly once per request."""
+        if self._finished:
+            return
+        self._finished = True
+        self.outcome = outcome
+        self._release_attempt()
+        ended = time.time()
+        usage = self.engine_usage
+        prompt = usage.prompt_tokens if usage else 0
+        completion = usage.completion_tokens if usage else 0
+        if self.service.limiter is not None and self.admission is not None:
+            used = prompt + (completion if usage else self.relayed_tokens)
+            try:
+                await self.service.limiter.settle(self.admission, used)
+            except Exception:
+                log.exception("quota settle failed", extra={"job": self.job.id})
+        if self.node_id is None and usage is None and self.relayed_tokens == 0:
+            return  # never ran anywhere: nothing was consumed, nothing to bill
+        self.service.usage.submit(
+            wire.UsageEvent(
+                request_id=self.job.id,
+                tenant_id=self.job.tenant_id,
+                key_id=self.job.key_id,
+                model=self.model,
+                admission_class=self.job.admission_class,
+                node_id=self.node_id,
+                provider_id=self.provider_id,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                relayed_completion_tokens=self.relayed_tokens,
+                outcome=outcome,
+                started_at=self.started_at,
+                ended_at=ended,
+                ttft_ms=round((self.first_token_at - self.started_at) * 1000, 3) if self.first_token_at else None,
+                duration_ms=round((ended - self.started_at) * 1000, 3),
+            )
+        )
+
+
+class TokenService:
+    """Everything the token routes need, built once per api replica."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.catalog = Catalog(state)
+        self.inboxes = Inboxes(state.nc)
+        self.fleet = FleetWatch(state.nc)
+        self.usage = UsagePublisher(state.js)
+
+    @property
+    def limiter(self) -> Limiter | None:
+        limiter: Limiter | None = self.state.services.get("limiter")
+        return limiter
+
+    async def start(self) -> None:
+        await self.inboxes.start()
+        await self.fleet.start()
+        await self.usage.start()
+
+    async def stop(self) -> None:
+        await self.usage.stop()
+        await self.inboxes.stop()
+
+    async def prepare(
+        self,
+        principal: Principal,
+        kind: Literal["chat", "completion"],
+        request: ChatCompletionRequest | CompletionRequest,
+    ) -> Run:
+        """Validate against the catalog, admit, and build the Job (not yet placed)."""
+        if principal.tenant_id is None:
+            raise AppError("the token API needs a tenant key (sk-...)", code="invalid_api_key", status=403)
+        model = await self.catalog.get(request.model)
+        prompt_text = request.prompt_text()
+        prompt_tokens = estimate_tokens(prompt_text)
+        lower_bound = max(1, len(prompt_text.encode()) // 8)
+        requested = request.requested_max_tokens()
+        if requested is not None and lower_bound + requested > model.context_length:
+            raise InvalidRequest(
+                f"This model's maximum context length is {model.context_length} tokens. However, you requested "
+                f"at least {lower_bound + requested} tokens ({lower_bound} in the prompt, {requested} for the "
+                "completion). Please reduce the length of the prompt or the completion.",
+                code="context_length_exceeded",
+                param="max_tokens"
+                if isinstance(request, CompletionRequest) or request.max_tokens
+                else "max_completion_tokens",
+            )
+        if lower_bound >= model.context_length:
+            raise InvalidRequest(
+                f"This model's maximum context length is {model.context_length} tokens; the prompt alone is longer.",
+                code="context_length_exceeded",
+                param="messages" if kind == "chat" else "prompt",
+            )
+        max_tokens = requested if requested is not None else max(1, model.context_length - prompt_tokens)
+        max_tokens = min(max_tokens, model.context_length)
+        admission = None
+        if self.limiter is not None:
+            admission = await self.limiter.admit(principal, model.name, prompt_tokens, max_tokens * request.n)
+        body: dict[str, Any] = {"model": model.name, **request.sampling()}
+        if isinstance(request, ChatCompletionRequest):
+            body["messages"] = [_message(m) for m in request.messages]
+            if request.requested_max_tokens() is not None:
+                body["max_tokens"] = max_tokens
+        else:
+            body["prompt"] = request.prompt_text()
+            body["max_tokens"] = max_tokens
+        job = wire.Job(
+            id=new_id("request"),
+            tenant_id=principal.tenant_id,
+            key_id=principal.key_id,
+            model=model.name,
+            kind=kind,
+            body=body,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            reply="",
+            deadline=time.time() + self.settings.first_token_timeout_s + 600,
+            allowed_providers=list(principal.allowed_providers) if principal.allowed_providers else None,
+            max_price_minor_per_million=principal.max_price_minor_per_million,
+        )
+        return Run(service=self, principal=principal, kind=kind, model=model.name, job=job, admission=admission)
+
+
+def _message(message: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    return out
