@@ -1,0 +1,248 @@
+"""The scheduler replica: NATS plumbing around the pure policy, plus fleet state in PostgreSQL.
+
+Every replica hears every heartbeat (plain subscription) and so holds the whole fleet; jobs come
+through a queue group, so each job is placed by exactly one replica. Placement never touches the
+database: the ``nodes`` rows are written behind, in one batched statement every couple of seconds,
+and a database outage only delays those writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+from sqlalchemy import text
+
+from market import bus, db, subjects, wire
+from scheduler.policy import DEFAULT_POLICY, FleetView, NodeState, PolicyConfig, place
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from market.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EventKind = Literal["node_lost", "node_draining", "node_revoked"]
+
+# One statement for the whole batch: the rows travel as one JSON array (PostgreSQL turns JSON
+# arrays into ``text[]`` columns itself). Unknown ids match nothing: enrolment creates rows, not us.
+# A revoked node stays revoked whatever its agent still says.
+_UPDATE_NODES = text(
+    """
+    UPDATE nodes AS n
+    SET status = v.status, last_seen_at = v.last_seen_at, models = v.models, engine = v.engine,
+        profile = v.profile, hardware = v.hardware, updated_at = now()
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(
+        id text, status text, last_seen_at timestamptz, models text[], engine text,
+        profile jsonb, hardware jsonb)
+    WHERE n.id = v.id AND n.status <> 'revoked'
+    """
+)
+
+
+class SchedulerService:
+    """One scheduler replica. ``start()`` subscribes and starts the watcher; ``stop()`` undoes it.
+
+    ``nc`` lets tests (or a process hosting several services) share a connection; without it the
+    replica opens and later closes its own. ``warmup_s`` (default 1.5 heartbeat intervals) is how
+    long it listens to heartbeats before taking jobs, so a fresh replica does not call a model
+    unknown just because it has not heard from its nodes yet.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        nc: Client | None = None,
+        *,
+        policy: PolicyConfig = DEFAULT_POLICY,
+        warmup_s: float | None = None,
+        persist_interval_s: float = 2.0,
+        name: str = "scheduler",
+    ) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.name = name
+        self.fleet = FleetView(settings.heartbeat_timeout_s, policy)
+        self.warmup_s = settings.heartbeat_interval_s * 1.5 if warmup_s is None else warmup_s
+        self.persist_interval_s = persist_interval_s
+        self.placements: Counter[str] = Counter()
+        """Jobs this replica placed, by node id."""
+        self.counters: Counter[str] = Counter()
+        """``placed``, ``unknown_model``, ``no_capacity``, ``expired``, ``invalid``, ``heartbeats``,
+        ``node_lost``/``node_draining``/``node_revoked`` (events sent), ``db_flushes``, ``db_errors``."""
+        self._own_nc = nc is None
+        self._subs: list[Subscription] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dirty: set[str] = set()
+        self._engine: AsyncEngine | None = None
+        self._job_decoder = wire.decoder(wire.Job)
+        self._heartbeat_decoder = wire.decoder(wire.Heartbeat)
+
+    async def start(self) -> None:
+        if self.nc is None:
+            self.nc = await bus.connect(self.settings, name=self.name)
+        nc = self.nc
+        self._subs.append(await nc.subscribe(subjects.HEARTBEATS, cb=self._on_heartbeat))
+        await nc.flush()
+        if self.warmup_s > 0:
+            await asyncio.sleep(self.warmup_s)
+        self._subs.append(await nc.subscribe(subjects.JOBS_SUBMIT, queue=subjects.SCHEDULERS_QUEUE, cb=self._on_job))
+        await nc.flush()
+        self._tasks.append(asyncio.create_task(self._watch(), name=f"{self.name}-watch"))
+        if self.settings.database_url:
+            self._engine = db.create_engine(self.settings, pool_size=1, max_overflow=1)
+            self._tasks.append(asyncio.create_task(self._persist_loop(), name=f"{self.name}-persist"))
+        log.info("scheduler started", extra={"replica": self.name})
+
+    async def stop(self) -> None:
+        """Stop taking jobs (finishing the ones already delivered), then write the fleet one last time."""
+        for sub in reversed(self._subs):
+            with contextlib.suppress(Exception):
+                await sub.drain()  # type: ignore[no-untyped-call]
+        self._subs.clear()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._engine is not None:
+            await self.flush()
+            await self._engine.dispose()
+            self._engine = None
+        if self._own_nc and self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+            self.nc = None
+        log.info("scheduler stopped", extra={"replica": self.name})
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "replica": self.name,
+            "nodes": len(self.fleet),
+            "healthy": self.fleet.healthy_count(time.monotonic()),
+            **self.counters,
+            "placements_by_node": dict(self.placements),
+        }
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    async def _on_job(self, msg: Msg) -> None:
+        try:
+            placement = await self._handle_job(msg)
+        except Exception:
+            log.exception("placing a job failed")
+            placement = wire.Placement(job_id="", error="scheduler_error")
+        if msg.reply:
+            await msg.respond(wire.encode(placement))
+
+    async def _handle_job(self, msg: Msg) -> wire.Placement:
+        try:
+            job = self._job_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            self.counters["invalid"] += 1
+            log.warning("undecodable job: %s", exc)
+            return wire.Placement(job_id="", error="invalid_job")
+        if job.deadline < time.time():
+            # Nobody waits for it any more: do not spend a node's capacity on it.
+            self.counters["expired"] += 1
+            return wire.Placement(job_id=job.id, error="expired")
+        node = place(job, self.fleet, time.monotonic())
+        if node is None:
+            if not self.fleet.serves(job.model):
+                self.counters["unknown_model"] += 1
+                return wire.Placement(job_id=job.id, error="unknown_model")
+            self.counters["no_capacity"] += 1
+            # Capacity news arrives with heartbeats: asking again before the next one is pointless.
+            return wire.Placement(job_id=job.id, error="no_capacity", retry_after_s=self.settings.heartbeat_interval_s)
+        self.fleet.commit(node)
+        assert self.nc is not None
+        # Forward the bytes as they came; the node answers straight to the api's inbox.
+        await self.nc.publish(subjects.node_jobs(node.node_id), msg.data, reply=job.reply)
+        self.placements[node.node_id] += 1
+        self.counters["placed"] += 1
+        return wire.Placement(job_id=job.id, node_id=node.node_id, provider_id=node.provider_id)
+
+    # --- fleet --------------------------------------------------------------------------------
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            hb = self._heartbeat_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            log.warning("undecodable heartbeat on %s: %s", msg.subject, exc)
+            return
+        if msg.subject != subjects.heartbeat(hb.node_id):
+            # A node may only publish on its own subject; the body must agree with it.
+            log.warning("heartbeat for %s arrived on %s; ignored", hb.node_id, msg.subject)
+            return
+        self.counters["heartbeats"] += 1
+        node = self.fleet.observe(hb, time.monotonic(), time.time())
+        self._dirty.add(node.node_id)
+        if hb.status in ("draining", "revoked") and node.announced != hb.status:
+            node.announced = hb.status
+            await self._publish_event("node_draining" if hb.status == "draining" else "node_revoked", node)
+
+    async def _watch(self) -> None:
+        period = min(self.settings.heartbeat_interval_s, self.settings.heartbeat_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                for node in self.fleet.expire(time.monotonic()):
+                    self._dirty.add(node.node_id)
+                    log.warning("node lost", extra={"node_id": node.node_id})
+                    await self._publish_event("node_lost", node)
+            except Exception:
+                log.exception("fleet watch failed")
+
+    async def _publish_event(self, kind: EventKind, node: NodeState) -> None:
+        assert self.nc is not None
+        event = wire.FleetEvent(kind=kind, node_id=node.node_id, at=time.time())
+        await self.nc.publish(subjects.FLEET_EVENTS, wire.encode(event))
+        self.counters[kind] += 1
+
+    # --- persistence -------------------------------------------------------------------------
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.persist_interval_s)
+            await self.flush()
+
+    async def flush(self) -> bool:
+        """Write what changed since the last flush to ``nodes``; on failure keep it for the next try."""
+        if self._engine is None or not self._dirty:
+            return True
+        ids, self._dirty = self._dirty, set()
+        rows = [self._row(node) for node_id in ids if (node := self.fleet.get(node_id)) is not None]
+        try:
+            async with asyncio.timeout(max(self.persist_interval_s * 5, 5.0)), self._engine.begin() as conn:
+                await conn.execute(_UPDATE_NODES, {"rows": json.dumps(rows)})
+        except Exception as exc:
+            self._dirty |= ids
+            self.counters["db_errors"] += 1
+            log.warning("could not write fleet state to PostgreSQL (will retry): %s", exc)
+            return False
+        self.counters["db_flushes"] += 1
+        return True
+
+    @staticmethod
+    def _row(node: NodeState) -> dict[str, Any]:
+        return {
+            "id": node.node_id,
+            "status": "unhealthy" if node.lost else node.status,
+            "last_seen_at": datetime.fromtimestamp(node.seen_at, UTC).isoformat() if node.seen_at else None,
+            "models": list(node.models),
+            "engine": node.engine[:16],
+            "profile": msgspec.to_builtins(node.profile),
+            "hardware": msgspec.to_builtins(node.hardware),
+        }

@@ -1,0 +1,197 @@
+"""The pure placement policy: which node a job lands on, and when none may take it."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+from market.wire import Heartbeat, Job, ProfileInfo
+from scheduler.policy import FleetView, PolicyConfig, place
+
+TIMEOUT = 5.0
+
+
+def heartbeat(node_id: str, **overrides: Any) -> Heartbeat:
+    fields: dict[str, Any] = {
+        "node_id": node_id,
+        "provider_id": "prov_a",
+        "status": "healthy",
+        "models": ["llama-8b"],
+        "slots": 8,
+    }
+    fields.update(overrides)
+    return Heartbeat(**fields)
+
+
+def job(**overrides: Any) -> Job:
+    fields: dict[str, Any] = {
+        "id": "req_1",
+        "tenant_id": "ten_1",
+        "key_id": "key_1",
+        "model": "llama-8b",
+        "kind": "chat",
+        "body": {},
+        "prompt_tokens": 100,
+        "max_tokens": 100,
+        "reply": "_INBOX.api.req_1",
+        "deadline": 0.0,
+    }
+    fields.update(overrides)
+    return Job(**fields)
+
+
+def fleet_of(*beats: Heartbeat, now: float = 100.0, config: PolicyConfig | None = None) -> FleetView:
+    fleet = FleetView(TIMEOUT, config or PolicyConfig(), rng=random.Random(7))
+    for hb in beats:
+        fleet.observe(hb, now)
+    return fleet
+
+
+def placed_on(fleet: FleetView, j: Job, now: float = 100.0) -> str | None:
+    node = place(j, fleet, now)
+    return None if node is None else node.node_id
+
+
+def test_only_nodes_serving_the_model_are_considered() -> None:
+    fleet = fleet_of(heartbeat("node_a", models=["mistral-7b"]), heartbeat("node_b", models=["llama-8b", "qwen"]))
+    assert placed_on(fleet, job(model="llama-8b")) == "node_b"
+    assert placed_on(fleet, job(model="mistral-7b")) == "node_a"
+    assert placed_on(fleet, job(model="gpt-9")) is None
+    assert not fleet.serves("gpt-9")
+    assert fleet.serves("qwen")
+
+
+def test_excluded_nodes_are_skipped_for_a_retry() -> None:
+    fleet = fleet_of(heartbeat("node_a", running=6, slots=2), heartbeat("node_b"))
+    assert placed_on(fleet, job()) == "node_b"
+    assert placed_on(fleet, job(exclude_nodes=["node_b"], attempt=2)) == "node_a"
+    assert placed_on(fleet, job(exclude_nodes=["node_a", "node_b"])) is None
+
+
+def test_silent_draining_and_starting_nodes_get_nothing() -> None:
+    fleet = fleet_of(
+        heartbeat("node_old"),
+        heartbeat("node_draining", status="draining"),
+        heartbeat("node_starting", status="starting"),
+    )
+    fleet.observe(heartbeat("node_fresh", running=7, slots=1), 104.0)
+    # node_old's last heartbeat is 5 s old at 105: past the timeout, even though it is idle.
+    assert placed_on(fleet, job(), now=105.0) == "node_fresh"
+    assert placed_on(fleet, job(), now=104.9) == "node_old"
+    assert [n.node_id for n in fleet.expire(105.0)] == ["node_old", "node_draining", "node_starting"]
+    assert fleet.expire(105.5) == []  # each silence is reported once
+    fleet.observe(heartbeat("node_old"), 106.0)
+    assert not fleet.get("node_old").lost  # type: ignore[union-attr]
+    assert placed_on(fleet, job(admission_class="reserved"), now=106.0) == "node_old"
+
+
+def test_forgotten_nodes_make_their_model_unknown() -> None:
+    fleet = fleet_of(heartbeat("node_a"), config=PolicyConfig(forget_after_s=60.0))
+    fleet.expire(130.0)
+    assert fleet.serves("llama-8b")  # lost, maybe back soon: no_capacity, not unknown_model
+    fleet.expire(161.0)
+    assert not fleet.serves("llama-8b")
+    assert len(fleet) == 0
+
+
+def test_burst_leaves_headroom_that_reserved_traffic_may_use() -> None:
+    # capacity 20 (running + slots); 20% headroom keeps 4 slots for reserved jobs.
+    fleet = fleet_of(heartbeat("node_a", running=16, slots=4), config=PolicyConfig(reserved_headroom_share=0.2))
+    for admission in ("burst", "on_demand"):
+        assert placed_on(fleet, job(admission_class=admission)) is None
+    node = place(job(admission_class="reserved"), fleet, 100.0)
+    assert node is not None
+    for _ in range(4):
+        fleet.commit(node)
+    assert placed_on(fleet, job(admission_class="reserved")) is None  # full means full for everyone
+
+
+def test_headroom_lets_burst_in_while_it_lasts() -> None:
+    fleet = fleet_of(heartbeat("node_a", running=0, slots=10), config=PolicyConfig(reserved_headroom_share=0.2))
+    placed = 0
+    while (node := place(job(admission_class="burst"), fleet, 100.0)) is not None:
+        fleet.commit(node)
+        placed += 1
+    assert placed == 8
+
+
+def test_long_prompts_prefer_prefill_share_and_long_generations_decode_share() -> None:
+    fleet = fleet_of(
+        heartbeat("node_prefill", profile=ProfileInfo(mode="semi-pd", prefill_share=100, decode_share=60)),
+        heartbeat("node_decode", profile=ProfileInfo(mode="semi-pd", prefill_share=60, decode_share=100)),
+    )
+    assert placed_on(fleet, job(prompt_tokens=3000, max_tokens=64)) == "node_prefill"
+    assert placed_on(fleet, job(prompt_tokens=40, max_tokens=2000)) == "node_decode"
+
+
+def test_semi_pd_fit_does_not_override_a_crowded_node() -> None:
+    fleet = fleet_of(
+        heartbeat(
+            "node_prefill", running=30, waiting=10, slots=2, profile=ProfileInfo(prefill_share=100, decode_share=80)
+        ),
+        heartbeat("node_decode", profile=ProfileInfo(prefill_share=80, decode_share=100)),
+    )
+    assert placed_on(fleet, job(prompt_tokens=3000, max_tokens=64)) == "node_decode"
+
+
+def test_prompt_longer_than_the_node_context_goes_elsewhere() -> None:
+    fleet = fleet_of(
+        heartbeat("node_small", profile=ProfileInfo(max_model_len=1024)),
+        heartbeat("node_big", running=6, slots=2, profile=ProfileInfo(max_model_len=32768)),
+    )
+    assert placed_on(fleet, job(prompt_tokens=100)) == "node_small"
+    assert placed_on(fleet, job(prompt_tokens=2000)) == "node_big"
+
+
+def test_tenant_price_limit_and_allowed_providers() -> None:
+    fleet = fleet_of(
+        heartbeat("node_cheap", provider_id="prov_cheap", running=4),
+        heartbeat("node_dear", provider_id="prov_dear"),
+        heartbeat("node_plain", provider_id="prov_plain", running=6, slots=2),
+    )
+    fleet.set_offer("node_cheap", 200)
+    fleet.set_offer("node_dear", 900)
+    fleet.set_offer("node_dear", 150, model="qwen")  # a model-specific offer does not apply to llama
+    assert placed_on(fleet, job()) == "node_dear"  # idle wins without a limit
+    assert placed_on(fleet, job(max_price_minor_per_million=500)) == "node_cheap"
+    assert placed_on(fleet, job(max_price_minor_per_million=100)) == "node_plain"  # no offer: not dearer
+    assert placed_on(fleet, job(allowed_providers=["prov_plain", "prov_cheap"])) == "node_cheap"
+    assert placed_on(fleet, job(allowed_providers=["prov_dear"], max_price_minor_per_million=500)) is None
+    assert placed_on(fleet, job(allowed_providers=[])) is None
+
+
+def test_cheaper_offer_wins_a_tie() -> None:
+    fleet = fleet_of(*(heartbeat(f"node_{i}", provider_id=f"prov_{i}") for i in range(5)))
+    for i in range(5):
+        fleet.set_offer(f"node_{i}", 500 - i * 10)
+    assert placed_on(fleet, job()) == "node_4"
+
+
+def test_a_burst_within_one_heartbeat_spreads_over_the_fleet() -> None:
+    fleet = fleet_of(*(heartbeat(f"node_{i}", slots=16) for i in range(4)))
+    counts: Counter[str] = Counter()
+    for _ in range(40):
+        node = place(job(), fleet, 100.0)
+        assert node is not None
+        fleet.commit(node)
+        counts[node.node_id] += 1
+    assert counts == {f"node_{i}": 10 for i in range(4)}
+    # The next heartbeat reports those jobs itself, so local accounting starts over.
+    fleet.observe(heartbeat("node_0", running=10, slots=6), 100.5)
+    assert fleet.get("node_0").in_flight == 0  # type: ignore[union-attr]
+
+
+def test_in_flight_placements_use_up_reported_slots() -> None:
+    fleet = fleet_of(heartbeat("node_a", slots=3))
+    for _ in range(3):
+        node = place(job(admission_class="reserved"), fleet, 100.0)
+        assert node is not None
+        fleet.commit(node)
+    assert place(job(admission_class="reserved"), fleet, 100.0) is None
+
+
+def test_kv_cache_pressure_and_queue_steer_away() -> None:
+    fleet = fleet_of(heartbeat("node_kv", kv_cache_usage=0.95), heartbeat("node_queue", waiting=3, running=2))
+    fleet.observe(heartbeat("node_ok", running=2, kv_cache_usage=0.3), 100.0)
+    assert placed_on(fleet, job()) == "node_ok"
