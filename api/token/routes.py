@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from litestar import Controller, Request, Response, get, post
+from litestar.params import FromPath
 from litestar.response import Stream
 
 from api.auth import principal_of
@@ -66,7 +67,7 @@ class TokenController(Controller):
         }
 
     @get("/models/{model_id:str}")
-    async def get_model(self, request: Request[Any, Any, Any], model_id: str) -> dict[str, Any]:
+    async def get_model(self, request: Request[Any, Any, Any], model_id: FromPath[str]) -> dict[str, Any]:
         await principal_of(request)
         m = await token_service(request).catalog.get(model_id)
         return {

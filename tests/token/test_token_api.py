@@ -1,0 +1,281 @@
+"""The token API's own behaviour through the official ``openai`` SDK and raw HTTP.
+
+Placement and nodes are scripted (``FakeFleet``) so each failure rule can be forced; the same
+paths through the real scheduler, node agent and vLLM are in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from nats.aio.client import Client
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from market import subjects, wire
+from market.db import session_factory
+from market.models import ApiKey
+from tests.conftest import RunningApi
+from tests.token.conftest import FakeFleet, TenantKey, chunk, echo_node
+
+Fleet = Callable[..., Awaitable[FakeFleet]]
+
+
+def sdk(api: RunningApi, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=api.url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+async def usage_event(nc: Client, tenant_id: str, timeout: float = 5.0) -> tuple[wire.UsageEvent, dict[str, str]]:
+    """The newest usage event the api published for ``tenant_id`` on JetStream."""
+    js = nc.jetstream()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            msg = await js.get_last_msg(subjects.USAGE_STREAM, subjects.usage(tenant_id))
+            return wire.decoder(wire.UsageEvent).decode(msg.data or b""), dict(msg.headers or {})
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def test_chat_completion_and_usage_event(api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client) -> None:
+    await fleet({"node_a": echo_node("node_a")})
+    result = await sdk(api, tenant.secret).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0.5, seed=1
+    )
+    assert result.choices[0].message.content == "w0 w1 w2 w3 w4 "
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage is not None
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (7, 5, 12)
+    assert result.model == "fake-model"
+    event, headers = await usage_event(nc, tenant.tenant_id)
+    assert headers["Nats-Msg-Id"] == event.request_id
+    assert result.id == "chatcmpl-" + event.request_id.removeprefix("req_")
+    assert (event.prompt_tokens, event.completion_tokens, event.relayed_completion_tokens) == (7, 5, 5)
+    assert event.outcome == "completed"
+    assert event.node_id == "node_a"
+    assert event.key_id == tenant.key_id
+    assert event.ttft_ms is not None
+    assert event.ttft_ms <= event.duration_ms
+
+
+async def test_streamed_chat_with_usage(api: RunningApi, tenant: TenantKey, fleet: Fleet) -> None:
+    await fleet({"node_a": echo_node("node_a", words=4)})
+    stream = await sdk(api, tenant.secret).chat.completions.create(
+        model="fake-model",
+        messages=[{"role": "user", "content": "hi"}],
+        max_completion_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts, usage, roles = [], None, []
+    async for event in stream:
+        if event.usage is not None:
+            usage = event.usage
+        for choice in event.choices:
+            texts.append(choice.delta.content or "")
+            roles.append(choice.delta.role)
+    assert "".join(texts) == "w0 w1 w2 w3 "
+    assert roles[0] == "assistant"
+    assert usage is not None
+    assert usage.completion_tokens == 4
+
+
+async def test_completions_streamed_and_not(api: RunningApi, tenant: TenantKey, fleet: Fleet) -> None:
+    await fleet({"node_a": echo_node("node_a", words=3)})
+    client = sdk(api, tenant.secret)
+    whole = await client.completions.create(model="fake-model", prompt="once upon", max_tokens=3, stop=["\n"])
+    assert whole.choices[0].text == "w0 w1 w2 "
+    assert whole.object == "text_completion"
+    parts = [
+        c.choices[0].text
+        async for c in await client.completions.create(
+            model="fake-model", prompt="once upon", max_tokens=3, stream=True
+        )
+        if c.choices
+    ]
+    assert "".join(parts) == "w0 w1 w2 "
+
+
+async def test_fails_over_before_first_token(api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client) -> None:
+    """A node whose engine is down, and one that never answers: the client never notices."""
+
+    async def broken(job: wire.Job, reply: str, client: Client) -> None:
+        await client.publish(reply, chunk(job, "broken", 0, "accepted"))
+        await client.publish(
+            reply, chunk(job, "broken", 1, "error", error="engine down", error_code="engine_unavailable")
+        )
+
+    async def silent(job: wire.Job, reply: str, client: Client) -> None:
+        return None
+
+    f = await fleet({"broken": broken, "silent": silent, "good": echo_node("good")})
+    result = await sdk(api, tenant.secret).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=5
+    )
+    assert result.choices[0].message.content == "w0 w1 w2 w3 w4 "
+    assert [node for _, node in f.placed] == ["broken", "silent", "good"]
+    event, _ = await usage_event(nc, tenant.tenant_id)
+    assert event.node_id == "good"
+
+
+async def test_node_failure_mid_stream_ends_with_error_and_bills_what_was_delivered(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client
+) -> None:
+    async def dies(job: wire.Job, reply: str, client: Client) -> None:
+        await client.publish(reply, chunk(job, "n", 0, "accepted"))
+        await client.publish(reply, chunk(job, "n", 1, "data", pieces=[wire.Piece(0, "a", 1)]))
+        await client.publish(reply, chunk(job, "n", 2, "data", pieces=[wire.Piece(0, "b", 1)]))
+        await client.publish(reply, chunk(job, "n", 3, "error", error="gpu fell off", error_code="engine_error"))
+
+    await fleet({"n": dies})
+    stream = await sdk(api, tenant.secret).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=10, stream=True
+    )
+    received = []
+    with pytest.raises(openai.APIError, match="gpu fell off"):
+        async for event in stream:
+            received.extend(c.delta.content for c in event.choices)
+    assert "".join(received) == "ab"
+    event, _ = await usage_event(nc, tenant.tenant_id)
+    assert event.outcome == "failed"
+    assert event.relayed_completion_tokens == 2
+
+
+async def test_client_disconnect_cancels_on_the_node(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client
+) -> None:
+    f = await fleet({"slow": echo_node("slow", words=200, delay=0.02)})
+    async with (
+        httpx.AsyncClient(base_url=api.url) as client,
+        client.stream(
+            "POST",
+            "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {tenant.secret}"},
+            json={"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stream": True},
+        ) as response,
+    ):
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                break
+    for _ in range(100):
+        if f.cancels:
+            break
+        await asyncio.sleep(0.05)
+    assert len(f.cancels) == 1
+    event, _ = await usage_event(nc, tenant.tenant_id)
+    assert event.outcome == "cancelled"
+    assert event.request_id == f.cancels[0]
+    assert 1 <= event.relayed_completion_tokens < 200
+
+
+async def test_no_capacity_is_503_with_retry_after(api: RunningApi, tenant: TenantKey, fleet: Fleet) -> None:
+    await fleet({})
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        response = await client.post(
+            "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {tenant.secret}"},
+            json={"model": "fake-model", "messages": [{"role": "user", "content": "x"}]},
+        )
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "2"
+    assert response.json()["error"]["code"] == "no_capacity"
+
+
+async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
+    with pytest.raises(openai.InternalServerError) as err:
+        await sdk(api, tenant.secret).chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "x"}]
+        )
+    assert err.value.status_code == 503
+    assert err.value.response.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        (b"{not json", 400, "invalid_request", None),
+        (b"", 400, "invalid_request", None),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', 400, "invalid_request", None),
+        (b'{"model": "fake-model", "messages": []}', 400, "invalid_request", "messages"),
+        (b'{"model": "fake-model", "messages": [{"role": "robot", "content": "x"}]}', 400, "invalid_request", None),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "temperature": 5}',
+            400,
+            "invalid_request",
+            "temperature",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+            400,
+            "invalid_request",
+            "max_tokens",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}',
+            400,
+            "context_length_exceeded",
+            "max_tokens",
+        ),
+        (
+            b'{"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "model_not_found",
+            "model",
+        ),
+    ],
+)
+async def test_bad_requests_get_openai_errors(
+    api: RunningApi, tenant: TenantKey, body: bytes, status: int, code: str, param: str | None
+) -> None:
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        response = await client.post(
+            "/v1/chat/completions",
+            content=body,
+            headers={"Authorization": f"Bearer {tenant.secret}", "content-type": "application/json"},
+        )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+async def test_body_too_large_is_413(api: RunningApi, tenant: TenantKey) -> None:
+    huge = '{"model": "fake-model", "prompt": "' + "x" * 2_000_000 + '"}'
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        response = await client.post(
+            "/v1/completions",
+            content=huge,
+            headers={"Authorization": f"Bearer {tenant.secret}", "content-type": "application/json"},
+        )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+async def test_keys_bad_revoked_and_expired_are_401(api: RunningApi, tenant: TenantKey, engine: AsyncEngine) -> None:
+    messages: Any = [{"role": "user", "content": "x"}]
+    for key in ("", "sk-not-a-key"):
+        with pytest.raises(openai.AuthenticationError):
+            await sdk(api, key or "x").chat.completions.create(model="fake-model", messages=messages)
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        missing = await client.get("/v1/models")
+    assert missing.status_code == 401
+    assert missing.json()["error"]["type"] == "authentication_error"
+    models = await sdk(api, tenant.secret).models.list()
+    assert [m.id for m in models.data] == ["fake-model"]
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(update(ApiKey).where(ApiKey.id == tenant.key_id).values(expires_at=ApiKey.created_at))
+    state = api.app.state.app_state
+    state.services["auth"].forget(tenant.key_id)
+    with pytest.raises(openai.AuthenticationError, match="expired"):
+        await sdk(api, tenant.secret).models.list()
