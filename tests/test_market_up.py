@@ -1,0 +1,113 @@
+"""``market up`` as a user runs it: one command, real embedded servers, clean Ctrl-C, data kept."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from market.embedded import free_port
+
+
+def _start(data_dir: Path, port: int) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "market.cli", "up", "--data-dir", str(data_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 60) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("market up did not become ready")
+
+
+def _descendants(proc: subprocess.Popen[str]) -> list[psutil.Process]:
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _stop(proc: subprocess.Popen[str], children: list[psutil.Process]) -> str:
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == [], f"left behind: {[p.info for p in alive]}"
+    return out
+
+
+def test_market_up_serves_restarts_with_its_data_and_leaves_nothing(tmp_path: Path) -> None:
+    data_dir, port = tmp_path / "market", free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start(data_dir, port)
+    try:
+        took = _wait_ready(url, proc)
+        assert took < 30
+        assert httpx.get(url + "/healthz").json() == {"status": "ok"}
+        key_file = data_dir / "admin-key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        key = key_file.read_text().strip()
+        assert key.startswith("sk-admin-")
+        children = _descendants(proc)
+        names = {p.name() for p in children}
+        assert "postgres" in names
+        assert "nats-server" in names
+    finally:
+        if proc.poll() is None:
+            first_out = _stop(proc, _descendants(proc))
+    assert proc.returncode == 0
+    assert f"api at {url}" in first_out
+    assert key in first_out
+
+    second = _start(data_dir, port)
+    try:
+        _wait_ready(url, second)
+        assert key_file.read_text().strip() == key
+    finally:
+        second_out = _stop(second, _descendants(second))
+    assert key not in second_out, "the admin key is shown only on the first start"
+    assert "platform-admin key in" in second_out
+
+
+def test_market_up_with_the_port_taken_says_so_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        proc = _start(tmp_path / "market", port)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert (
+        out.strip()
+        == f"market: port {port} for the api is already in use: stop what holds it or set --port or MARKET_HTTP_PORT"
+    )
+
+
+def test_market_up_with_an_unwritable_data_dir_says_so() -> None:
+    bad = "/proc/market-data"
+    proc = _start(Path(bad), free_port())
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert out.strip().startswith(f"market: data directory {bad} is not writable")
+    assert out.strip().count("\n") == 0
