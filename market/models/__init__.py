@@ -6,6 +6,18 @@ which the migrations' drift check compares against.
 
 from market.models.catalog import Model
 from market.models.fleet import EnrolmentToken, Node, Provider
+from market.models.quota import (
+    Grant,
+    GrantEvent,
+    IncubatorPool,
+    LimiterInstance,
+    QuotaHold,
+    RateLimitBucket,
+    TenantModel,
+    TenantQuota,
+)
 from market.models.tenancy import ApiKey, Incubator, Tenant
 
 __all__ = ["ApiKey", "EnrolmentToken", "Incubator", "Model", "Node", "Provider", "Tenant"]
+__all__ += ["Grant", "GrantEvent", "IncubatorPool", "LimiterInstance", "QuotaHold", "RateLimitBucket"]
+__all__ += ["TenantModel", "TenantQuota"]
