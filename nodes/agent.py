@@ -1,0 +1,427 @@
+"""The provider node agent: takes jobs from NATS, relays them through its engine, heartbeats.
+
+Per job the agent publishes to the job's reply subject: ``accepted`` (seq 0) at once, ``data``
+chunks as the engine streams (the first at once, later tokens coalesced when they come faster than
+``flush_interval_s``, which keeps NATS messages per second bounded at high token rates), and
+``end`` with usage or ``error``. It is the only place that knows a job's seq numbers, so every
+chunk of a job is published from the job's own task, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from market import bus, subjects, wire
+from market.wire import Chunk, Hardware, Heartbeat, Job, Piece, ProfileInfo, Usage
+from nodes.engines.base import Emission, Engine, EngineError
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+
+    from market.settings import Settings
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = "0.1.0"
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    """Who the node is and how it behaves on the wire."""
+
+    node_id: str
+    provider_id: str
+    settings: Settings
+    models: list[str]
+    """Marketplace model names this node serves (jobs name these; the engine has its own name)."""
+    profile: ProfileInfo = field(default_factory=ProfileInfo)
+    hardware: Hardware = field(default_factory=Hardware)
+    heartbeat_interval_s: float | None = None
+    """Default: ``settings.heartbeat_interval_s``."""
+    flush_interval_s: float = 0.002
+    drain_timeout_s: float = 300.0
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_creds: str | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Running:
+    job: Job
+    reply: str
+    task: asyncio.Task[None] | None = None
+    pump: asyncio.Task[None] | None = None
+    stop_reason: str | None = None
+    """Why the engine stream was aborted early: ``cancelled`` or ``deadline``."""
+
+
+class _Done:
+    """Queue sentinel: the engine stream ended normally."""
+
+
+class _Stopped:
+    """Queue sentinel: the engine stream was aborted (cancel, deadline, kill)."""
+
+
+_DONE, _STOPPED = _Done(), _Stopped()
+_QueueItem = Emission | EngineError | _Done | _Stopped
+
+
+def _merge(pending: list[Piece], new: list[Piece]) -> None:
+    """Append ``new`` pieces, joining a piece onto the last one of the same choice."""
+    for piece in new:
+        last = pending[-1] if pending else None
+        if last is not None and last.index == piece.index and last.finish_reason is None:
+            pending[-1] = Piece(last.index, last.text + piece.text, last.tokens + piece.tokens, piece.finish_reason)
+        else:
+            pending.append(piece)
+
+
+class NodeAgent:
+    """One provider node: ``await start()``, then ``await stop(drain=True)`` (or ``kill()`` in tests)."""
+
+    def __init__(self, config: AgentConfig, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        self.node_id = config.node_id
+        self.nc: Client | None = None
+        self.draining = False
+        self.stopped = asyncio.Event()
+        """Set when the agent has left (after stop, kill or a revoke order)."""
+        self._jobs: dict[str, _Running] = {}
+        self._subs: list[Any] = []
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[None] | None = None
+        self._hb_seq = 0
+        self._killed = False
+        self._job_decoder = wire.decoder(Job)
+        self._cancel_decoder = wire.decoder(wire.Cancel)
+        self._interval = config.heartbeat_interval_s or config.settings.heartbeat_interval_s
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, start the engine (readiness comes later for vLLM), subscribe, heartbeat."""
+        cfg = self.config
+        self.nc = await bus.connect(
+            cfg.settings,
+            name=f"node {cfg.node_id}",
+            user=cfg.nats_user,
+            password=cfg.nats_password,
+            creds=cfg.nats_creds,
+            pending_size=8 * 1024 * 1024,
+        )
+        await self.engine.start()
+        msgs, size = 1_000_000, 256 * 1024 * 1024  # a busy node must not become a slow consumer
+        self._subs = [
+            await self.nc.subscribe(
+                subjects.node_jobs(cfg.node_id), cb=self._on_job, pending_msgs_limit=msgs, pending_bytes_limit=size
+            ),
+            await self.nc.subscribe(
+                subjects.node_cancel(cfg.node_id), cb=self._on_cancel, pending_msgs_limit=msgs, pending_bytes_limit=size
+            ),
+            await self.nc.subscribe(subjects.node_control(cfg.node_id), cb=self._on_control),
+        ]
+        await self._publish_heartbeat()
+        self._heartbeat_task = asyncio.create_task(self._heartbeats(), name=f"heartbeat {cfg.node_id}")
+        log.info("node %s serving %s with %s engine", cfg.node_id, cfg.models, self.engine.kind)
+
+    async def drain(self) -> None:
+        """Take no new jobs (they get ``draining`` errors); say so in heartbeats at once."""
+        if self.draining:
+            return
+        self.draining = True
+        with contextlib.suppress(Exception):
+            await self._publish_heartbeat()
+
+    async def stop(self, drain: bool = True) -> None:
+        """Leave the marketplace. With ``drain``, finish in-flight jobs first (up to drain_timeout_s)
+        and send a final ``draining`` heartbeat; without, abort them with a final ``end``."""
+        if self.stopped.is_set() or self._killed:
+            return
+        await self.drain()
+        tasks = [r.task for r in self._jobs.values() if r.task is not None]
+        if drain and tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=self.config.drain_timeout_s)
+            if pending:
+                log.warning("drain timed out with %d jobs in flight; cancelling them", len(pending))
+        for running in list(self._jobs.values()):
+            self._abort(running, "cancelled")
+        tasks = [r.task for r in self._jobs.values() if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+        with contextlib.suppress(Exception):
+            await self._publish_heartbeat()  # the last word: draining, so nobody places here
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        await self.engine.stop()
+        self.stopped.set()
+
+    async def kill(self) -> None:
+        """Tests: die like a crashed process. Heartbeats stop, NATS closes, nothing more is sent."""
+        self._killed = True
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        for running in list(self._jobs.values()):
+            self._abort(running, "killed")
+            if running.task is not None:
+                running.task.cancel()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        await self.engine.stop()
+        self.stopped.set()
+
+    # --- heartbeats ----------------------------------------------------------------------------
+
+    async def heartbeat(self) -> Heartbeat:
+        """The node's current report (also what ``_heartbeats`` publishes)."""
+        cfg = self.config
+        engine_status = self.engine.status
+        status: wire.NodeStatus = "draining" if self.draining else engine_status
+        load = await self.engine.load()
+        running = max(load.running, 0)
+        slots = 0
+        if status == "healthy":
+            slots = max(0, self.engine.max_num_seqs - max(running, len(self._jobs)) - load.waiting)
+        self._hb_seq += 1
+        return Heartbeat(
+            node_id=cfg.node_id,
+            provider_id=cfg.provider_id,
+            status=status,
+            models=list(cfg.models),
+            engine=self.engine.kind,
+            profile=cfg.profile,
+            hardware=cfg.hardware,
+            slots=slots,
+            running=running,
+            waiting=load.waiting,
+            kv_cache_usage=load.kv_cache_usage,
+            agent_version=AGENT_VERSION,
+            sent_at=time.time(),
+            seq=self._hb_seq,
+        )
+
+    async def _publish_heartbeat(self) -> None:
+        if self._killed or self.nc is None:
+            return
+        beat = await self.heartbeat()
+        if not self._killed:
+            await self.nc.publish(subjects.heartbeat(self.node_id), wire.encode(beat))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self._publish_heartbeat()
+            except Exception:
+                log.exception("heartbeat failed")
+
+    # --- control and cancel ----------------------------------------------------------------------
+
+    async def _on_control(self, msg: Msg) -> None:
+        """``drain`` or ``revoke``, as msgpack/JSON ``{"action": ...}`` or a bare word."""
+        action = _control_action(msg.data)
+        if action == "drain":
+            log.info("node %s: drain ordered", self.node_id)
+            await self.drain()
+        elif action == "revoke":
+            log.warning("node %s: revoked; leaving now", self.node_id)
+            # Not awaited here: stopping drains this very subscription.
+            self._stop_task = asyncio.create_task(self.stop(drain=False))
+        else:
+            log.warning("node %s: unknown control message %r", self.node_id, msg.data[:100])
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = self._cancel_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            log.warning("undecodable cancel on %s", msg.subject)
+            return
+        running = self._jobs.get(cancel.job_id)
+        if running is not None:
+            self._abort(running, "cancelled")
+
+    def _abort(self, running: _Running, reason: str) -> None:
+        if running.stop_reason is None:
+            running.stop_reason = reason
+        if running.pump is not None:
+            running.pump.cancel()
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    async def _on_job(self, msg: Msg) -> None:
+        try:
+            job = self._job_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            log.warning("undecodable job on %s", msg.subject)
+            return
+        reply = msg.reply or job.reply
+        if not reply or self._killed:
+            return
+        if job.id in self._jobs:  # a redelivery: the running task answers
+            return
+        running = _Running(job, reply)
+        self._jobs[job.id] = running
+        running.task = asyncio.create_task(self._run(running), name=f"job {job.id}")
+
+    async def _publish(self, running: _Running, chunk: Chunk) -> None:
+        if self._killed or self.nc is None:
+            return
+        try:
+            await self.nc.publish(running.reply, wire.encode(chunk))
+        except Exception as exc:  # a closed connection must not kill the job's bookkeeping
+            log.warning("cannot publish chunk %d of %s: %s", chunk.seq, chunk.job_id, exc)
+
+    async def _run(self, running: _Running) -> None:
+        try:
+            await self._relay(running)
+        except asyncio.CancelledError:
+            if not self._killed:
+                raise
+        except Exception:
+            log.exception("job %s failed in the agent", running.job.id)
+        finally:
+            self._jobs.pop(running.job.id, None)
+
+    async def _relay(self, running: _Running) -> None:
+        job, node = running.job, self.node_id
+        seq = 0
+
+        def chunk(kind: wire.ChunkKind, **fields: Any) -> Chunk:
+            nonlocal seq
+            out = Chunk(job_id=job.id, node_id=node, seq=seq, kind=kind, **fields)
+            seq += 1
+            return out
+
+        if time.time() >= job.deadline:
+            await self._publish(
+                running, chunk("error", error="deadline passed before the job started", error_code="deadline_exceeded")
+            )
+            return
+        if self.draining:
+            await self._publish(running, chunk("error", error="node is draining", error_code="draining"))
+            return
+        if self.engine.status != "healthy":
+            await self._publish(
+                running, chunk("error", error=f"engine is {self.engine.status}", error_code="engine_unavailable")
+            )
+            return
+        if job.model not in self.config.models:
+            await self._publish(
+                running,
+                chunk(
+                    "error", error=f"model {job.model!r} is not served here", error_code="invalid_request", status=404
+                ),
+            )
+            return
+        await self._publish(running, chunk("accepted"))
+
+        queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
+        running.pump = asyncio.create_task(self._pump(self.engine.generate(job), queue), name=f"pump {job.id}")
+        loop = asyncio.get_running_loop()
+        deadline_timer = loop.call_at(
+            loop.time() + max(0.0, job.deadline - time.time()), self._abort, running, "deadline"
+        )
+        pending: list[Piece] = []
+        sent_data = False
+        last_sent = 0.0
+        usage: Usage | None = None
+        relayed = 0
+        outcome: _QueueItem | None = None
+        getter: asyncio.Task[_QueueItem] | None = None
+        interval = self.config.flush_interval_s
+        try:
+            while outcome is None:
+                wait = None
+                if pending:
+                    wait = max(0.0, last_sent + interval - time.monotonic())
+                if getter is None:
+                    getter = asyncio.ensure_future(queue.get())
+                if wait is None or wait > 0:
+                    await asyncio.wait({getter}, timeout=wait)
+                items: list[_QueueItem] = []
+                if getter.done():
+                    items.append(getter.result())
+                    getter = None
+                    while not queue.empty():
+                        items.append(queue.get_nowait())
+                for item in items:
+                    if isinstance(item, Emission):
+                        _merge(pending, item.pieces)
+                        relayed += sum(p.tokens for p in item.pieces)
+                        if item.usage is not None:
+                            usage = item.usage
+                    else:
+                        outcome = item
+                now = time.monotonic()
+                if pending and (not sent_data or now - last_sent >= interval or outcome is not None):
+                    await self._publish(running, chunk("data", pieces=pending))
+                    pending = []
+                    sent_data = True
+                    last_sent = now
+        finally:
+            deadline_timer.cancel()
+            if getter is not None:
+                getter.cancel()
+
+        if isinstance(outcome, _Done):
+            final = usage or Usage(job.prompt_tokens, relayed)
+            await self._publish(running, chunk("end", usage=final))
+        elif isinstance(outcome, _Stopped):
+            # Cancelled or past its deadline: bill what was produced. The agent counted the
+            # completion tokens it relayed; prompt tokens are the engine's if it said, else the api's.
+            prompt = usage.prompt_tokens if usage is not None else job.prompt_tokens
+            await self._publish(running, chunk("end", usage=Usage(prompt, relayed)))
+        elif isinstance(outcome, EngineError):
+            await self._publish(
+                running, chunk("error", error=outcome.message, error_code=outcome.code, status=outcome.status)
+            )
+
+    async def _pump(self, stream: AsyncIterator[Emission], queue: asyncio.Queue[_QueueItem]) -> None:
+        """Read the engine stream into the job's queue; cancelling this aborts the engine request."""
+        try:
+            async for emission in stream:
+                queue.put_nowait(emission)
+            queue.put_nowait(_DONE)
+        except asyncio.CancelledError:
+            queue.put_nowait(_STOPPED)
+        except EngineError as exc:
+            queue.put_nowait(exc)
+        except Exception as exc:
+            log.exception("engine stream failed")
+            queue.put_nowait(EngineError("engine_error", f"engine failed: {exc}"))
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await aclose()
+
+
+def _control_action(data: bytes) -> str | None:
+    for decode in (msgspec.msgpack.decode, msgspec.json.decode):
+        try:
+            value = decode(data)
+        except msgspec.DecodeError:
+            continue
+        if isinstance(value, dict):
+            action = value.get("action") or value.get("kind")
+            return str(action) if action else None
+        if isinstance(value, str):
+            return value
+    text = data.decode(errors="replace").strip()
+    return text or None
