@@ -9,9 +9,14 @@ from typing import Any
 
 from litestar import Litestar
 
+from api.admin import admin_router
 from api.app import Startup, create_app
 from api.auth import Authenticator
+from api.fleet.routes import ROUTES as FLEET_ROUTES
+from api.fleet.routes import start_fleet_service
+from api.limits import start_limiter
 from api.state import AppState
+from api.tenant import tenant_router
 from api.token.routes import TokenController, start_token_service
 from market.settings import Settings
 
@@ -23,11 +28,11 @@ async def _start_auth(state: AppState) -> None:
 
 
 def route_handlers() -> list[Any]:
-    return [TokenController]
+    return [TokenController, *FLEET_ROUTES, admin_router(), tenant_router()]
 
 
 def startup_hooks() -> list[Startup]:
-    return [_start_auth, start_token_service]
+    return [_start_auth, start_token_service, start_fleet_service, start_limiter]
 
 
 def build_app(settings: Settings) -> Litestar:

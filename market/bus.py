@@ -27,9 +27,14 @@ async def connect(
     user: str | None = None,
     password: str | None = None,
     creds: str | None = None,
+    nkey_seed: str | None = None,
     **options: Any,
 ) -> Client:
-    """Connect to NATS with the process's identity; retries forever after the first success."""
+    """Connect to NATS with the process's identity; retries forever after the first success.
+
+    Identity, first match wins: a node's own nkey seed, a creds file, a user and password (the
+    services'), else the settings' user and password.
+    """
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
@@ -41,10 +46,13 @@ async def connect(
         log.info("nats reconnected")
 
     auth: dict[str, Any] = {}
-    user = user or settings.nats_user
-    password = password or settings.nats_password
-    creds = creds or settings.nats_creds
-    if creds:
+    if not nkey_seed:
+        user = user or settings.nats_user
+        password = password or settings.nats_password
+        creds = creds or settings.nats_creds
+    if nkey_seed:
+        auth["nkeys_seed_str"] = nkey_seed
+    elif creds:
         auth["user_credentials"] = creds
     elif user:
         auth["user"] = user

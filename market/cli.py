@@ -55,15 +55,17 @@ class Supervisor:
         self.env = env
         self.log_dir = log_dir
         self.children: dict[str, tuple[list[str], subprocess.Popen[bytes]]] = {}
+        self.envs: dict[str, dict[str, str]] = {}
         self.stopping = False
 
-    def spawn(self, name: str, argv: list[str]) -> None:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         from market.embedded import _pdeathsig
 
+        self.envs[name] = env or {}
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
         proc = subprocess.Popen(
             argv,
-            env=self.env,
+            env={**self.env, **self.envs[name]},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -86,7 +88,7 @@ class Supervisor:
                     )
                     await asyncio.sleep(delay)
                     if not self.stopping:
-                        self.spawn(name, argv)
+                        self.spawn(name, argv, self.envs.get(name))
 
     def stop(self) -> None:
         self.stopping = True
@@ -118,7 +120,7 @@ def _wait_http(url: str, timeout: float, sup: Supervisor) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from market import migrate
+    from market import migrate, natsauth
     from market.admin_keys import bootstrap_admin_key
     from market.embedded import EmbeddedNats, EmbeddedPostgres, check_port, ensure_writable_dir
 
@@ -142,15 +144,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not settings.database_url:
             pg = EmbeddedPostgres(data_dir / "postgres" / "data", port=int(os.environ.get("MARKET_PG_PORT", "0")))
             settings = settings.with_servers(database_url=pg.start())
+        passwords: dict[str, str] = {}
         if not settings.nats_url:
-            nats = EmbeddedNats(data_dir / "nats", port=int(os.environ.get("MARKET_NATS_PORT", "0")))
+            passwords = natsauth.load_or_create_service_passwords(data_dir / "nats" / "services.json")
+            nats = EmbeddedNats(
+                data_dir / "nats", port=int(os.environ.get("MARKET_NATS_PORT", "0")), service_passwords=passwords
+            )
             settings = settings.with_servers(nats_url=nats.start())
         migrate.upgrade(settings.require_database_url())
         new_key = asyncio.run(bootstrap_admin_key(settings, data_dir / "admin-key"))
 
         sup = Supervisor(_settings_env(settings), log_dir)
         for service in SERVICES:
-            sup.spawn(service, [sys.executable, "-m", service])
+            env: dict[str, str] = {}
+            if passwords:  # embedded NATS: each service logs in as itself
+                env = {"MARKET_NATS_USER": service, "MARKET_NATS_PASSWORD": passwords[service]}
+                if service == "api":
+                    env["MARKET_NATS_AUTH_DIR"] = str(data_dir / "nats")
+            sup.spawn(service, [sys.executable, "-m", service], env)
         if args.node:
             node_args = [sys.executable, "-m", "nodes", "local", "--engine", args.node]
             if args.model:

@@ -291,6 +291,9 @@ class EmbeddedNats:
 
     data_dir: Path
     port: int = 0
+    service_passwords: dict[str, str] | None = None
+    """With these, authorization is on from the first start: services log in with their user;
+    nodes are added to the rendered block as they enrol (see ``market.natsauth``)."""
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -301,18 +304,28 @@ class EmbeddedNats:
     def auth_file(self) -> Path:
         return self.data_dir / "auth.conf"
 
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "nats.pid"
+
     def start(self, timeout: float = 30.0) -> str:
         ensure_writable_dir(self.data_dir)
         if self.port == 0:
             self.port = free_port()
         check_port(self.port, "NATS", "MARKET_NATS_PORT")
-        if not self.auth_file.exists():
-            self.auth_file.write_text("# authorization is written here by the fleet module\n")
+        if self.service_passwords is not None:
+            if not self.auth_file.exists() or "authorization" not in self.auth_file.read_text():
+                from market.natsauth import render, write_atomically
+
+                write_atomically(self.auth_file, render(self.service_passwords, []))
+        elif not self.auth_file.exists() or "authorization" in self.auth_file.read_text():
+            self.auth_file.write_text("# no authorization: every client may do anything\n")
         conf = self.data_dir / "nats.conf"
         conf.write_text(
             "\n".join(
                 [
                     f"listen: 127.0.0.1:{self.port}",
+                    f'pid_file: "{self.pid_file}"',
                     f'server_name: "market-{self.port}"',
                     "max_payload: 8MB",
                     "jetstream {",

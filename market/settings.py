@@ -63,6 +63,12 @@ class Settings:
     nats_user: str | None = None
     nats_password: str | None = None
     nats_creds: str | None = None
+    nats_public_url: str | None = None
+    """The NATS URL given to enrolling provider nodes, when it differs from the internal one."""
+    nats_auth_dir: Path | None = None
+    """Where the embedded nats-server's ``auth.conf``, ``nats.pid`` and ``services.json`` live; the
+    api re-renders the node users there on enrolment and revocation. Unset: NATS authorization is
+    managed outside (production clusters)."""
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     api_url: str | None = None
@@ -86,6 +92,8 @@ class Settings:
             nats_user=_env("MARKET_NATS_USER"),
             nats_password=_env("MARKET_NATS_PASSWORD"),
             nats_creds=_env("MARKET_NATS_CREDS"),
+            nats_public_url=_env("MARKET_NATS_PUBLIC_URL"),
+            nats_auth_dir=Path(auth_dir) if (auth_dir := _env("MARKET_NATS_AUTH_DIR")) else None,
             http_host=_env("MARKET_HTTP_HOST", "127.0.0.1") or "127.0.0.1",
             http_port=_env_int("MARKET_HTTP_PORT", 8080),
             api_url=_env("MARKET_API_URL"),

@@ -22,7 +22,7 @@ import pytest
 from nats.aio.client import Client
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from market import db, migrate
+from market import db, migrate, natsauth
 from market.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from market.settings import Settings
 
@@ -31,16 +31,24 @@ pytest_plugins = ["tests.fixtures_vllm"]
 
 @dataclass
 class Servers:
+    """The session's servers. NATS runs with authorization on, as in production: services and
+    tests log in as a service user; nodes enrolled through the api get their own nkey users."""
+
     postgres: EmbeddedPostgres
     nats: EmbeddedNats
     base: Path
+
+    @property
+    def nats_passwords(self) -> dict[str, str]:
+        return natsauth.load_or_create_service_passwords(self.base / "nats" / "services.json")
 
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     base = tmp_path_factory.mktemp("servers")
     postgres = EmbeddedPostgres(base / "postgres" / "data", fast=True)
-    nats_server = EmbeddedNats(base / "nats")
+    passwords = natsauth.load_or_create_service_passwords(base / "nats" / "services.json")
+    nats_server = EmbeddedNats(base / "nats", service_passwords=passwords)
     postgres.start()
     nats_server.start()
     try:
@@ -58,6 +66,9 @@ def settings(servers: Servers) -> Settings:
         data_dir=servers.base / "data",
         database_url=servers.postgres.url,
         nats_url=servers.nats.url,
+        nats_user="admin",
+        nats_password=servers.nats_passwords["admin"],
+        nats_auth_dir=servers.nats.data_dir,
         heartbeat_interval_s=0.2,
         heartbeat_timeout_s=1.5,
         accept_timeout_s=1.0,
@@ -97,7 +108,9 @@ async def _clean_database(request: pytest.FixtureRequest) -> AsyncIterator[None]
 
 @pytest.fixture
 async def nc(settings: Settings) -> AsyncIterator[Client]:
-    client = await nats.connect(settings.require_nats_url())
+    client = await nats.connect(
+        settings.require_nats_url(), user=settings.nats_user, password=settings.nats_password or ""
+    )
     yield client
     with contextlib.suppress(Exception):
         await client.drain()

@@ -1,0 +1,207 @@
+"""Provider accounts (admin), the provider API, and node enrolment."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from litestar import Controller, Request, get, post
+from litestar.params import FromPath
+from msgspec import Meta, Struct
+from sqlalchemy import select
+
+from api.auth import Principal, principal_of, require_platform_admin, require_provider
+from api.errors import InvalidRequest
+from api.fleet.service import FleetService
+from api.state import AppState
+from market import natsauth
+from market.models import Node, Provider
+
+Name = Annotated[str, Meta(min_length=1, max_length=200)]
+T = TypeVar("T")
+
+
+class ProviderIn(Struct, forbid_unknown_fields=True):
+    name: Name
+
+
+class ProviderOut(Struct):
+    id: str
+    name: str
+    created_at: datetime
+    key: str | None = None
+    key_id: str | None = None
+
+
+class EnrolmentTokenIn(Struct, forbid_unknown_fields=True):
+    ttl_seconds: Annotated[int, Meta(ge=60, le=7 * 24 * 3600)] = 3600
+
+
+class EnrolmentTokenOut(Struct):
+    id: str
+    token: str
+    expires_at: datetime
+
+
+class HardwareIn(Struct, forbid_unknown_fields=True):
+    accelerator: Annotated[str, Meta(max_length=100)] = "cpu"
+    memory_gib: Annotated[float, Meta(ge=0, le=100_000)] = 0.0
+    count: Annotated[int, Meta(ge=1, le=1024)] = 1
+
+
+class EnrolIn(Struct, forbid_unknown_fields=True):
+    token: Annotated[str, Meta(min_length=1, max_length=200)]
+    public_key: Annotated[str, Meta(min_length=56, max_length=56)]
+    name: Annotated[str, Meta(max_length=200)] = ""
+    hardware: HardwareIn = msgspec.field(default_factory=HardwareIn)
+
+
+class EnrolOut(Struct):
+    node_id: str
+    provider_id: str
+    nats_url: str
+    heartbeat_interval_s: float
+
+
+class NodeOut(Struct):
+    id: str
+    name: str
+    status: str
+    engine: str
+    models: list[str]
+    profile: dict[str, Any]
+    hardware: dict[str, Any]
+    created_at: datetime
+    last_seen_at: datetime | None
+    running: int | None = None
+    waiting: int | None = None
+    kv_cache_usage: float | None = None
+    slots: int | None = None
+
+
+def fleet(request: Request[Any, Any, Any]) -> FleetService:
+    state: AppState = request.app.state.app_state
+    service: FleetService = state.services["fleet"]
+    return service
+
+
+def _decode(request_body: bytes, kind: type[T]) -> T:
+    try:
+        return msgspec.json.decode(request_body or b"{}", type=kind)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+class AdminProvidersController(Controller):
+    path = "/api/admin/providers"
+    tags = ["admin"]
+    guards = [require_platform_admin]
+
+    @post("/", status_code=201)
+    async def create(self, request: Request[Any, Any, Any]) -> ProviderOut:
+        """Create a provider; its key is returned once."""
+        body = _decode(await request.body(), ProviderIn)
+        provider, secret, key_id = await fleet(request).create_provider(body.name)
+        return ProviderOut(
+            id=provider.id, name=provider.name, created_at=provider.created_at, key=secret, key_id=key_id
+        )
+
+    @get("/")
+    async def list_providers(self, request: Request[Any, Any, Any]) -> list[ProviderOut]:
+        state: AppState = request.app.state.app_state
+        async with state.sessions() as session:
+            rows = (await session.scalars(select(Provider).order_by(Provider.created_at))).all()
+        return [ProviderOut(id=p.id, name=p.name, created_at=p.created_at) for p in rows]
+
+
+class ProviderController(Controller):
+    path = "/api/provider"
+    tags = ["provider"]
+    guards = [require_provider]
+
+    @post("/enrolment-tokens", status_code=201)
+    async def mint(self, request: Request[Any, Any, Any]) -> EnrolmentTokenOut:
+        """A one-time, expiring token for `market node join --token`."""
+        principal = await principal_of(request)
+        body = _decode(await request.body(), EnrolmentTokenIn)
+        assert principal.provider_id is not None
+        token, secret = await fleet(request).mint_enrolment_token(principal.provider_id, body.ttl_seconds)
+        return EnrolmentTokenOut(id=token.id, token=secret, expires_at=token.expires_at)
+
+    @get("/nodes")
+    async def nodes(self, request: Request[Any, Any, Any]) -> list[NodeOut]:
+        """This provider's nodes with live status and load."""
+        principal = await principal_of(request)
+        service = fleet(request)
+        assert principal.provider_id is not None
+        return [_node_out(service, n) for n in await service.nodes_of(principal.provider_id)]
+
+    @post("/nodes/{node_id:str}/drain", status_code=202)
+    async def drain(self, request: Request[Any, Any, Any], node_id: FromPath[str]) -> NodeOut:
+        """Finish in-flight work, take no more; the node then leaves."""
+        return await _act(request, node_id, "drain")
+
+    @post("/nodes/{node_id:str}/revoke", status_code=200)
+    async def revoke(self, request: Request[Any, Any, Any], node_id: FromPath[str]) -> NodeOut:
+        """Cut the node off NATS at once; its jobs fail over."""
+        return await _act(request, node_id, "revoke")
+
+
+async def _act(request: Request[Any, Any, Any], node_id: str, action: str) -> NodeOut:
+    principal: Principal = await principal_of(request)
+    assert principal.provider_id is not None
+    service = fleet(request)
+    node = await service.set_status(principal.provider_id, node_id, action)
+    return _node_out(service, node)
+
+
+def _node_out(service: FleetService, node: Node) -> NodeOut:
+    status, beat = service.live_status(node)
+    return NodeOut(
+        id=node.id,
+        name=node.name,
+        status=status,
+        engine=beat.engine if beat else node.engine,
+        models=list(beat.models) if beat else list(node.models or []),
+        profile=msgspec.to_builtins(beat.profile) if beat else dict(node.profile or {}),
+        hardware=msgspec.to_builtins(beat.hardware) if beat else dict(node.hardware or {}),
+        created_at=node.created_at,
+        last_seen_at=node.last_seen_at,
+        running=beat.running if beat else None,
+        waiting=beat.waiting if beat else None,
+        kv_cache_usage=beat.kv_cache_usage if beat else None,
+        slots=beat.slots if beat else None,
+    )
+
+
+class EnrolController(Controller):
+    path = "/api/nodes"
+    tags = ["nodes"]
+
+    @post("/enrol", status_code=201)
+    async def enrol(self, request: Request[Any, Any, Any]) -> EnrolOut:
+        """A provider machine joins with a one-time token and its own public nkey."""
+        body = _decode(await request.body(), EnrolIn)
+        if not natsauth.is_user_public_key(body.public_key):
+            raise InvalidRequest("public_key must be a NATS user public nkey (U...)", param="public_key")
+        service = fleet(request)
+        node = await service.enrol(body.token, body.public_key, body.name, msgspec.to_builtins(body.hardware))
+        settings = service.state.settings
+        return EnrolOut(
+            node_id=node.id,
+            provider_id=node.provider_id,
+            nats_url=settings.nats_public_url or settings.require_nats_url(),
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+        )
+
+
+async def start_fleet_service(state: AppState) -> None:
+    service = FleetService(state)
+    await service.start()
+    state.services["fleet"] = service
+
+
+ROUTES = [AdminProvidersController, ProviderController, EnrolController]
