@@ -1,0 +1,314 @@
+"""Admission limits: allowed models, requests and tokens per minute, and the period quota.
+
+The token API calls ``Limiter.admit`` before it submits a job and ``Limiter.settle`` exactly once
+when the request ends (completed, failed or cancelled). All state lives in PostgreSQL and is
+changed only by the ``market_admit``/``market_settle`` functions (migration 0003): one round trip
+per admission, serialised on the tenant's quota row, so any number of api replicas enforce one
+limit and concurrent requests can never overrun a hard quota.
+
+The hot path uses its own small asyncpg pool (prepared statements, no ORM) because admission is
+on every token request. Settles are group-committed: while one settle statement is in flight the
+next ones queue and go together in one statement. A delayed settle only keeps a hold a little
+longer (more conservative), so batching never weakens the quota guarantee.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import date
+
+import asyncpg
+import msgspec
+
+from api.auth import Principal
+from api.errors import Forbidden, InvalidRequest, NotFound, QuotaExceeded, RateLimited
+from api.state import AppState
+from market.db import plain_url
+from market.ids import new_id
+
+log = logging.getLogger(__name__)
+
+SOFT_THRESHOLD_SUBJECT = "events.quota.soft_threshold"
+"""Published once per tenant and period when usage first reaches the soft threshold."""
+SOFT_THRESHOLD = 0.8
+HEARTBEAT_S = 5.0
+STALE_HOLDER_S = 60.0
+"""A limiter silent this long is presumed dead; its holds go back to the tenants' quotas."""
+INFERENCE_SCOPE = "inference"
+
+_ADMIT_SQL = "SELECT * FROM market_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_SETTLE_SQL = "SELECT * FROM market_settle($1, $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6)"
+
+_LIMIT_NAMES = {
+    "key_requests": "requests per minute for this API key",
+    "key_tokens": "tokens per minute for this API key",
+    "tenant_requests": "requests per minute for your organisation",
+    "tenant_tokens": "tokens per minute for your organisation",
+}
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted request: what it holds against the quota, and the rate-limit headers to return."""
+
+    tenant_id: str
+    key_id: str
+    model: str
+    period: date
+    held_tokens: int
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+
+
+class SoftThresholdReached(msgspec.Struct):
+    """Event body on ``events.quota.soft_threshold``."""
+
+    tenant_id: str
+    period: str
+    granted: int
+    used: int
+    threshold: float
+
+
+@dataclass(slots=True)
+class _PendingSettle:
+    tenant_id: str
+    period: date
+    hold: int
+    used: int
+    done: asyncio.Future[None]
+
+
+def format_reset(seconds: float) -> str:
+    """OpenAI's duration style for ``x-ratelimit-reset-*``: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{round(rest):d}s"
+
+
+def _headers(row: asyncpg.Record) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if row["limit_requests"] is not None:
+        headers["x-ratelimit-limit-requests"] = str(row["limit_requests"])
+        headers["x-ratelimit-remaining-requests"] = str(row["remaining_requests"])
+        headers["x-ratelimit-reset-requests"] = format_reset(row["reset_requests"])
+    if row["limit_tokens"] is not None:
+        headers["x-ratelimit-limit-tokens"] = str(row["limit_tokens"])
+        headers["x-ratelimit-remaining-tokens"] = str(row["remaining_tokens"])
+        headers["x-ratelimit-reset-tokens"] = format_reset(row["reset_tokens"])
+    return headers
+
+
+class Limiter:
+    """One per api process; registered as ``state.services["limiter"]``."""
+
+    def __init__(self, state: AppState, *, soft_threshold: float = SOFT_THRESHOLD) -> None:
+        self.state = state
+        self.soft_threshold = soft_threshold
+        self.holder = new_id("key").replace("key_", "lim_", 1)
+        self._pool: asyncpg.Pool | None = None
+        self._pending: list[_PendingSettle] = []
+        self._retry: list[_PendingSettle] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        size = max(2, self.state.settings.db_pool_size)
+        self._pool = await asyncpg.create_pool(
+            plain_url(self.state.settings.require_database_url()), min_size=2, max_size=size
+        )
+        await self._pool.execute("INSERT INTO limiter_instances (id) VALUES ($1)", self.holder)
+        self._heartbeat = asyncio.create_task(self._beat(), name="limiter-heartbeat")
+
+    async def close(self) -> None:
+        """Finish every queued settle, then leave: what this process still holds is released now."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
+        self._pending.extend(self._retry)
+        self._retry.clear()
+        if self._pending:
+            await self._flush()
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.execute("DELETE FROM limiter_instances WHERE id = $1", self.holder)
+                await self._pool.fetchval("SELECT market_release_dead_holders($1)", STALE_HOLDER_S)
+            await self._pool.close()
+            self._pool = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("Limiter.start() has not run")
+        return self._pool
+
+    async def admit(self, principal: Principal, model: str, prompt_tokens: int, max_tokens: int) -> Admission:
+        """Hold ``prompt_tokens + max_tokens`` for this request, or raise the error the client should see."""
+        if principal.role != "tenant" or principal.tenant_id is None:
+            raise Forbidden("the token API needs a tenant key (sk-...)", code="wrong_key_role")
+        if principal.scopes and INFERENCE_SCOPE not in principal.scopes:
+            raise Forbidden("this API key may not call the token API (no 'inference' scope)", code="missing_scope")
+        if prompt_tokens < 0 or max_tokens < 0:
+            raise InvalidRequest("prompt and max_tokens must not be negative", param="max_tokens")
+        row = await self.pool.fetchrow(
+            _ADMIT_SQL,
+            self.holder,
+            principal.tenant_id,
+            principal.key_id,
+            model,
+            prompt_tokens,
+            max_tokens,
+            principal.key_rpm,
+            principal.key_tpm,
+            principal.tenant_rpm,
+            principal.tenant_tpm,
+        )
+        assert row is not None  # the function always returns one row
+        status: str = row["status"]
+        if status == "ok":
+            return Admission(
+                tenant_id=principal.tenant_id,
+                key_id=principal.key_id,
+                model=model,
+                period=row["period"],
+                held_tokens=prompt_tokens + max_tokens,
+                headers=_headers(row),
+            )
+        raise self._refusal(status, row, model, prompt_tokens + max_tokens)
+
+    def _refusal(self, status: str, row: asyncpg.Record, model: str, wanted: int) -> Exception:
+        headers = _headers(row)
+        if status == "model_not_found":
+            return NotFound(f"the model '{model}' does not exist", code="model_not_found", param="model")
+        if status == "model_not_allowed":
+            return Forbidden(f"your organisation may not use the model '{model}'", code="model_not_allowed")
+        if status == "context_length_exceeded":
+            return InvalidRequest(
+                f"this model's maximum context length is {row['detail']} tokens; the request needs {wanted}"
+                " (prompt plus max_tokens)",
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
+        if status == "insufficient_quota":
+            remaining = max(0, row["granted"] - row["held"] - row["used"])
+            return QuotaExceeded(
+                f"you exceeded your quota for this period: the request needs {wanted} tokens"
+                f" (prompt plus max_tokens) and {remaining} of {row['granted']} remain",
+                headers=headers,
+            )
+        kind, _, limit_name = status.partition(":")
+        what = _LIMIT_NAMES.get(limit_name, limit_name)
+        if kind == "too_large":
+            return RateLimited(
+                f"request too large: it needs {wanted} tokens, more than the limit of {row['detail']} {what}",
+                code="request_too_large",
+                headers=headers,
+            )
+        retry_after = max(1, math.ceil(row["retry_after"] or 0))
+        headers["retry-after"] = str(retry_after)
+        return RateLimited(f"rate limit reached: {row['detail']} {what}; retry in {retry_after}s", headers=headers)
+
+    async def settle(self, admission: Admission, used_tokens: int) -> None:
+        """Release the hold and count ``used_tokens``. Idempotent; never raises; survives cancellation."""
+        if admission.settled:
+            return
+        admission.settled = True
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(
+            _PendingSettle(admission.tenant_id, admission.period, admission.held_tokens, max(0, used_tokens), done)
+        )
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop(), name="limiter-settle")
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(done)
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            rows = await self.pool.fetch(
+                _SETTLE_SQL,
+                self.holder,
+                [item.tenant_id for item in batch],
+                [item.period for item in batch],
+                [item.hold for item in batch],
+                [item.used for item in batch],
+                self.soft_threshold,
+            )
+        except Exception:  # the database is away: keep the settles, retry from the heartbeat
+            log.exception("settling %d admissions failed; will retry", len(batch))
+            self._retry.extend(batch)
+            rows = []
+        for item in batch:
+            if not item.done.done():
+                item.done.set_result(None)
+        for row in rows:
+            await self._soft_threshold_reached(row)
+
+    async def _soft_threshold_reached(self, row: asyncpg.Record) -> None:
+        event = SoftThresholdReached(
+            tenant_id=row["crossed_tenant_id"],
+            period=row["crossed_period"].strftime("%Y-%m"),
+            granted=row["crossed_granted"],
+            used=row["crossed_used"],
+            threshold=self.soft_threshold,
+        )
+        log.warning(
+            "tenant reached the soft quota threshold",
+            extra={"tenant_id": event.tenant_id, "period": event.period, "granted": event.granted, "used": event.used},
+        )
+        try:
+            await self.state.nc.publish(SOFT_THRESHOLD_SUBJECT, msgspec.json.encode(event))
+        except Exception:
+            log.exception("could not publish the soft-threshold event")
+
+    async def _beat(self) -> None:
+        """Say we are alive, retry failed settles, and release the holds of limiters that died."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self.pool.execute(
+                    "INSERT INTO limiter_instances (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET seen_at = now()",
+                    self.holder,
+                )
+                if self._retry:
+                    self._pending.extend(self._retry)
+                    self._retry.clear()
+                    if self._flusher is None or self._flusher.done():
+                        self._flusher = asyncio.create_task(self._flush_loop(), name="limiter-settle")
+                released = await self.pool.fetchval("SELECT market_release_dead_holders($1)", STALE_HOLDER_S)
+                if released:
+                    log.warning("released %d tokens held by api processes that stopped", released)
+            except Exception:
+                log.exception("limiter heartbeat failed")
+
+
+def limiter_of(state: AppState) -> Limiter:
+    limiter: Limiter = state.services["limiter"]
+    return limiter
+
+
+async def start_limiter(state: AppState) -> None:
+    """Start-up hook: ``state.services["limiter"]``."""
+    limiter = Limiter(state)
+    await limiter.start()
+    state.services["limiter"] = limiter
+    state.closers.append(limiter.close)
+
+
+def quota_remaining(granted: int, held: int, used: int) -> int:
+    return max(0, granted - held - used)
