@@ -131,6 +131,7 @@ class NodeAgent:
             ),
             await self.nc.subscribe(subjects.node_control(cfg.node_id), cb=self._on_control),
         ]
+        await self.nc.flush()  # the server knows our subscriptions before anyone sees us healthy
         await self._publish_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name=f"heartbeat {cfg.node_id}")
         log.info("node %s serving %s with %s engine", cfg.node_id, cfg.models, self.engine.kind)

@@ -1,0 +1,218 @@
+"""The node agent over real NATS with the simulated engine: what the api and scheduler observe."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+
+import msgspec
+import pytest
+from nats.aio.client import Client
+
+from market import subjects
+from market.ids import new_id
+from market.settings import Settings
+from market.wire import Hardware, ProfileInfo
+from nodes.agent import AGENT_VERSION, AgentConfig, NodeAgent
+from nodes.engines import SimConfig, SimEngine
+from tests.nodes.helpers import HeartbeatWatch, JobWatch, make_job
+
+MODEL = "sim-llama-3-8b"
+AgentFactory = Callable[..., Awaitable[NodeAgent]]
+
+
+@pytest.fixture
+async def make_agent(settings: Settings) -> AsyncIterator[AgentFactory]:
+    """Start agents with a SimEngine; whatever a test leaves running is stopped afterwards."""
+    agents: list[NodeAgent] = []
+
+    async def factory(speedup: float = 20.0, flush_interval_s: float = 0.002, **sim: object) -> NodeAgent:
+        engine = SimEngine(SimConfig(speedup=speedup, **sim))  # type: ignore[arg-type]
+        config = AgentConfig(
+            node_id=new_id("node"),
+            provider_id="prov_test",
+            settings=replace(settings, heartbeat_interval_s=0.1),
+            models=[MODEL],
+            profile=ProfileInfo(mode="unified", max_num_seqs=engine.max_num_seqs),
+            hardware=Hardware(accelerator="H100", memory_gib=80.0),
+            flush_interval_s=flush_interval_s,
+        )
+        agent = NodeAgent(config, engine)
+        await agent.start()
+        agents.append(agent)
+        return agent
+
+    yield factory
+    for agent in agents:
+        await agent.stop(drain=False)
+
+
+async def test_job_streams_accepted_data_end_with_usage(nc: Client, make_agent: AgentFactory) -> None:
+    agent = await make_agent()
+    watch = await JobWatch(nc, make_job(MODEL, prompt="x" * 400, max_tokens=12)).submit(agent.node_id)
+    end = await watch.done()
+
+    kinds = [c.kind for c in watch.chunks]
+    assert kinds[0] == "accepted"
+    assert kinds[-1] == "end"
+    assert set(kinds[1:-1]) == {"data"}
+    assert [c.seq for c in watch.chunks] == list(range(len(watch.chunks)))
+    assert all(c.node_id == agent.node_id and c.job_id == watch.job.id for c in watch.chunks)
+    assert end.usage is not None
+    assert end.usage.completion_tokens == 12 == watch.relayed_tokens
+    assert end.usage.prompt_tokens == 100  # estimated from the body by the simulator
+    assert watch.data[-1].pieces[-1].finish_reason == "length"
+    assert len(watch.text.split()) == 12
+
+
+async def test_fast_tokens_are_coalesced(nc: Client, make_agent: AgentFactory) -> None:
+    agent = await make_agent(speedup=200.0, flush_interval_s=0.02)
+    watch = await JobWatch(nc, make_job(MODEL, max_tokens=300)).submit(agent.node_id)
+    await watch.done()
+    assert watch.relayed_tokens == 300
+    assert len(watch.data) < 300 / 5  # ~30 us per simulated token, flushed every 20 ms
+    assert all(len(c.pieces) == 1 for c in watch.data)  # pieces of one choice are joined
+
+
+async def test_first_token_is_not_held_back(nc: Client, make_agent: AgentFactory) -> None:
+    agent = await make_agent(speedup=1.0, flush_interval_s=0.5)
+    started = time.monotonic()
+    watch = await JobWatch(nc, make_job(MODEL, max_tokens=150)).submit(agent.node_id)
+    await asyncio.wait_for(watch.first_data.wait(), 5)
+    first_after = time.monotonic() - started
+    await watch.done()
+    assert first_after < 0.3  # not after the 0.5 s flush interval
+    assert watch.data[0].pieces[0].tokens == 1
+    assert 2 <= len(watch.data) <= 5  # ~0.9 s of 6 ms tokens in 0.5 s batches
+    assert watch.relayed_tokens == 150
+
+
+async def test_cancel_ends_with_usage_so_far_and_frees_the_engine(nc: Client, make_agent: AgentFactory) -> None:
+    agent = await make_agent(speedup=1.0)
+    watch = await JobWatch(nc, make_job(MODEL, prompt="y" * 80, max_tokens=5000)).submit(agent.node_id)
+    await asyncio.wait_for(watch.first_data.wait(), 10)
+    await asyncio.sleep(0.1)
+    await watch.cancel(agent.node_id)
+    end = await watch.done(5)
+
+    assert end.kind == "end"
+    assert end.usage is not None
+    assert 1 <= end.usage.completion_tokens < 5000
+    assert end.usage.completion_tokens == watch.relayed_tokens
+    assert end.usage.prompt_tokens == 20
+    await asyncio.sleep(0.05)
+    assert (await agent.engine.load()).running == 0
+
+
+async def test_deadline_stops_the_job(nc: Client, make_agent: AgentFactory) -> None:
+    agent = await make_agent(speedup=1.0)
+    watch = await JobWatch(nc, make_job(MODEL, max_tokens=5000, deadline_s=0.5)).submit(agent.node_id)
+    end = await watch.done(5)
+    assert end.kind == "end"
+    assert end.usage is not None
+    assert 0 < end.usage.completion_tokens < 5000
+
+    late = await JobWatch(nc, make_job(MODEL, deadline_s=-1)).submit(agent.node_id)
+    error = await late.done()
+    assert (error.kind, error.error_code, error.seq) == ("error", "deadline_exceeded", 0)
+
+
+async def test_engine_errors_reach_the_api(nc: Client, make_agent: AgentFactory) -> None:
+    agent = await make_agent(max_model_len=64)
+    refused = await JobWatch(nc, make_job(MODEL, max_tokens=500)).submit(agent.node_id)
+    error = await refused.done()
+    assert [c.kind for c in refused.chunks] == ["accepted", "error"]
+    assert (error.error_code, error.status) == ("invalid_request", 400)
+
+    unknown = await JobWatch(nc, make_job("some-other-model")).submit(agent.node_id)
+    assert (await unknown.done()).error_code == "invalid_request"
+
+    beats = await HeartbeatWatch(nc, agent.node_id).start()
+    assert isinstance(agent.engine, SimEngine)
+    agent.engine.set_down(True)
+    down = await JobWatch(nc, make_job(MODEL)).submit(agent.node_id)
+    error = await down.done()
+    assert (error.kind, error.seq, error.error_code) == ("error", 0, "engine_unavailable")
+    beat = await beats.wait_for("unhealthy", since=len(beats.beats))
+    assert beat.slots == 0
+    agent.engine.set_down(False)
+    await beats.wait_for("healthy", since=len(beats.beats))
+    ok = await JobWatch(nc, make_job(MODEL)).submit(agent.node_id)
+    assert (await ok.done()).kind == "end"
+
+
+async def test_heartbeats_describe_the_node(nc: Client, make_agent: AgentFactory) -> None:
+    agent = await make_agent(speedup=1.0, max_num_seqs=8)
+    beats = await HeartbeatWatch(nc, agent.node_id).start()
+    first = await beats.wait_for("healthy")
+    assert first.models == [MODEL]
+    assert first.engine == "sim"
+    assert first.provider_id == "prov_test"
+    assert first.hardware.accelerator == "H100"
+    assert first.agent_version == AGENT_VERSION
+    assert first.slots == 8
+
+    watches = [await JobWatch(nc, make_job(MODEL, max_tokens=2000)).submit(agent.node_id) for _ in range(3)]
+    await asyncio.gather(*(asyncio.wait_for(w.first_data.wait(), 10) for w in watches))
+    busy = await beats.wait_for("healthy", since=len(beats.beats))
+    assert busy.running == 3
+    assert busy.slots == 5
+    assert busy.kv_cache_usage > 0
+    assert busy.seq > first.seq
+    assert busy.sent_at > first.sent_at
+    for watch in watches:
+        await watch.cancel(agent.node_id)
+    await asyncio.gather(*(w.done() for w in watches))
+
+
+async def test_drain_finishes_in_flight_jobs_and_refuses_new_ones(nc: Client, make_agent: AgentFactory) -> None:
+    agent = await make_agent(speedup=1.0)
+    beats = await HeartbeatWatch(nc, agent.node_id).start()
+    in_flight = await JobWatch(nc, make_job(MODEL, max_tokens=40)).submit(agent.node_id)
+    await asyncio.wait_for(in_flight.first_data.wait(), 10)
+
+    stopping = asyncio.create_task(agent.stop(drain=True))
+    await beats.wait_for("draining")
+    refused = await JobWatch(nc, make_job(MODEL)).submit(agent.node_id)
+    error = await refused.done()
+    assert (error.kind, error.error_code, error.seq) == ("error", "draining", 0)
+
+    end = await in_flight.done()
+    assert end.kind == "end"
+    assert end.usage is not None
+    assert end.usage.completion_tokens == 40
+    await asyncio.wait_for(stopping, 10)
+    assert beats.beats[-1].status == "draining"  # the last word
+    count = len(beats.beats)
+    await asyncio.sleep(0.3)
+    assert len(beats.beats) == count  # gone: no more heartbeats
+
+
+async def test_drain_order_over_control_subject(nc: Client, make_agent: AgentFactory) -> None:
+    agent = await make_agent()
+    beats = await HeartbeatWatch(nc, agent.node_id).start()
+    await nc.publish(subjects.node_control(agent.node_id), msgspec.msgpack.encode({"action": "drain"}))
+    beat = await beats.wait_for("draining")
+    assert beat.slots == 0
+    refused = await JobWatch(nc, make_job(MODEL)).submit(agent.node_id)
+    assert (await refused.done()).error_code == "draining"
+
+
+async def test_kill_goes_silent(nc: Client, make_agent: AgentFactory) -> None:
+    agent = await make_agent(speedup=1.0)
+    beats = await HeartbeatWatch(nc, agent.node_id).start()
+    await beats.wait_for("healthy")
+    watch = await JobWatch(nc, make_job(MODEL, max_tokens=5000)).submit(agent.node_id)
+    await asyncio.wait_for(watch.first_data.wait(), 10)
+
+    await agent.kill()
+    chunks, count = len(watch.chunks), len(beats.beats)
+    await asyncio.sleep(0.5)
+    assert len(watch.chunks) == chunks
+    assert not any(c.kind in ("end", "error") for c in watch.chunks)
+    assert len(beats.beats) == count
+    late = await JobWatch(nc, make_job(MODEL)).submit(agent.node_id)
+    await asyncio.sleep(0.2)
+    assert late.chunks == []  # nobody answers for a dead node
