@@ -41,7 +41,7 @@ STALE_HOLDER_S = 60.0
 INFERENCE_SCOPE = "inference"
 
 _ADMIT_SQL = "SELECT * FROM market_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-_SETTLE_SQL = "SELECT * FROM market_settle($1, $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6)"
+_SETTLE_SQL = "SELECT * FROM market_settle($1::text[], $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6)"
 
 _LIMIT_NAMES = {
     "key_requests": "requests per minute for this API key",
@@ -60,6 +60,8 @@ class Admission:
     model: str
     period: date
     held_tokens: int
+    holder: str
+    """The limiter (api process) that holds the tokens; any limiter may settle."""
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
 
@@ -76,6 +78,7 @@ class SoftThresholdReached(msgspec.Struct):
 
 @dataclass(slots=True)
 class _PendingSettle:
+    holder: str
     tenant_id: str
     period: date
     hold: int
@@ -183,6 +186,7 @@ class Limiter:
                 model=model,
                 period=row["period"],
                 held_tokens=prompt_tokens + max_tokens,
+                holder=self.holder,
                 headers=_headers(row),
             )
         raise self._refusal(status, row, model, prompt_tokens + max_tokens)
@@ -226,7 +230,14 @@ class Limiter:
         admission.settled = True
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append(
-            _PendingSettle(admission.tenant_id, admission.period, admission.held_tokens, max(0, used_tokens), done)
+            _PendingSettle(
+                admission.holder,
+                admission.tenant_id,
+                admission.period,
+                admission.held_tokens,
+                max(0, used_tokens),
+                done,
+            )
         )
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop(), name="limiter-settle")
@@ -242,7 +253,7 @@ class Limiter:
         try:
             rows = await self.pool.fetch(
                 _SETTLE_SQL,
-                self.holder,
+                [item.holder for item in batch],
                 [item.tenant_id for item in batch],
                 [item.period for item in batch],
                 [item.hold for item in batch],

@@ -155,12 +155,14 @@ END
 $fn$
 """
 
-# Settle a batch of admissions of one holder: release what each held (never more than the holder
-# still holds, so a hold already released by the dead-holder sweep is not released twice), count
-# the use, and report tenants whose use crossed the soft threshold for the first time this period.
+# Settle a batch of admissions: release what each held (never more than its holder, the api
+# process that admitted it, still holds, so a hold already released by the dead-holder sweep is
+# not released twice), count the use, and report tenants whose use crossed the soft threshold for
+# the first time this period. Rows are locked in (tenant, period) order: concurrent batches on
+# other replicas cannot deadlock with this one.
 SETTLE = """
 CREATE FUNCTION market_settle(
-    p_holder text, p_tenants text[], p_periods date[], p_holds bigint[], p_used bigint[], p_soft double precision)
+    p_holders text[], p_tenants text[], p_periods date[], p_holds bigint[], p_used bigint[], p_soft double precision)
 RETURNS TABLE (crossed_tenant_id text, crossed_period date, crossed_granted bigint, crossed_used bigint)
 LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
@@ -173,20 +175,29 @@ DECLARE
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     FOR r IN
-        SELECT s.t AS tenant_id, s.p AS period, sum(s.h)::bigint AS hold, sum(s.u)::bigint AS use
-        FROM unnest(p_tenants, p_periods, p_holds, p_used) AS s(t, p, h, u)
-        GROUP BY s.t, s.p ORDER BY s.t, s.p
+        SELECT x.t AS tenant_id, x.p AS period, sum(x.u)::bigint AS use,
+               array_agg(x.holder ORDER BY x.holder) AS holders, array_agg(x.h ORDER BY x.holder) AS holds
+        FROM (
+            SELECT s.holder, s.t, s.p, sum(s.h)::bigint AS h, sum(s.u)::bigint AS u
+            FROM unnest(p_holders, p_tenants, p_periods, p_holds, p_used) AS s(holder, t, p, h, u)
+            GROUP BY s.holder, s.t, s.p
+        ) x
+        GROUP BY x.t, x.p ORDER BY x.t, x.p
     LOOP
         SELECT q.soft_notified_at INTO v_notified FROM tenant_quotas q
          WHERE q.tenant_id = r.tenant_id AND q.period = r.period FOR UPDATE;
         CONTINUE WHEN NOT FOUND;
-        SELECT h.held INTO v_have FROM quota_holds h
-         WHERE h.holder = p_holder AND h.tenant_id = r.tenant_id AND h.period = r.period FOR UPDATE;
-        v_release := least(coalesce(v_have, 0), r.hold);
-        IF v_release > 0 THEN
-            UPDATE quota_holds h SET held = h.held - v_release
-             WHERE h.holder = p_holder AND h.tenant_id = r.tenant_id AND h.period = r.period;
-        END IF;
+        v_release := 0;
+        FOR i IN 1..array_length(r.holders, 1) LOOP
+            SELECT h.held INTO v_have FROM quota_holds h
+             WHERE h.holder = r.holders[i] AND h.tenant_id = r.tenant_id AND h.period = r.period FOR UPDATE;
+            v_have := least(coalesce(v_have, 0), r.holds[i]);
+            IF v_have > 0 THEN
+                UPDATE quota_holds h SET held = h.held - v_have
+                 WHERE h.holder = r.holders[i] AND h.tenant_id = r.tenant_id AND h.period = r.period;
+                v_release := v_release + v_have;
+            END IF;
+        END LOOP;
         UPDATE tenant_quotas q
            SET held = q.held - least(q.held, v_release),
                used = q.used + r.use,
@@ -244,7 +255,7 @@ $fn$
 FUNCTIONS = (CURRENT_PERIOD, ADMIT, SETTLE, RELEASE_DEAD_HOLDERS)
 FUNCTION_SIGNATURES = (
     "market_release_dead_holders(double precision)",
-    "market_settle(text, text[], date[], bigint[], bigint[], double precision)",
+    "market_settle(text[], text[], date[], bigint[], bigint[], double precision)",
     "market_admit(text, text, text, text, bigint, bigint, integer, integer, integer, integer)",
     "market_current_period()",
 )

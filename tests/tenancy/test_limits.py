@@ -1,0 +1,197 @@
+"""Admission: hard quota under concurrency, shared rate limits across replicas, models, soft threshold."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+
+import httpx
+import msgspec
+import pytest
+from nats.aio.client import Client
+
+from api.admin.quota import quota_of
+from api.auth import Principal
+from api.errors import Forbidden, InvalidRequest, NotFound, QuotaExceeded, RateLimited
+from api.limits import SOFT_THRESHOLD_SUBJECT, Admission
+from tests.conftest import RunningApi
+from tests.tenancy.conftest import Replica, make_world, ok
+
+Start = Callable[[], Awaitable[Replica]]
+
+
+async def _quota(replica: Replica, tenant_id: str) -> tuple[int, int, int]:
+    async with replica.state.sessions() as session:
+        q = await quota_of(session, tenant_id)
+    return q.granted, q.held, q.used
+
+
+async def test_200_concurrent_admissions_never_exceed_a_hard_quota(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start
+) -> None:
+    world = await make_world(admin, grant=1000)
+    a, b = await replicas(), await replicas()
+    principals = [await a.principal(world.key), await b.principal(world.key)]
+
+    async def one(i: int) -> Admission | None:
+        replica = (a, b)[i % 2]
+        try:
+            return await replica.limiter.admit(principals[i % 2], world.model, 10, 40)
+        except QuotaExceeded:
+            return None
+
+    admitted = [x for x in await asyncio.gather(*[one(i) for i in range(200)]) if x is not None]
+    assert len(admitted) == 20  # 20 x 50 tokens = the whole grant, not one more
+    assert await _quota(a, world.tenant_id) == (1000, 1000, 0)
+
+    await asyncio.gather(*[(a, b)[i % 2].limiter.settle(adm, 30) for i, adm in enumerate(admitted)])
+    assert await _quota(b, world.tenant_id) == (1000, 0, 600)  # every hold came back, use counted
+    async with httpx.AsyncClient(base_url=api.url, headers={"Authorization": f"Bearer {world.key}"}) as tenant:
+        quota = await ok(tenant.get("/api/tenant/quota"))
+    assert (quota["granted"], quota["held"], quota["used"], quota["remaining"]) == (1000, 0, 600, 400)
+
+
+async def test_interleaved_admit_and_settle_keep_use_within_the_grant(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start
+) -> None:
+    world = await make_world(admin, grant=2000)
+    a, b = await replicas(), await replicas()
+    principals = [await a.principal(world.key), await b.principal(world.key)]
+    used_total = 0
+
+    async def one(i: int) -> bool:
+        nonlocal used_total
+        replica = (a, b)[i % 2]
+        try:
+            admission = await replica.limiter.admit(principals[i % 2], world.model, 20, 80)
+        except QuotaExceeded:
+            return False
+        await asyncio.sleep(random.random() / 50)
+        used = random.randint(0, 100)
+        used_total += used
+        await replica.limiter.settle(admission, used)
+        return True
+
+    results = await asyncio.gather(*[one(i) for i in range(200)])
+    granted, held, used = await _quota(a, world.tenant_id)
+    assert held == 0
+    assert used == used_total <= granted
+    assert 20 <= sum(results) < 200
+
+
+async def test_two_replicas_enforce_one_rate_limit(api: RunningApi, admin: httpx.AsyncClient, replicas: Start) -> None:
+    world = await make_world(admin, key_limits={"requests_per_minute": 10})
+    a, b = await replicas(), await replicas()
+    pa, pb = await a.principal(world.key), await b.principal(world.key)
+    outcomes: list[str] = []
+    for i in range(16):
+        replica, principal = (a, pa) if i % 2 else (b, pb)
+        try:
+            admission = await replica.limiter.admit(principal, world.model, 1, 1)
+        except RateLimited as exc:
+            outcomes.append("limited")
+            assert exc.status == 429
+            assert int(exc.headers["retry-after"]) >= 1
+            assert "requests per minute for this API key" in exc.message
+            assert exc.headers["x-ratelimit-remaining-requests"] == "0"
+        else:
+            outcomes.append("ok")
+            await replica.limiter.settle(admission, 1)
+    assert outcomes == ["ok"] * 10 + ["limited"] * 6
+
+
+async def test_tenant_tokens_per_minute_and_headers(api: RunningApi, admin: httpx.AsyncClient, replicas: Start) -> None:
+    world = await make_world(admin, tenant_limits={"tokens_per_minute": 1000, "requests_per_minute": 100})
+    a = await replicas()
+    p = await a.principal(world.key)
+    first = await a.limiter.admit(p, world.model, 100, 300)
+    assert first.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert first.headers["x-ratelimit-remaining-tokens"] == "600"
+    assert first.headers["x-ratelimit-limit-requests"] == "100"
+    assert first.headers["x-ratelimit-remaining-requests"] == "99"
+    assert first.headers["x-ratelimit-reset-tokens"].endswith("s")
+    await a.limiter.admit(p, world.model, 100, 500)
+    with pytest.raises(RateLimited) as limited:
+        await a.limiter.admit(p, world.model, 100, 300)
+    assert "tokens per minute for your organisation" in limited.value.message
+    with pytest.raises(RateLimited) as too_large:
+        await a.limiter.admit(p, world.model, 500, 600)
+    assert too_large.value.code == "request_too_large"
+
+
+async def test_models_checked_at_admission(api: RunningApi, admin: httpx.AsyncClient, replicas: Start) -> None:
+    world = await make_world(admin)
+    await ok(admin.post("/api/admin/models", json={"name": "other", "context_length": 100}), 201)
+    a = await replicas()
+    p = await a.principal(world.key)
+    with pytest.raises(NotFound) as missing:
+        await a.limiter.admit(p, "no-such-model", 1, 1)
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(InvalidRequest) as too_long:
+        await a.limiter.admit(p, "other", 60, 60)
+    assert too_long.value.code == "context_length_exceeded"
+    await a.limiter.settle(await a.limiter.admit(p, "other", 10, 10), 0)
+    await ok(admin.put(f"/api/admin/tenants/{world.tenant_id}/models", json={"models": [world.model]}))
+    with pytest.raises(Forbidden) as refused:
+        await a.limiter.admit(p, "other", 10, 10)
+    assert refused.value.code == "model_not_allowed"
+    await a.limiter.settle(await a.limiter.admit(p, world.model, 10, 10), 0)
+
+
+async def test_only_tenant_keys_with_inference_scope_are_admitted(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start
+) -> None:
+    world = await make_world(admin)
+    a = await replicas()
+    manage_only = await ok(
+        admin.post(f"/api/admin/tenants/{world.tenant_id}/keys", json={"scopes": ["manage"]}), 201
+    )
+    with pytest.raises(Forbidden):
+        await a.limiter.admit(await a.principal(manage_only["key"]), world.model, 1, 1)
+    with pytest.raises(Forbidden):
+        await a.limiter.admit(Principal(key_id="key_x", role="platform_admin"), world.model, 1, 1)
+
+
+async def test_settle_is_idempotent_and_soft_threshold_fires_once(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start, nc: Client
+) -> None:
+    world = await make_world(admin, grant=100)
+    events: list[dict[str, object]] = []
+
+    async def on_event(msg: object) -> None:
+        events.append(msgspec.json.decode(msg.data))  # type: ignore[attr-defined]
+
+    await nc.subscribe(SOFT_THRESHOLD_SUBJECT, cb=on_event)
+    await nc.flush()
+    a = await replicas()
+    p = await a.principal(world.key)
+    admission = await a.limiter.admit(p, world.model, 10, 80)
+    await a.limiter.settle(admission, 85)
+    await a.limiter.settle(admission, 85)
+    assert await _quota(a, world.tenant_id) == (100, 0, 85)
+    second = await a.limiter.admit(p, world.model, 1, 5)
+    await a.limiter.settle(second, 5)
+    await asyncio.sleep(0.3)
+    assert len(events) == 1
+    assert events[0]["tenant_id"] == world.tenant_id and events[0]["used"] == 85
+    with pytest.raises(QuotaExceeded) as exhausted:
+        await a.limiter.admit(p, world.model, 10, 10)
+    assert exhausted.value.code == "insufficient_quota" and "10 of 100 remain" in exhausted.value.message
+
+
+async def test_holds_of_a_dead_replica_are_released(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start
+) -> None:
+    world = await make_world(admin, grant=100)
+    crashed, survivor = await replicas(), await replicas()
+    await crashed.limiter.admit(await crashed.principal(world.key), world.model, 50, 50)
+    assert await _quota(survivor, world.tenant_id) == (100, 100, 0)
+    # the crashed replica stops heartbeating: make its last heartbeat old
+    await survivor.limiter.pool.execute(
+        "UPDATE limiter_instances SET seen_at = now() - interval '10 minutes' WHERE id = $1", crashed.limiter.holder
+    )
+    released = await survivor.limiter.pool.fetchval("SELECT market_release_dead_holders(60)")
+    assert released == 100
+    assert await _quota(survivor, world.tenant_id) == (100, 0, 0)
+    await survivor.limiter.admit(await survivor.principal(world.key), world.model, 50, 50)
