@@ -4,6 +4,20 @@ Each area has its own module; importing this package registers every table on ``
 which the migrations' drift check compares against.
 """
 
+from market.models.billing import (
+    Invoice,
+    InvoiceLine,
+    LedgerAccount,
+    LedgerEntry,
+    LedgerTransaction,
+    PayoutRate,
+    PriceBook,
+    PriceBookEntry,
+    ProviderStatement,
+    StripeCustomer,
+    StripeEvent,
+    UsageRecord,
+)
 from market.models.catalog import Model
 from market.models.fleet import EnrolmentToken, Node, Provider
 from market.models.quota import (
@@ -19,5 +33,19 @@ from market.models.quota import (
 from market.models.tenancy import ApiKey, Incubator, Tenant
 
 __all__ = ["ApiKey", "EnrolmentToken", "Incubator", "Model", "Node", "Provider", "Tenant"]
+__all__ += [
+    "Invoice",
+    "InvoiceLine",
+    "LedgerAccount",
+    "LedgerEntry",
+    "LedgerTransaction",
+    "PayoutRate",
+    "PriceBook",
+    "PriceBookEntry",
+    "ProviderStatement",
+    "StripeCustomer",
+    "StripeEvent",
+    "UsageRecord",
+]
 __all__ += ["Grant", "GrantEvent", "IncubatorPool", "LimiterInstance", "QuotaHold", "RateLimitBucket"]
 __all__ += ["TenantModel", "TenantQuota"]

@@ -1,0 +1,261 @@
+"""The billing worker: a durable JetStream pull consumer that writes usage into the ledger.
+
+Exactly once, by construction rather than by luck:
+- a batch is committed in one PostgreSQL transaction keyed by request id (``billing.ingest``), and
+  only then acknowledged, message by message (explicit acks; never ack-all, which would also ack
+  messages another worker holds uncommitted);
+- a crash between commit and ack makes JetStream redeliver after ``ack_wait``, and the redelivered
+  events insert nothing (``ON CONFLICT DO NOTHING``), so they are simply acknowledged;
+- several workers share the durable consumer (``billing``): JetStream hands each message to one of
+  them, and if two ever race on a redelivery the unique request id still admits one.
+
+The next batch is fetched while the current one is being written, so NATS parsing in this process
+overlaps with PostgreSQL's work in its own. After a NATS restart the client reconnects by itself;
+if the stream or the consumer is gone (a server that lost its store) the worker re-creates and
+re-binds them. A PostgreSQL outage makes the worker ``nak`` the batch and reconnect with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from billing import ingest
+from market import bus, subjects
+from market.db import plain_url
+from market.wire import UsageEvent, decoder
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+
+    from market.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DURABLE = "billing"
+RATE_PENDING_EVERY_S = 30.0
+_RETRYABLE_SQL = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
+@dataclass
+class WorkerStats:
+    received: int = 0
+    recorded: int = 0
+    duplicates: int = 0
+    unrated: int = 0
+    rejected: int = 0
+    batches: int = 0
+    rebinds: int = 0
+
+
+class UsageWorker:
+    """One billing worker. ``run`` until ``stop`` is set; it owns its NATS and PostgreSQL connections."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        durable: str = DURABLE,
+        filter_subject: str = subjects.USAGE_SUBJECTS,
+        batch_size: int = 2000,
+        ack_wait_s: float = 30.0,
+        fetch_timeout_s: float = 1.0,
+        name: str = "billing",
+    ) -> None:
+        self.settings = settings
+        self.durable = durable
+        self.filter_subject = filter_subject
+        self.batch_size = batch_size
+        self.ack_wait_s = ack_wait_s
+        self.fetch_timeout_s = fetch_timeout_s
+        self.name = name
+        self.stats = WorkerStats()
+        self.ready = asyncio.Event()
+        self._decode = decoder(UsageEvent)
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._db: asyncpg.Connection | None = None
+        self._last_rating = 0.0
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        self._nc = await bus.connect(self.settings, name=self.name)
+        self._js = self._nc.jetstream()
+        pending: asyncio.Task[list[Msg]] | None = None
+        try:
+            await self._bind()
+            self.ready.set()
+            while not stop.is_set():
+                msgs = await (pending if pending is not None else self._fetch())
+                pending = None
+                if not msgs:
+                    await self._idle()
+                    continue
+                pending = asyncio.create_task(self._fetch())
+                await self.process(msgs)
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            await self._close()
+
+    async def process(self, msgs: list[Msg]) -> None:
+        """Decode, commit, then acknowledge one batch."""
+        events: list[UsageEvent] = []
+        good: list[Msg] = []
+        for msg in msgs:
+            try:
+                events.append(self._decode.decode(msg.data))
+                good.append(msg)
+            except msgspec.DecodeError:
+                self.stats.rejected += 1
+                log.error("malformed usage event dropped", extra={"subject": msg.subject, "data": msg.data[:500].hex()})
+                await msg.term()
+        if events:
+            result = await self._store(events, good)
+            if result is None:
+                return
+            self.stats.recorded += result.recorded
+            self.stats.duplicates += result.received - result.recorded
+            self.stats.unrated += result.unrated
+            if result.unrated:
+                log.warning("usage without a price in force recorded unrated", extra={"count": result.unrated})
+        self.stats.received += len(msgs)
+        self.stats.batches += 1
+        await self.ack(good)
+
+    async def ack(self, msgs: list[Msg]) -> None:
+        """Acknowledge committed messages (fire-and-forget: a lost ack only means a harmless redelivery)."""
+        for msg in msgs:
+            await msg.ack()
+
+    async def _store(self, events: list[UsageEvent], msgs: list[Msg]) -> ingest.BatchResult | None:
+        for attempt in range(5):
+            try:
+                db = await self._connection()
+                return await ingest.store_batch(db, events, self.settings.currency)
+            except _RETRYABLE_SQL:
+                log.warning("batch conflicted with another worker; retrying", extra={"attempt": attempt})
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+                log.warning("postgres unavailable; batch returned for redelivery", extra={"error": str(exc)})
+                await self._drop_connection()
+                break
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1.0)
+        await asyncio.sleep(1.0)
+        return None
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._db is None or self._db.is_closed():
+            self._db = await asyncpg.connect(plain_url(self.settings.require_database_url()), timeout=5)
+        return self._db
+
+    async def _drop_connection(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                await self._db.close(timeout=2)
+        self._db = None
+
+    async def _bind(self) -> None:
+        """Create the stream and the durable consumer if missing, and bind a pull subscription."""
+        assert self._js is not None
+        await bus.ensure_usage_stream(self._js)
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=max(20_000, self.batch_size * 8),
+            max_waiting=64,
+            filter_subject=self.filter_subject,
+        )
+        self._sub = await self._js.pull_subscribe(
+            self.filter_subject, durable=self.durable, stream=subjects.USAGE_STREAM, config=config
+        )
+
+    async def _rebind(self, reason: str) -> None:
+        self.stats.rebinds += 1
+        log.warning("re-binding the usage consumer", extra={"reason": reason})
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        self._sub = None
+        for delay in (0.2, 0.5, 1, 2, 5):
+            try:
+                await self._bind()
+                return
+            except (nats.errors.Error, OSError) as exc:
+                log.warning("re-bind failed", extra={"error": repr(exc)})
+                await asyncio.sleep(delay)
+
+    async def _fetch(self) -> list[Msg]:
+        if self._sub is None:
+            await self._rebind("not bound")
+            if self._sub is None:
+                return []
+        try:
+            msgs: list[Msg] = await self._sub.fetch(self.batch_size, timeout=self.fetch_timeout_s)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+        except nats.js.errors.NotFoundError:
+            await self._rebind("consumer or stream not found")
+            return []
+        except (nats.errors.Error, OSError) as exc:
+            await asyncio.sleep(0.5)
+            await self._rebind(repr(exc))
+            return []
+        return msgs
+
+    async def _idle(self) -> None:
+        """Between batches with nothing to do: check the consumer still exists; rate late-priced usage."""
+        now = time.monotonic()
+        if now - self._last_rating < RATE_PENDING_EVERY_S:
+            return
+        self._last_rating = now
+        if self._sub is not None:
+            try:
+                await self._sub.consumer_info()
+            except nats.js.errors.NotFoundError:
+                await self._rebind("consumer disappeared")
+            except (TimeoutError, nats.errors.Error, OSError):
+                pass  # disconnected: the client reconnects by itself
+        try:
+            posted = await ingest.rate_pending(await self._connection(), self.settings.currency)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("rating pending usage failed", extra={"error": str(exc)})
+            await self._drop_connection()
+            return
+        if posted:
+            log.info("rated usage that was waiting for a price", extra={"count": posted})
+
+    async def _close(self) -> None:
+        await self._drop_connection()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+        self._nc = None
+
+
+async def run_workers(settings: Settings, count: int, stop: asyncio.Event, **options: Any) -> list[WorkerStats]:
+    """Run ``count`` workers in this process (they share the durable consumer) until ``stop``."""
+    workers = [UsageWorker(settings, name=f"billing-{i}", **options) for i in range(count)]
+    await asyncio.gather(*(w.run(stop) for w in workers))
+    return [w.stats for w in workers]

@@ -1,0 +1,216 @@
+"""The worker bills every usage event exactly once: duplicates, redeliveries, a crash between
+commit and ack, several workers, a missing price and a NATS restart change nothing a tenant pays."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from nats.js import JetStreamContext
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from billing import ingest
+from billing.worker import UsageWorker
+from market.money import token_cost_micros
+from market.settings import Settings
+from tests.billing.conftest import (
+    consumer_drained,
+    eventually,
+    fetchval,
+    make_prices,
+    make_provider,
+    make_tenant,
+    new_worker,
+    publish,
+    store,
+    usage_event,
+)
+from tests.conftest import Servers
+
+
+@contextlib.asynccontextmanager
+async def running(worker: UsageWorker) -> AsyncIterator[asyncio.Task[None]]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await asyncio.wait_for(worker.ready.wait(), 20)
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def owed(settings: Settings, tenant_id: str) -> int:
+    return int(
+        await fetchval(
+            settings,
+            "SELECT coalesce(sum(amount_micros), 0) FROM ledger_entries WHERE account_id = $1",
+            f"tenant:{tenant_id}",
+        )
+    )
+
+
+async def count(settings: Settings, table: str) -> int:
+    return int(await fetchval(settings, f"SELECT count(*) FROM {table}"))  # noqa: S608 - test constant
+
+
+async def test_duplicated_and_redelivered_events_bill_once(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], usage_stream: JetStreamContext
+) -> None:
+    tenant = await make_tenant(sessions)
+    provider = await make_provider(sessions)
+    await make_prices(sessions)
+    events = [usage_event(tenant, provider_id=provider, prompt=1000 + i, completion=200 + i) for i in range(30)]
+    for event in events:
+        await publish(usage_stream, event)
+    for event in events[:10]:  # the api retried the publish: JetStream's dedup window drops these
+        await publish(usage_stream, event)
+    for event in events[10:20]:  # republished past the dedup window: only the ledger's key stops them
+        await publish(usage_stream, event, msg_id=event.request_id + "-again")
+
+    worker = new_worker(settings, "dup-test")
+    async with running(worker):
+        await eventually(lambda: consumer_drained(usage_stream, "dup-test"), what="the stream to drain")
+
+    expected = sum(token_cost_micros(e.prompt_tokens, 30) + token_cost_micros(e.completion_tokens, 60) for e in events)
+    assert await count(settings, "usage_records") == 30
+    assert await count(settings, "ledger_transactions") == 30
+    assert await owed(settings, tenant) == expected
+    assert worker.stats.recorded == 30
+    assert worker.stats.duplicates == 10
+
+    # The same events stored again by hand (another worker, a replay) change nothing either.
+    again = await store(settings, events)
+    assert (again.received, again.recorded) == (30, 0)
+    assert await owed(settings, tenant) == expected
+
+
+class Killed(Exception):
+    """Stands in for the process dying."""
+
+
+class DiesBeforeAck(UsageWorker):
+    """Commits its first batch, then dies before acknowledging it."""
+
+    async def ack(self, msgs: list[Any]) -> None:
+        raise Killed
+
+
+async def test_worker_killed_between_commit_and_ack_loses_and_doubles_nothing(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], usage_stream: JetStreamContext
+) -> None:
+    tenant = await make_tenant(sessions)
+    provider = await make_provider(sessions)
+    await make_prices(sessions)
+    events = [usage_event(tenant, provider_id=provider, prompt=100 * (i + 1)) for i in range(200)]
+    for event in events:
+        await publish(usage_stream, event)
+
+    doomed = DiesBeforeAck(settings, durable="kill-test", ack_wait_s=1.0, fetch_timeout_s=0.2, batch_size=500)
+    with pytest.raises(Killed):
+        await asyncio.wait_for(doomed.run(asyncio.Event()), 30)
+    committed = await count(settings, "usage_records")
+    assert committed == 200  # written, never acknowledged
+    balance_after_crash = await owed(settings, tenant)
+
+    survivor = new_worker(settings, "kill-test")
+    async with running(survivor):
+        await eventually(lambda: consumer_drained(usage_stream, "kill-test"), what="redelivery to be acknowledged")
+
+    assert survivor.stats.duplicates == 200  # every event came back, and none was billed again
+    assert await count(settings, "usage_records") == 200
+    assert await count(settings, "ledger_transactions") == 200
+    assert await owed(settings, tenant) == balance_after_crash == sum(
+        token_cost_micros(e.prompt_tokens, 30) + token_cost_micros(e.completion_tokens, 60) for e in events
+    )
+
+
+async def test_several_workers_share_the_stream(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], usage_stream: JetStreamContext
+) -> None:
+    tenants = [await make_tenant(sessions) for _ in range(3)]
+    provider = await make_provider(sessions)
+    await make_prices(sessions)
+    events = [usage_event(tenants[i % 3], provider_id=provider, prompt=i + 1) for i in range(1500)]
+    await asyncio.gather(*(publish(usage_stream, e) for e in events))
+
+    workers = [new_worker(settings, "shared-test", batch_size=100, name=f"w{i}") for i in range(3)]
+    async with running(workers[0]), running(workers[1]), running(workers[2]):
+        await eventually(lambda: consumer_drained(usage_stream, "shared-test"), what="the stream to drain")
+
+    assert await count(settings, "usage_records") == 1500
+    assert sum(w.stats.recorded for w in workers) == 1500
+    assert sum(1 for w in workers if w.stats.recorded) >= 2  # the work really was shared
+    total = sum(token_cost_micros(e.prompt_tokens, 30) + token_cost_micros(e.completion_tokens, 60) for e in events)
+    assert sum([await owed(settings, t) for t in tenants]) == total
+
+
+async def test_usage_without_a_price_is_kept_and_billed_once_priced(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    tenant = await make_tenant(sessions)
+    event = usage_event(tenant, model="new-model", prompt=2000, completion=1000)
+    result = await store(settings, [event])
+    assert (result.recorded, result.unrated) == (1, 1)
+    assert await owed(settings, tenant) == 0  # nothing invented
+
+    await make_prices(sessions, model="new-model", input_price=100, output_price=200)
+    import asyncpg
+
+    from market.db import plain_url
+
+    conn = await asyncpg.connect(plain_url(settings.require_database_url()))
+    try:
+        assert await ingest.rate_pending(conn, "usd") == 1
+        assert await ingest.rate_pending(conn, "usd") == 0
+    finally:
+        await conn.close()
+    assert await owed(settings, tenant) == 2000 * 100 + 1000 * 200
+
+
+async def test_worker_rebinds_after_nats_restart_and_lost_consumer(
+    servers: Servers,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    usage_stream: JetStreamContext,
+) -> None:
+    tenant = await make_tenant(sessions)
+    await make_prices(sessions)
+    worker = new_worker(settings, "restart-test")
+    async with running(worker):
+        first = [usage_event(tenant) for _ in range(20)]
+        for event in first:
+            await publish(usage_stream, event)
+        await eventually(lambda: _records(settings, 20), what="the first events")
+
+        servers.nats.stop()
+        await asyncio.sleep(0.5)
+        servers.nats.start()
+        second = [usage_event(tenant) for _ in range(20)]
+        await eventually(lambda: _published(usage_stream, second), what="publishing after the restart")
+        await eventually(lambda: _records(settings, 40), timeout=30, what="events after the NATS restart")
+
+        # A server that lost its store: the consumer is gone; the worker must make it again.
+        await usage_stream.delete_consumer("USAGE", "restart-test")
+        third = [usage_event(tenant) for _ in range(20)]
+        for event in third:
+            await publish(usage_stream, event)
+        await eventually(lambda: _records(settings, 60), timeout=60, what="events after the consumer was lost")
+    assert worker.stats.rebinds >= 1
+    assert await count(settings, "ledger_transactions") == 60
+
+
+async def _records(settings: Settings, n: int) -> bool:
+    return await count(settings, "usage_records") >= n
+
+
+async def _published(js: JetStreamContext, events: list[Any]) -> bool:
+    try:
+        for event in events:
+            await publish(js, event)
+    except Exception:
+        return False
+    return True
