@@ -1,0 +1,335 @@
+"""Scheduler replicas over real NATS and PostgreSQL, with fake nodes made of plain subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from market import subjects, wire
+from market.models import Node, Provider
+from market.settings import Settings
+from scheduler.service import SchedulerService
+
+_job_decoder = wire.decoder(wire.Job)
+_placement_decoder = wire.decoder(wire.Placement)
+_event_decoder = wire.decoder(wire.FleetEvent)
+
+
+@pytest.fixture
+def fast(settings: Settings) -> Settings:
+    """Heartbeats every 0.1 s and a node lost after 0.6 s of silence, so loss tests stay short."""
+    return replace(settings, heartbeat_interval_s=0.1, heartbeat_timeout_s=0.6)
+
+
+@dataclass
+class FakeNode:
+    """A node agent reduced to what the scheduler sees: heartbeats out, jobs in."""
+
+    nc: Client
+    settings: Settings
+    node_id: str
+    models: list[str]
+    provider_id: str = "prov_test"
+    status: wire.NodeStatus = "healthy"
+    slots: int = 64
+    running: int = 0
+    profile: wire.ProfileInfo = field(default_factory=wire.ProfileInfo)
+    jobs: list[tuple[wire.Job, str]] = field(default_factory=list)
+    """Each job received with the reply subject it came with."""
+    _task: asyncio.Task[None] | None = None
+
+    async def start(self) -> FakeNode:
+        async def on_job(msg: Msg) -> None:
+            job = _job_decoder.decode(msg.data)
+            self.jobs.append((job, msg.reply))
+            accepted = wire.Chunk(job_id=job.id, node_id=self.node_id, seq=0, kind="accepted")
+            await self.nc.publish(msg.reply, wire.encode(accepted))
+
+        await self.nc.subscribe(subjects.node_jobs(self.node_id), cb=on_job)
+        await self.heartbeat()
+        self._task = asyncio.create_task(self._beat())
+        return self
+
+    def heartbeat_message(self) -> wire.Heartbeat:
+        return wire.Heartbeat(
+            node_id=self.node_id,
+            provider_id=self.provider_id,
+            status=self.status,
+            models=self.models,
+            engine="sim",
+            profile=self.profile,
+            slots=self.slots,
+            running=self.running,
+            sent_at=time.time(),
+        )
+
+    async def heartbeat(self) -> None:
+        await self.nc.publish(subjects.heartbeat(self.node_id), wire.encode(self.heartbeat_message()))
+        await self.nc.flush()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await self.heartbeat()
+
+    async def go_silent(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def job_ids(self) -> list[str]:
+        return [job.id for job, _reply in self.jobs]
+
+
+@pytest.fixture
+async def nodes(nc: Client) -> AsyncIterator[list[FakeNode]]:
+    """Fake nodes started by a test; their heartbeats stop when it ends."""
+    started: list[FakeNode] = []
+    yield started
+    for node in started:
+        await node.go_silent()
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[list[SchedulerService]]:
+    started: list[SchedulerService] = []
+    yield started
+    for service in started:
+        await service.stop()
+
+
+async def start_node(nodes: list[FakeNode], nc: Client, settings: Settings, node_id: str, **kw: Any) -> FakeNode:
+    node = await FakeNode(nc, settings, node_id, **kw).start()
+    nodes.append(node)
+    return node
+
+
+async def start_replica(replicas: list[SchedulerService], settings: Settings, **kw: Any) -> SchedulerService:
+    service = SchedulerService(settings, **kw)
+    await service.start()
+    replicas.append(service)
+    return service
+
+
+def make_job(job_id: str, model: str = "llama-8b", **kw: Any) -> wire.Job:
+    fields: dict[str, Any] = {
+        "id": job_id,
+        "tenant_id": "ten_1",
+        "key_id": "key_1",
+        "model": model,
+        "kind": "chat",
+        "body": {"messages": [{"role": "user", "content": "hi"}]},
+        "prompt_tokens": 10,
+        "max_tokens": 20,
+        "reply": f"_INBOX.api-test.{job_id}",
+        "deadline": time.time() + 60,
+    }
+    fields.update(kw)
+    return wire.Job(**fields)
+
+
+async def submit(nc: Client, job: wire.Job) -> wire.Placement:
+    # On a freshly started nats-server under load, a request right after the first replica
+    # subscribed was seen (rarely) to get "no responders"; retry that once rather than flake.
+    try:
+        reply = await nc.request(subjects.JOBS_SUBMIT, wire.encode(job), timeout=3)
+    except NoRespondersError:
+        await asyncio.sleep(0.2)
+        reply = await nc.request(subjects.JOBS_SUBMIT, wire.encode(job), timeout=3)
+    return _placement_decoder.decode(reply.data)
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_job_reaches_the_node_serving_its_model_and_answers_the_api_inbox(
+    nc: Client, settings: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    llama = await start_node(nodes, nc, settings, "node_llama", models=["llama-8b"])
+    mistral = await start_node(nodes, nc, settings, "node_mistral", models=["mistral-7b"], provider_id="prov_m")
+    await start_replica(replicas, settings)
+    job = make_job("req_one", model="mistral-7b")
+    inbox = await nc.subscribe(job.reply)
+
+    placement = await submit(nc, job)
+
+    assert placement == wire.Placement(job_id="req_one", node_id="node_mistral", provider_id="prov_m")
+    await eventually(lambda: len(mistral.jobs) == 1)
+    received, reply = mistral.jobs[0]
+    assert reply == job.reply
+    assert received == job
+    assert llama.jobs == []
+    # The node's answer goes straight to the api's inbox, not through the scheduler.
+    chunk = wire.decoder(wire.Chunk).decode((await inbox.next_msg(timeout=2)).data)
+    assert (chunk.kind, chunk.node_id, chunk.job_id) == ("accepted", "node_mistral", "req_one")
+
+
+async def test_two_replicas_place_every_job_exactly_once(
+    nc: Client, settings: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    fleet = [await start_node(nodes, nc, settings, f"node_{i}", models=["llama-8b"], slots=500) for i in range(3)]
+    first = await start_replica(replicas, settings, name="scheduler-1")
+    second = await start_replica(replicas, settings, name="scheduler-2")
+
+    placements = await asyncio.gather(*(submit(nc, make_job(f"req_{i:03d}")) for i in range(200)))
+
+    assert all(p.error is None for p in placements)
+    await eventually(lambda: sum(len(node.jobs) for node in fleet) == 200)
+    await nc.flush()
+    received = Counter(job_id for node in fleet for job_id in node.job_ids())
+    assert received == Counter({f"req_{i:03d}": 1 for i in range(200)})
+    by_node = {job_id: node.node_id for node in fleet for job_id in node.job_ids()}
+    assert all(by_node[p.job_id] == p.node_id for p in placements)
+    assert first.counters["placed"] > 0
+    assert second.counters["placed"] > 0
+    assert first.counters["placed"] + second.counters["placed"] == 200
+    assert all(len(node.jobs) > 20 for node in fleet)  # the burst spread over the fleet
+
+
+async def test_a_silent_node_is_announced_lost_once_and_gets_no_more_jobs(
+    nc: Client, fast: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    events: list[wire.FleetEvent] = []
+
+    async def on_event(msg: Msg) -> None:
+        events.append(_event_decoder.decode(msg.data))
+
+    await nc.subscribe(subjects.FLEET_EVENTS, cb=on_event)
+    doomed = await start_node(nodes, nc, fast, "node_doomed", models=["llama-8b"])
+    steady = await start_node(nodes, nc, fast, "node_steady", models=["llama-8b"])
+    service = await start_replica(replicas, fast)
+    first = await asyncio.gather(*(submit(nc, make_job(f"req_a{i}")) for i in range(10)))
+    assert {p.node_id for p in first} == {"node_doomed", "node_steady"}
+
+    await doomed.go_silent()
+    await eventually(lambda: any(e.node_id == "node_doomed" for e in events), timeout=3)
+    after = await asyncio.gather(*(submit(nc, make_job(f"req_b{i}")) for i in range(10)))
+
+    assert {p.node_id for p in after} == {"node_steady"}
+    await asyncio.sleep(fast.heartbeat_timeout_s)  # another timeout passes: still a single event
+    assert [(e.kind, e.node_id) for e in events] == [("node_lost", "node_doomed")]
+    assert service.stats()["healthy"] == 1
+    assert steady.status == "healthy"
+
+
+async def test_a_draining_node_is_announced_once_and_gets_no_new_jobs(
+    nc: Client, fast: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    events: list[wire.FleetEvent] = []
+
+    async def on_event(msg: Msg) -> None:
+        events.append(_event_decoder.decode(msg.data))
+
+    await nc.subscribe(subjects.FLEET_EVENTS, cb=on_event)
+    draining = await start_node(nodes, nc, fast, "node_draining", models=["llama-8b"], slots=200)
+    await start_node(nodes, nc, fast, "node_other", models=["llama-8b"], running=50, slots=20)
+    await start_replica(replicas, fast)
+    draining.status = "draining"
+    await draining.heartbeat()
+    await eventually(lambda: bool(events))
+    placements = await asyncio.gather(*(submit(nc, make_job(f"req_{i}")) for i in range(5)))
+
+    assert {p.node_id for p in placements} == {"node_other"}
+    await asyncio.sleep(3 * fast.heartbeat_interval_s)
+    assert [(e.kind, e.node_id) for e in events] == [("node_draining", "node_draining")]
+
+
+async def test_unknown_model_and_no_capacity_are_told_apart(
+    nc: Client, settings: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    await start_node(nodes, nc, settings, "node_full", models=["llama-8b"], running=8, slots=0)
+    service = await start_replica(replicas, settings)
+
+    unknown = await submit(nc, make_job("req_unknown", model="gpt-9"))
+    full = await submit(nc, make_job("req_full"))
+
+    assert unknown == wire.Placement(job_id="req_unknown", error="unknown_model")
+    assert full.error == "no_capacity"
+    assert full.node_id is None
+    assert 0 < full.retry_after_s <= settings.heartbeat_timeout_s
+    assert service.counters["unknown_model"] == service.counters["no_capacity"] == 1
+    assert service.counters["placed"] == 0
+
+
+async def test_node_rows_follow_heartbeats_and_loss(
+    nc: Client,
+    fast: Settings,
+    engine: AsyncEngine,
+    nodes: list[FakeNode],
+    replicas: list[SchedulerService],
+) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(Provider.__table__.insert().values(id="prov_db", name="GPU Co"))
+        await conn.execute(Node.__table__.insert().values(id="node_db", provider_id="prov_db", name="box 1"))
+        await conn.execute(
+            Node.__table__.insert().values(id="node_revoked", provider_id="prov_db", name="box 2", status="revoked")
+        )
+    profile = wire.ProfileInfo(mode="semi-pd", prefill_share=80, decode_share=100, max_num_seqs=64)
+    node = await start_node(nodes, nc, fast, "node_db", provider_id="prov_db", models=["llama-8b", "qwen"])
+    node.profile = profile
+    await start_node(nodes, nc, fast, "node_revoked", provider_id="prov_db", models=["llama-8b"])
+    await start_node(nodes, nc, fast, "node_unenrolled", models=["llama-8b"])
+    await start_replica(replicas, fast, persist_interval_s=0.1)
+
+    async def row(node_id: str) -> Node | None:
+        async with engine.connect() as conn:
+            found = (await conn.execute(select(Node.__table__).where(Node.id == node_id))).first()
+        return None if found is None else Node(**found._asdict())
+
+    async def wait_for_row(node_id: str, check: Callable[[Node], bool]) -> Node:
+        deadline = time.monotonic() + 5
+        while True:
+            current = await row(node_id)
+            if current is not None and check(current):
+                return current
+            assert time.monotonic() < deadline, f"{node_id} row never matched: {current and current.status}"
+            await asyncio.sleep(0.05)
+
+    healthy = await wait_for_row("node_db", lambda r: r.status == "healthy" and r.profile.get("mode") == "semi-pd")
+    assert healthy.models == ["llama-8b", "qwen"]
+    assert healthy.engine == "sim"
+    assert healthy.profile["prefill_share"] == 80
+    assert healthy.hardware["accelerator"] == "cpu"
+    assert healthy.last_seen_at is not None
+    assert abs(healthy.last_seen_at.timestamp() - time.time()) < 5
+
+    await node.go_silent()
+    await wait_for_row("node_db", lambda r: r.status == "unhealthy")
+    revoked = await row("node_revoked")
+    assert revoked is not None
+    assert revoked.status == "revoked"  # a revoked node stays revoked whatever its agent says
+    assert await row("node_unenrolled") is None  # enrolment creates rows, heartbeats do not
+
+
+async def test_placement_goes_on_while_postgres_is_unreachable(
+    nc: Client, settings: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    unreachable = replace(settings, database_url="postgresql://market@127.0.0.1:9/market")
+    await start_node(nodes, nc, settings, "node_a", models=["llama-8b"])
+    service = await start_replica(replicas, unreachable, persist_interval_s=60)
+
+    assert not await service.flush()
+    placement = await submit(nc, make_job("req_db_down"))
+
+    assert placement.node_id == "node_a"
+    assert service.counters["db_errors"] == 1
+    assert service.stats()["placed"] == 1
