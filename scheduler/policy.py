@@ -35,6 +35,11 @@ class PolicyConfig:
     """Scores within the same quantum are a tie; among tied nodes the cheaper offer wins."""
     forget_after_s: float = 300.0
     """A node silent this long is forgotten (a model only it served becomes ``unknown_model``)."""
+    scan_limit: int = 256
+    """With more candidates than this, scoring starts at a random node and stops after this many
+    eligible ones (a random sample, as in power-of-d-choices schedulers), which bounds decision
+    time on large fleets; if none of them is eligible the scan goes on through the rest, so a job is
+    never refused while some node could take it. 0 scans everything."""
 
 
 DEFAULT_POLICY = PolicyConfig()
@@ -117,6 +122,8 @@ class FleetView:
         self.rng = rng or random.Random()  # noqa: S311 - tie-breaking, not security
         self.nodes: dict[str, NodeState] = {}
         self._by_model: dict[str, dict[str, NodeState]] = {}
+        self._lists: dict[str, list[NodeState]] = {}
+        """``_by_model`` as lists (for a random starting point), rebuilt when membership changes."""
         self._offers: dict[str, dict[str, int]] = {}
 
     def __len__(self) -> int:
@@ -128,8 +135,15 @@ class FleetView:
     def get(self, node_id: str) -> NodeState | None:
         return self.nodes.get(node_id)
 
-    def candidates(self, model: str) -> dict[str, NodeState]:
-        return self._by_model.get(model, {})
+    def candidates(self, model: str) -> list[NodeState]:
+        """Nodes listing ``model``, in no particular order."""
+        listed = self._lists.get(model)
+        if listed is None:
+            by_node = self._by_model.get(model)
+            if not by_node:
+                return []
+            listed = self._lists[model] = list(by_node.values())
+        return listed
 
     def serves(self, model: str) -> bool:
         """Whether any known node (healthy or not) lists ``model``: else the model is unknown."""
@@ -146,8 +160,10 @@ class FleetView:
         if models != node.models:
             for model in node.models:
                 self._by_model.get(model, {}).pop(node.node_id, None)
+                self._lists.pop(model, None)
             for model in models:
                 self._by_model.setdefault(model, {})[node.node_id] = node
+                self._lists.pop(model, None)
             node.models = models
         node.provider_id = hb.provider_id
         node.status = hb.status
@@ -212,6 +228,7 @@ class FleetView:
         node = self.nodes.pop(node_id, None)
         if node is not None:
             for model in node.models:
+                self._lists.pop(model, None)
                 by_node = self._by_model.get(model)
                 if by_node is not None:
                     by_node.pop(node_id, None)
@@ -245,6 +262,9 @@ def place(job: Job, fleet: FleetView, now: float) -> NodeState | None:
     - price: scores in the same ``tie_quantum`` bucket tie, and the cheaper offer wins the tie;
       a node without an offer counts as 0 there. Then the lower exact score; exact ties are broken
       at random so that replicas with the same view do not all pick the same node.
+
+    On fleets larger than ``scan_limit`` nodes per model the best of a random sample of that many
+    eligible nodes is taken (see ``PolicyConfig.scan_limit``).
     """
     candidates = fleet.candidates(job.model)
     if not candidates:
@@ -264,12 +284,24 @@ def place(job: Job, fleet: FleetView, now: float) -> NodeState | None:
     fit_weight = config.fit_weight
     quantum = config.tie_quantum
 
+    count = len(candidates)
+    limit = config.scan_limit
+    if limit and count > limit:
+        start = fleet.rng.randrange(count)
+        order = candidates[start:] + candidates[:start]
+    else:
+        limit = count
+        order = candidates
+
     best: NodeState | None = None
     best_bucket = 0
     best_price = 0
     best_score = 0.0
     ties = 0
-    for node in candidates.values():
+    eligible = 0
+    for node in order:
+        if eligible >= limit:
+            break
         if node.status != "healthy" or now - node.last_seen >= timeout:
             continue
         free = node.slots - node.in_flight
@@ -284,6 +316,7 @@ def place(job: Job, fleet: FleetView, now: float) -> NodeState | None:
             continue
         if prompt >= node.profile.max_model_len:
             continue
+        eligible += 1
         score = node.base_load + node.in_flight * node.inv_capacity
         score += fit_weight * (prefill_weight * node.prefill_slowdown + decode_weight * node.decode_slowdown - 1.0)
         bucket = int(score / quantum)

@@ -195,3 +195,21 @@ def test_kv_cache_pressure_and_queue_steer_away() -> None:
     fleet = fleet_of(heartbeat("node_kv", kv_cache_usage=0.95), heartbeat("node_queue", waiting=3, running=2))
     fleet.observe(heartbeat("node_ok", running=2, kv_cache_usage=0.3), 100.0)
     assert placed_on(fleet, job()) == "node_ok"
+
+
+def test_large_fleets_are_sampled_but_never_refused_while_a_node_fits() -> None:
+    config = PolicyConfig(scan_limit=16)
+    fleet = fleet_of(
+        *(heartbeat(f"node_{i:03d}", provider_id=f"prov_{i:03d}", running=60, slots=20) for i in range(300)),
+        config=config,
+    )
+    # Only one provider allowed: far outside any 16-node sample, still found.
+    assert placed_on(fleet, job(allowed_providers=["prov_250"])) == "node_250"
+    # Samples start at random nodes, so a burst spreads instead of hammering one corner of the fleet.
+    chosen: Counter[str] = Counter()
+    for _ in range(100):
+        node = place(job(), fleet, 100.0)
+        assert node is not None
+        fleet.commit(node)
+        chosen[node.node_id] += 1
+    assert max(chosen.values()) <= 3
