@@ -28,7 +28,7 @@ books AS (
     FROM price_books WHERE currency = {currency}
 ),
 rated AS (
-    SELECT s.request_id,
+    SELECT s.*,
            CASE WHEN p.model IS NOT NULL THEN b.id END AS price_book_id,
            s.prompt_tokens * p.input_minor_per_million
              + s.billed_completion_tokens * p.output_minor_per_million AS tenant_micros,
@@ -107,8 +107,8 @@ changed AS (
     SELECT s.request_id, s.tenant_id, s.key_id, s.model, s.admission_class, s.node_id, s.provider_id,
            s.reservation_id, s.outcome, s.prompt_tokens, s.completion_tokens, s.relayed_completion_tokens,
            s.billed_completion_tokens, s.started_at, s.ended_at, s.ttft_ms, s.duration_ms, $17,
-           r.price_book_id, r.tenant_micros, r.provider_micros, r.tenant_micros - r.provider_micros
-    FROM src s JOIN rated r USING (request_id)
+           s.price_book_id, s.tenant_micros, s.provider_micros, s.tenant_micros - s.provider_micros
+    FROM rated s
     ORDER BY s.request_id
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id, tenant_id, provider_id, model, ended_at, tenant_micros, provider_micros, platform_micros

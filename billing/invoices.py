@@ -23,8 +23,23 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from market.ids import new_id, ulid
-from market.models import Invoice, InvoiceLine, Provider, ProviderStatement, Tenant
-from market.models.billing import PLATFORM_REVENUE, credit_account, post_transaction, tenant_account
+from market.models import (
+    Invoice,
+    InvoiceLine,
+    LedgerAccount,
+    LedgerEntry,
+    LedgerTransaction,
+    Provider,
+    ProviderStatement,
+    Tenant,
+)
+from market.models.billing import (
+    PLATFORM_REVENUE,
+    UnbalancedTransaction,
+    account_kind,
+    credit_account,
+    tenant_account,
+)
 from market.money import MICROS_PER_MINOR, micros_to_minor
 
 log = logging.getLogger(__name__)
@@ -169,6 +184,7 @@ async def run_invoices(session: AsyncSession, period: str, currency: str) -> Run
         now = datetime.now(UTC)
         invoice_rows: list[dict[str, object]] = []
         line_rows: list[dict[str, object]] = []
+        postings: list[tuple[dict[str, object], dict[str, int]]] = []
         for tenant_id in todo:
             invoice_id = new_id("invoice")
             tenant_lines = lines[tenant_id]
@@ -212,27 +228,56 @@ async def run_invoices(session: AsyncSession, period: str, currency: str) -> Run
             )
             rounding = subtotal * MICROS_PER_MINOR - charged_micros
             applied_micros = applied * MICROS_PER_MINOR
-            await post_transaction(
-                session,
-                transaction_id=f"invoice:{invoice_id}",
-                kind="invoice",
-                currency=currency,
-                occurred_at=utc_midnight(end),
-                legs={
-                    tenant_account(tenant_id): rounding - applied_micros,
-                    credit_account(tenant_id): applied_micros,
-                    PLATFORM_REVENUE: -rounding,
-                },
-                tenant_id=tenant_id,
-                memo=f"invoice {invoice_id} for {period}: rounding and prepaid credit applied",
+            postings.append(
+                (
+                    {
+                        "id": f"invoice:{invoice_id}",
+                        "kind": "invoice",
+                        "currency": currency,
+                        "tenant_id": tenant_id,
+                        "occurred_at": utc_midnight(end),
+                        "memo": f"invoice {invoice_id} for {period}: rounding and prepaid credit applied",
+                    },
+                    {
+                        tenant_account(tenant_id): rounding - applied_micros,
+                        credit_account(tenant_id): applied_micros,
+                        PLATFORM_REVENUE: -rounding,
+                    },
+                )
             )
             result.invoices.append(invoice_id)
         for chunk in range(0, len(invoice_rows), 1000):
             await session.execute(insert(Invoice).values(invoice_rows[chunk : chunk + 1000]))
+        await post_transactions(session, postings)
         for chunk in range(0, len(line_rows), 1000):
             await session.execute(insert(InvoiceLine).values(line_rows[chunk : chunk + 1000]))
         result.statements = await _run_statements(session, params, start, end, currency)
     return result
+
+
+async def post_transactions(session: AsyncSession, postings: list[tuple[dict[str, object], dict[str, int]]]) -> None:
+    """Many new balanced transactions in a few bulk statements (``post_transaction`` one at a time
+    would be thousands of round trips in an invoice run). Ids must be new: invoice ids are."""
+    entries: list[dict[str, object]] = []
+    accounts: dict[str, dict[str, object]] = {}
+    for header, legs in postings:
+        if sum(legs.values()) != 0:
+            raise UnbalancedTransaction(f"transaction {header['id']} does not balance: {legs}")
+        for account, amount in legs.items():
+            if amount:
+                kind, owner = account_kind(account)
+                accounts[account] = {"id": account, "kind": kind, "owner_id": owner, "currency": header["currency"]}
+                entries.append({"transaction_id": header["id"], "account_id": account, "amount_micros": amount})
+    headers = [header for header, _ in postings]
+    rows = sorted(accounts.values(), key=lambda a: str(a["id"]))
+    for chunk in range(0, len(rows), 1000):
+        await session.execute(
+            insert(LedgerAccount).values(rows[chunk : chunk + 1000]).on_conflict_do_nothing(index_elements=["id"])
+        )
+    for chunk in range(0, len(headers), 1000):
+        await session.execute(insert(LedgerTransaction).values(headers[chunk : chunk + 1000]))
+    for chunk in range(0, len(entries), 1000):
+        await session.execute(insert(LedgerEntry).values(entries[chunk : chunk + 1000]))
 
 
 _EARNINGS_BY_PROVIDER = text(

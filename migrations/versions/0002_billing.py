@@ -32,12 +32,11 @@ def upgrade() -> None:
     )
     op.create_table(
         "ledger_entries",
-        sa.Column("transaction_id", sa.String(length=120), nullable=False),
         sa.Column("account_id", sa.String(length=100), nullable=False),
+        sa.Column("transaction_id", sa.String(length=120), nullable=False),
         sa.Column("amount_micros", sa.BigInteger(), nullable=False),
-        sa.PrimaryKeyConstraint("transaction_id", "account_id", name=op.f("pk_ledger_entries")),
+        sa.PrimaryKeyConstraint("account_id", "transaction_id", name=op.f("pk_ledger_entries")),
     )
-    op.create_index("ix_ledger_entries_account_id", "ledger_entries", ["account_id"], unique=False)
     op.create_table(
         "ledger_transactions",
         sa.Column("id", sa.String(length=120), nullable=False),
@@ -286,6 +285,5 @@ def downgrade() -> None:
         postgresql_where=sa.text("kind <> 'usage'"),
     )
     op.drop_table("ledger_transactions")
-    op.drop_index("ix_ledger_entries_account_id", table_name="ledger_entries")
     op.drop_table("ledger_entries")
     op.drop_table("ledger_accounts")

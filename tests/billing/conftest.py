@@ -195,7 +195,6 @@ def new_worker(settings: Settings, durable: str, **options: Any) -> UsageWorker:
     return UsageWorker(settings, durable=durable, **options)
 
 
-
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

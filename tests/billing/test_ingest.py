@@ -123,8 +123,10 @@ async def test_worker_killed_between_commit_and_ack_loses_and_doubles_nothing(
     assert survivor.stats.duplicates == 200  # every event came back, and none was billed again
     assert await count(settings, "usage_records") == 200
     assert await count(settings, "ledger_transactions") == 200
-    assert await owed(settings, tenant) == balance_after_crash == sum(
-        token_cost_micros(e.prompt_tokens, 30) + token_cost_micros(e.completion_tokens, 60) for e in events
+    assert (
+        await owed(settings, tenant)
+        == balance_after_crash
+        == sum(token_cost_micros(e.prompt_tokens, 30) + token_cost_micros(e.completion_tokens, 60) for e in events)
     )
 
 
