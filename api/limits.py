@@ -41,6 +41,7 @@ STALE_HOLDER_S = 60.0
 INFERENCE_SCOPE = "inference"
 
 _ADMIT_SQL = "SELECT * FROM market_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_SETTLE_ONE_SQL = "SELECT * FROM market_settle_one($1, $2, $3, $4, $5, $6)"
 _SETTLE_SQL = "SELECT * FROM market_settle($1::text[], $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6)"
 
 _LIMIT_NAMES = {
@@ -86,6 +87,10 @@ class _PendingSettle:
     done: asyncio.Future[None]
 
 
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query on release (a round trip): our statements leave no session state."""
+
+
 def format_reset(seconds: float) -> str:
     """OpenAI's duration style for ``x-ratelimit-reset-*``: ``20ms``, ``1.5s``, ``6m0s``."""
     if seconds < 1:
@@ -125,7 +130,7 @@ class Limiter:
     async def start(self) -> None:
         size = max(2, self.state.settings.db_pool_size)
         self._pool = await asyncpg.create_pool(
-            plain_url(self.state.settings.require_database_url()), min_size=2, max_size=size
+            plain_url(self.state.settings.require_database_url()), min_size=2, max_size=size, reset=_keep_session
         )
         await self._pool.execute("INSERT INTO limiter_instances (id) VALUES ($1)", self.holder)
         self._heartbeat = asyncio.create_task(self._beat(), name="limiter-heartbeat")
@@ -250,32 +255,43 @@ class Limiter:
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
+        crossed: list[tuple[str, date, int, int]] = []
         try:
-            rows = await self.pool.fetch(
-                _SETTLE_SQL,
-                [item.holder for item in batch],
-                [item.tenant_id for item in batch],
-                [item.period for item in batch],
-                [item.hold for item in batch],
-                [item.used for item in batch],
-                self.soft_threshold,
-            )
+            if len(batch) == 1:
+                one = batch[0]
+                row = await self.pool.fetchrow(
+                    _SETTLE_ONE_SQL, one.holder, one.tenant_id, one.period, one.hold, one.used, self.soft_threshold
+                )
+                if row is not None and row["crossed"]:
+                    crossed.append((one.tenant_id, one.period, row["granted"], row["used"]))
+            else:
+                rows = await self.pool.fetch(
+                    _SETTLE_SQL,
+                    [item.holder for item in batch],
+                    [item.tenant_id for item in batch],
+                    [item.period for item in batch],
+                    [item.hold for item in batch],
+                    [item.used for item in batch],
+                    self.soft_threshold,
+                )
+                crossed += [
+                    (r["crossed_tenant_id"], r["crossed_period"], r["crossed_granted"], r["crossed_used"]) for r in rows
+                ]
         except Exception:  # the database is away: keep the settles, retry from the heartbeat
             log.exception("settling %d admissions failed; will retry", len(batch))
             self._retry.extend(batch)
-            rows = []
         for item in batch:
             if not item.done.done():
                 item.done.set_result(None)
-        for row in rows:
-            await self._soft_threshold_reached(row)
+        for tenant_id, period, granted, used in crossed:
+            await self._soft_threshold_reached(tenant_id, period, granted, used)
 
-    async def _soft_threshold_reached(self, row: asyncpg.Record) -> None:
+    async def _soft_threshold_reached(self, tenant_id: str, period: date, granted: int, used: int) -> None:
         event = SoftThresholdReached(
-            tenant_id=row["crossed_tenant_id"],
-            period=row["crossed_period"].strftime("%Y-%m"),
-            granted=row["crossed_granted"],
-            used=row["crossed_used"],
+            tenant_id=tenant_id,
+            period=period.strftime("%Y-%m"),
+            granted=granted,
+            used=used,
             threshold=self.soft_threshold,
         )
         log.warning(

@@ -24,11 +24,13 @@ CREATE FUNCTION market_current_period() RETURNS date
 LANGUAGE sql STABLE AS $$ SELECT (date_trunc('month', now() AT TIME ZONE 'UTC'))::date $$
 """
 
-# Admit one request: model, context length, allowed models, quota hold, then four GCRA limits
-# (requests and tokens per minute, per key and per tenant). Nothing is written unless all pass.
-# Rows are locked in one order (quota, key bucket, tenant bucket, holder) so concurrent callers
-# cannot deadlock. GCRA: a limit of r per minute is one "theoretical arrival time" (tat); a cost
-# of n moves it by n*60/r seconds and is allowed while tat stays within 60 s of now.
+# Admit one request: model, context length, allowed models, four GCRA limits (requests and
+# tokens per minute, per key and per tenant), then the quota hold. Nothing is written unless all
+# pass. Rows are locked in one order (key bucket, tenant bucket, quota, holder); settle and the
+# sweep lock quota before holder too, so concurrent callers cannot deadlock. GCRA: a limit of r
+# per minute is one "theoretical arrival time" (tat); a cost of n moves it by n*60/r seconds and
+# is allowed while tat stays within 60 s of now. Kept to few statements: each one costs on the
+# hot path of every token request.
 ADMIT = """
 CREATE FUNCTION market_admit(
     p_holder text, p_tenant text, p_key text, p_model text, p_prompt bigint, p_max bigint,
@@ -44,8 +46,7 @@ DECLARE
     v_hold bigint := p_prompt + p_max;
     v_period date := (date_trunc('month', now() AT TIME ZONE 'UTC'))::date;
     v_context integer;
-    v_active boolean;
-    v_q tenant_quotas%ROWTYPE;
+    v_allowed boolean;
     v_kinds text[] := ARRAY['key_requests', 'key_tokens', 'tenant_requests', 'tenant_tokens'];
     v_rates integer[] := ARRAY[p_key_rpm, p_key_tpm, p_tenant_rpm, p_tenant_tpm];
     v_costs bigint[] := ARRAY[1, p_prompt + p_max, 1, p_prompt + p_max];
@@ -59,28 +60,22 @@ DECLARE
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     period := v_period;
-    SELECT m.context_length, m.active INTO v_context, v_active FROM models m WHERE m.name = p_model;
-    IF NOT FOUND OR NOT v_active THEN
+    SELECT m.context_length,
+           NOT EXISTS (SELECT 1 FROM tenant_models t WHERE t.tenant_id = p_tenant)
+           OR EXISTS (SELECT 1 FROM tenant_models t WHERE t.tenant_id = p_tenant AND t.model_name = p_model)
+      INTO v_context, v_allowed
+      FROM models m WHERE m.name = p_model AND m.active;
+    IF NOT FOUND THEN
         status := 'model_not_found';
+        RETURN;
+    END IF;
+    IF NOT v_allowed THEN
+        status := 'model_not_allowed';
         RETURN;
     END IF;
     IF v_hold > v_context THEN
         status := 'context_length_exceeded';
         detail := v_context::text;
-        RETURN;
-    END IF;
-    IF EXISTS (SELECT 1 FROM tenant_models t WHERE t.tenant_id = p_tenant)
-       AND NOT EXISTS (SELECT 1 FROM tenant_models t WHERE t.tenant_id = p_tenant AND t.model_name = p_model) THEN
-        status := 'model_not_allowed';
-        RETURN;
-    END IF;
-
-    SELECT * INTO v_q FROM tenant_quotas q WHERE q.tenant_id = p_tenant AND q.period = v_period FOR UPDATE;
-    granted := coalesce(v_q.granted, 0);
-    held := coalesce(v_q.held, 0);
-    used := coalesce(v_q.used, 0);
-    IF used + held + v_hold > granted THEN
-        status := 'insufficient_quota';
         RETURN;
     END IF;
 
@@ -139,18 +134,68 @@ BEGIN
         RETURN;
     END IF;
 
+    UPDATE tenant_quotas q SET held = q.held + v_hold
+     WHERE q.tenant_id = p_tenant AND q.period = v_period AND q.used + q.held + v_hold <= q.granted
+    RETURNING q.granted, q.held, q.used INTO granted, held, used;
+    IF NOT FOUND THEN
+        SELECT q.granted, q.held, q.used INTO granted, held, used
+          FROM tenant_quotas q WHERE q.tenant_id = p_tenant AND q.period = v_period;
+        granted := coalesce(granted, 0);
+        held := coalesce(held, 0);
+        used := coalesce(used, 0);
+        status := 'insufficient_quota';
+        RETURN;
+    END IF;
     IF p_key_rpm IS NOT NULL OR p_key_tpm IS NOT NULL THEN
         UPDATE rate_limit_buckets b SET requests_tat = v_tats[1], tokens_tat = v_tats[2] WHERE b.scope = p_key;
     END IF;
     IF p_tenant_rpm IS NOT NULL OR p_tenant_tpm IS NOT NULL THEN
         UPDATE rate_limit_buckets b SET requests_tat = v_tats[3], tokens_tat = v_tats[4] WHERE b.scope = p_tenant;
     END IF;
-    UPDATE tenant_quotas q SET held = q.held + v_hold
-     WHERE q.tenant_id = p_tenant AND q.period = v_period
-    RETURNING q.granted, q.held, q.used INTO granted, held, used;
-    INSERT INTO quota_holds AS h (holder, tenant_id, period, held) VALUES (p_holder, p_tenant, v_period, v_hold)
-    ON CONFLICT (holder, tenant_id, period) DO UPDATE SET held = h.held + excluded.held;
+    UPDATE quota_holds h SET held = h.held + v_hold
+     WHERE h.holder = p_holder AND h.tenant_id = p_tenant AND h.period = v_period;
+    IF NOT FOUND THEN
+        INSERT INTO quota_holds AS h (holder, tenant_id, period, held) VALUES (p_holder, p_tenant, v_period, v_hold)
+        ON CONFLICT (holder, tenant_id, period) DO UPDATE SET held = h.held + excluded.held;
+    END IF;
     status := 'ok';
+END
+$fn$
+"""
+
+# Settle one admission (the common case when settles do not pile up): the same rules as the
+# batch function below, in three statements. Quota row first, then the holder row.
+SETTLE_ONE = """
+CREATE FUNCTION market_settle_one(
+    p_holder text, p_tenant text, p_period date, p_hold bigint, p_used bigint, p_soft double precision,
+    OUT crossed boolean, OUT granted bigint, OUT used bigint)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_notified timestamptz;
+    v_release bigint;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    crossed := false;
+    SELECT q.soft_notified_at INTO v_notified FROM tenant_quotas q
+     WHERE q.tenant_id = p_tenant AND q.period = p_period FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- every writer of a holder row holds the quota row's lock first, so this read is stable
+    UPDATE quota_holds h SET held = h.held - x.release
+      FROM (SELECT least(i.held, p_hold) AS release FROM quota_holds i
+             WHERE i.holder = p_holder AND i.tenant_id = p_tenant AND i.period = p_period) x
+     WHERE h.holder = p_holder AND h.tenant_id = p_tenant AND h.period = p_period
+    RETURNING x.release INTO v_release;
+    UPDATE tenant_quotas q
+       SET held = q.held - least(q.held, coalesce(v_release, 0)),
+           used = q.used + p_used,
+           soft_notified_at = CASE
+               WHEN q.soft_notified_at IS NULL AND q.granted > 0 AND q.used + p_used >= p_soft * q.granted
+               THEN now() ELSE q.soft_notified_at END
+     WHERE q.tenant_id = p_tenant AND q.period = p_period
+    RETURNING q.granted, q.used, (v_notified IS NULL AND q.soft_notified_at IS NOT NULL) INTO granted, used, crossed;
 END
 $fn$
 """
@@ -252,10 +297,11 @@ END
 $fn$
 """
 
-FUNCTIONS = (CURRENT_PERIOD, ADMIT, SETTLE, RELEASE_DEAD_HOLDERS)
+FUNCTIONS = (CURRENT_PERIOD, ADMIT, SETTLE_ONE, SETTLE, RELEASE_DEAD_HOLDERS)
 FUNCTION_SIGNATURES = (
     "market_release_dead_holders(double precision)",
     "market_settle(text[], text[], date[], bigint[], bigint[], double precision)",
+    "market_settle_one(text, text, date, bigint, bigint, double precision)",
     "market_admit(text, text, text, text, bigint, bigint, integer, integer, integer, integer)",
     "market_current_period()",
 )

@@ -96,7 +96,9 @@ async def replicas(settings: Settings) -> AsyncIterator[Callable[[], Awaitable[R
     async def start() -> Replica:
         engine = db.create_engine(settings, pool_size=4, max_overflow=4)
         nc = await bus.connect(settings, name="test-replica")
-        state = AppState(settings=settings, engine=engine, sessions=db.session_factory(engine), nc=nc, js=nc.jetstream())
+        state = AppState(
+            settings=settings, engine=engine, sessions=db.session_factory(engine), nc=nc, js=nc.jetstream()
+        )
         auth = Authenticator(state)
         await auth.start()
         state.services["auth"] = auth

@@ -71,7 +71,8 @@ async def test_tenant_outside_incubators_gets_grants_from_the_platform(
     api: RunningApi, admin: httpx.AsyncClient
 ) -> None:
     tenant = await ok(admin.post("/api/admin/tenants", json={"name": "solo"}), 201)
-    assert tenant["id"].startswith("ten_") and tenant["incubator_id"] is None
+    assert tenant["id"].startswith("ten_")
+    assert tenant["incubator_id"] is None
     grant = await ok(admin.post(f"/api/admin/tenants/{tenant['id']}/grants", json={"tokens": 5, "credits": 100}), 201)
     assert (grant["tokens"], grant["credits"], grant["incubator_id"]) == (5, 100, None)
     quota = await ok(admin.get(f"/api/admin/tenants/{tenant['id']}/quota"))
@@ -87,7 +88,9 @@ async def test_incubator_admin_creates_tenants_in_its_own_incubator(api: Running
         assert tenant["incubator_id"] == world.incubator_id
         grant = await ok(inc.post(f"/api/admin/tenants/{tenant['id']}/grants", json={"tokens": 400}), 201)
         assert grant["incubator_id"] == world.incubator_id
-        assert (await inc.put(f"/api/admin/incubators/{world.incubator_id}/pool", json={"tokens": 1})).status_code == 403
+        assert (
+            await inc.put(f"/api/admin/incubators/{world.incubator_id}/pool", json={"tokens": 1})
+        ).status_code == 403
         assert (await inc.post("/api/admin/incubators", json={"name": "mine"})).status_code == 403
         listed = await ok(inc.get("/api/admin/incubators"))
         assert [i["id"] for i in listed] == [world.incubator_id]
@@ -127,7 +130,8 @@ async def test_keys_are_shown_once_listed_without_secret_and_revocable(
         ),
         201,
     )
-    assert created["key"].startswith("sk-") and created["prefix"] == created["key"][: len(created["prefix"])]
+    assert created["key"].startswith("sk-")
+    assert created["prefix"] == created["key"][: len(created["prefix"])]
     listed = await ok(admin.get(f"/api/admin/tenants/{world.tenant_id}/keys"))
     assert {k["id"] for k in listed} == {world.key_id, created["id"]}
     assert all("key" not in k for k in listed)
@@ -145,7 +149,8 @@ async def test_tenant_self_service_keys(api: RunningApi, admin: httpx.AsyncClien
     world = await make_world(admin, grant=0)
     async with client(api, world.key) as tenant:
         new = await ok(tenant.post("/api/tenant/keys", json={"name": "laptop"}), 201)
-        assert new["tenant_id"] == world.tenant_id and new["scopes"] == ["inference", "manage"]
+        assert new["tenant_id"] == world.tenant_id
+        assert new["scopes"] == ["inference", "manage"]
         keys = await ok(tenant.get("/api/tenant/keys"))
         assert {k["id"] for k in keys} == {world.key_id, new["id"]}
         await ok(tenant.delete(f"/api/tenant/keys/{new['id']}"))
@@ -164,7 +169,8 @@ async def test_models_catalog_and_tenant_allowed_models(api: RunningApi, admin: 
     assert patched["context_length"] == 4096
     assert await ok(admin.get(f"/api/admin/tenants/{world.tenant_id}/models")) == {"models": [], "all_active": True}
     unknown = await admin.put(f"/api/admin/tenants/{world.tenant_id}/models", json={"models": ["nope"]})
-    assert unknown.status_code == 400 and "nope" in unknown.json()["detail"]
+    assert unknown.status_code == 400
+    assert "nope" in unknown.json()["detail"]
     allowed = await ok(
         admin.put(f"/api/admin/tenants/{world.tenant_id}/models", json={"models": ["meta-llama/Llama-3.1-8B"]})
     )
