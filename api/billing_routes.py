@@ -64,8 +64,8 @@ from market.money import MICROS_PER_MINOR
 log = logging.getLogger(__name__)
 
 Minor = Annotated[int, msgspec.Meta(ge=0, le=10**12)]
-DateFrom = Annotated[date | None, QueryParameter(query="from", description="first day (UTC), inclusive")]
-DateTo = Annotated[date | None, QueryParameter(query="to", description="last day (UTC), exclusive")]
+DateFrom = Annotated[date | None, QueryParameter(name="from", description="first day (UTC), inclusive")]
+DateTo = Annotated[date | None, QueryParameter(name="to", description="last day (UTC), exclusive")]
 MAX_RANGE_DAYS = 400
 
 
@@ -342,7 +342,7 @@ class TenantBillingController(Controller):
         app_state: NamedDependency[AppState],
         start: DateFrom = None,
         end: DateTo = None,
-        output: Annotated[Literal["json", "csv"], QueryParameter(query="format")] = "json",
+        output: Annotated[Literal["json", "csv"], QueryParameter(name="format")] = "json",
     ) -> UsageReport | Response[str]:
         """Usage by day (UTC), model, key and admission class; ``?format=csv`` downloads it."""
         tenant_id = _tenant(await principal_of(request))

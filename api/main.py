@@ -12,6 +12,7 @@ from litestar import Litestar
 from api.admin import admin_router
 from api.app import Startup, create_app
 from api.auth import Authenticator
+from api.billing_routes import ROUTES as BILLING_ROUTES
 from api.fleet.routes import ROUTES as FLEET_ROUTES
 from api.fleet.routes import start_fleet_service
 from api.limits import start_limiter
@@ -28,7 +29,7 @@ async def _start_auth(state: AppState) -> None:
 
 
 def route_handlers() -> list[Any]:
-    return [TokenController, *FLEET_ROUTES, admin_router(), tenant_router()]
+    return [TokenController, *FLEET_ROUTES, admin_router(), tenant_router(), *BILLING_ROUTES]
 
 
 def startup_hooks() -> list[Startup]:

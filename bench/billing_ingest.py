@@ -33,16 +33,16 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from billing import ingest  # noqa: E402
-from billing.invoices import run_invoices  # noqa: E402
-from billing.reconcile import reconcile  # noqa: E402
-from billing.worker import UsageWorker  # noqa: E402
-from market import bus, db, migrate, subjects  # noqa: E402
-from market.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
-from market.ids import ulid  # noqa: E402
-from market.models.billing import PayoutSpec, PriceSpec, create_price_book  # noqa: E402
-from market.settings import Settings  # noqa: E402
-from market.wire import UsageEvent, encode  # noqa: E402
+from billing import ingest
+from billing.invoices import run_invoices
+from billing.reconcile import reconcile
+from billing.worker import UsageWorker
+from market import bus, db, migrate, subjects
+from market.embedded import EmbeddedNats, EmbeddedPostgres
+from market.ids import ulid
+from market.models.billing import PayoutSpec, PriceSpec, create_price_book
+from market.settings import Settings
+from market.wire import UsageEvent, encode
 
 MODELS = ["llama-3-8b", "llama-3-70b", "qwen-2.5-7b", "mistral-7b"]
 CLASSES = ["on_demand", "burst", "reserved"]
@@ -114,7 +114,7 @@ async def publish_events(settings: Settings, events: list[UsageEvent]) -> float:
         if i % 5000 == 4999:
             await nc.flush()
     await nc.flush()
-    while (await js.stream_info(subjects.USAGE_STREAM)).state.messages < len(events):
+    while (await js.stream_info(subjects.USAGE_STREAM)).state.messages < len(events):  # noqa: ASYNC110 - polling the server  # noqa: ASYNC110 - polling the server
         await asyncio.sleep(0.05)
     elapsed = time.perf_counter() - started
     await nc.close()
@@ -126,7 +126,7 @@ async def drain_in_process(settings: Settings, n: int, workers: int, batch: int)
     pool = [UsageWorker(settings, durable="billing", batch_size=batch, name=f"bench-{i}") for i in range(workers)]
     started = time.perf_counter()
     tasks = [asyncio.create_task(w.run(stop)) for w in pool]
-    while sum(w.stats.received for w in pool) < n:
+    while sum(w.stats.received for w in pool) < n:  # noqa: ASYNC110 - a benchmark samples, it does not wait  # noqa: ASYNC110 - a benchmark samples
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - started
     stop.set()
@@ -145,7 +145,10 @@ async def drain_subprocesses(settings: Settings, n: int, processes: int) -> floa
     js = nc.jetstream()
     root = Path(__file__).resolve().parent.parent
     started = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "billing"], env=env, cwd=root) for _ in range(processes)]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "billing"], env=env, cwd=root)  # noqa: ASYNC220 - start-up only
+        for _ in range(processes)
+    ]
     try:
         while True:
             info = await js.consumer_info(subjects.USAGE_STREAM, "billing")
