@@ -3,8 +3,9 @@
 Readiness is stricter than vLLM's ``/health``: that can answer 200 on an engine that dies at its
 first request (SIMULATOR.md), so the engine is only ``healthy`` after a real one-token completion
 has succeeded since it last (re)started. Load comes from its Prometheus ``/metrics``. Cancelling a
-job closes the HTTP stream, and vLLM aborts a request whose client disconnected (its
-``vllm:request_success_total{finished_reason="abort"}`` counts it; see the tests).
+job closes the HTTP stream, and vLLM aborts a request whose client disconnected: its
+``vllm:num_requests_running`` drops at once and ``vllm:generation_tokens_total`` stops growing
+(vLLM 0.32 does not count such aborts in ``request_success_total``; see tests/nodes/test_vllm.py).
 
 A launched vLLM runs in its own process group, tied to the agent with ``PR_SET_PDEATHSIG`` so it
 never outlives the agent; if it exits the engine reports ``unhealthy`` and restarts it with
