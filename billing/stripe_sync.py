@@ -153,7 +153,7 @@ class StripeSync:
         listing = await self.client.v1.invoices.list_async({"customer": customer_id, "limit": 100})
         wanted = invoice_description(invoice)
         for candidate in listing.data:
-            metadata: dict[str, Any] = dict(candidate.metadata or {})  # type: ignore[arg-type]
+            metadata: dict[str, Any] = candidate.to_dict().get("metadata") or {}
             ours = metadata.get("invoice_id")
             if ours == invoice.id or candidate.description == wanted:
                 return candidate.id
