@@ -79,6 +79,8 @@ class Settings:
     heartbeat_timeout_s: float = 5.0
     first_token_timeout_s: float = 120.0
     accept_timeout_s: float = 2.0
+    queue_timeout_s: float = 10.0
+    """How long the api waits for a free slot when every node serving the model is busy."""
     currency: str = "usd"
     stripe: StripeSettings = field(default_factory=StripeSettings)
 
@@ -104,6 +106,7 @@ class Settings:
             heartbeat_timeout_s=_env_float("MARKET_HEARTBEAT_TIMEOUT", 5.0),
             first_token_timeout_s=_env_float("MARKET_FIRST_TOKEN_TIMEOUT", 120.0),
             accept_timeout_s=_env_float("MARKET_ACCEPT_TIMEOUT", 2.0),
+            queue_timeout_s=_env_float("MARKET_QUEUE_TIMEOUT", 10.0),
             currency=(_env("MARKET_CURRENCY", "usd") or "usd").lower(),
             stripe=StripeSettings(
                 api_key=_env("MARKET_STRIPE_API_KEY"),

@@ -72,6 +72,7 @@ def settings(servers: Servers) -> Settings:
         heartbeat_interval_s=0.2,
         heartbeat_timeout_s=1.5,
         accept_timeout_s=1.0,
+        queue_timeout_s=0.5,
         first_token_timeout_s=60.0,
         log_level=os.environ.get("MARKET_LOG_LEVEL", "WARNING"),
     )

@@ -111,7 +111,7 @@ class Run:
             self.subject, self.queue = self.service.inboxes.open(self.job.id, attempt)
             self.job.reply = self.subject
             try:
-                placement = await self._submit()
+                placement = await self._place()
                 if placement.error:
                     self._release_attempt()
                     raise Unavailable(
@@ -139,6 +139,21 @@ class Run:
             self.node_id = self.provider_id = None
         await self.finish("failed")
         raise Unavailable(f"{last_error}; retry shortly", code="no_capacity", headers={"Retry-After": "1"})
+
+    async def _place(self) -> wire.Placement:
+        """Submit, and while every node that serves the model is busy, wait for a free slot.
+
+        A short wait at the gateway (``queue_timeout_s``) beats a 503 for a burst that lasts
+        milliseconds; a model that no node serves at all is answered at once.
+        """
+        deadline = time.monotonic() + self.service.settings.queue_timeout_s
+        pause = 0.01
+        while True:
+            placement = await self._submit()
+            if placement.error != "no_capacity" or time.monotonic() + pause > deadline:
+                return placement
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
 
     async def _submit(self) -> wire.Placement:
         """Ask a scheduler; a replica restarting (no responders for a moment) is retried briefly."""

