@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+import nats.js.errors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -151,7 +152,11 @@ async def drain_subprocesses(settings: Settings, n: int, processes: int) -> floa
     ]
     try:
         while True:
-            info = await js.consumer_info(subjects.USAGE_STREAM, "billing")
+            try:
+                info = await js.consumer_info(subjects.USAGE_STREAM, "billing")
+            except nats.js.errors.NotFoundError:  # the workers have not created it yet
+                await asyncio.sleep(0.05)
+                continue
             if info.ack_floor.stream_seq >= n and info.num_ack_pending == 0:
                 break
             await asyncio.sleep(0.02)
@@ -186,7 +191,7 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=200_000, help="events to ingest through JetStream")
     parser.add_argument("--workers", type=int, default=1, help="in-process workers")
     parser.add_argument("--worker-processes", type=int, default=0, help="also drain with N `python -m billing`")
-    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--invoice-events", type=int, default=1_000_000)
     parser.add_argument("--tenants", type=int, default=1000)
     parser.add_argument("--providers", type=int, default=50)

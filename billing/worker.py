@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from market.wire import UsageEvent, decoder
 if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
     from nats.js import JetStreamContext
 
     from market.settings import Settings
@@ -60,6 +62,96 @@ class WorkerStats:
     rebinds: int = 0
 
 
+class ConsumerGone(Exception):
+    """The durable consumer (or its stream) no longer exists on the server."""
+
+
+class Puller:
+    """JetStream pull requests over one plain subscription.
+
+    nats-py's ``PullSubscription.fetch`` awaits every message with its own timeout, which costs
+    more CPU than decoding, rating and writing the message together; here messages are appended
+    by the subscription callback and a fetch only waits once. Each request has its own reply
+    subject, so a status (404 no messages, 408 expired) ends only the request it belongs to.
+    Messages from a request answered after its fetch returned stay in the buffer for the next one.
+    """
+
+    def __init__(self, nc: Client, stream: str, durable: str) -> None:
+        self.nc = nc
+        self.api_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.inbox = nc.new_inbox()
+        self.buffer: list[Msg] = []
+        self.finished: set[str] = set()
+        self.gone: str | None = None
+        self._wanted = 0
+        self._changed = asyncio.Event()
+        self._sequence = 0
+        self._subscription: Subscription | None = None
+
+    async def start(self) -> None:
+        self._subscription = await self.nc.subscribe(self.inbox + ".*", cb=self._on_msg, pending_msgs_limit=-1)
+
+    async def stop(self) -> None:
+        """Unsubscribe and hand buffered, unprocessed messages back for prompt redelivery."""
+        for msg in self._take(len(self.buffer)):
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+        self._subscription = None
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None:
+            self.buffer.append(msg)
+            if len(self.buffer) >= self._wanted:
+                self._changed.set()
+            return
+        if status == "503" or (status == "409" and "deleted" in (msg.headers or {}).get("Description", "").lower()):
+            self.gone = f"{status} {(msg.headers or {}).get('Description', '')}".strip()
+        if status != "100":  # 100 is an idle heartbeat; anything else ends its request
+            self.finished.add(msg.subject)
+        self._changed.set()
+
+    async def _request(self, body: dict[str, Any]) -> str:
+        self._sequence += 1
+        reply = f"{self.inbox}.{self._sequence}"
+        await self.nc.publish(self.api_subject, json.dumps(body).encode(), reply=reply)
+        return reply
+
+    async def _wait(self, done: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done() and self.gone is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def _take(self, batch: int) -> list[Msg]:
+        taken, self.buffer = self.buffer[:batch], self.buffer[batch:]
+        return taken
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:
+        """Up to ``batch`` messages: what is available now, else the first to arrive within ``timeout``."""
+        self.finished.clear()  # statuses of earlier requests: each request has its own reply subject
+        if len(self.buffer) < batch:
+            self._wanted = batch
+            reply = await self._request({"batch": batch - len(self.buffer), "no_wait": True})
+            await self._wait(lambda: len(self.buffer) >= batch or reply in self.finished, timeout)
+            self.finished.discard(reply)
+        if not self.buffer and self.gone is None:
+            self._wanted = 1
+            expires = int(timeout * 1_000_000_000)
+            reply = await self._request({"batch": batch, "expires": expires})
+            await self._wait(lambda: bool(self.buffer) or reply in self.finished, timeout + 0.5)
+        if self.gone is not None:
+            raise ConsumerGone(self.gone)
+        return self._take(batch)
+
+
 class UsageWorker:
     """One billing worker. ``run`` until ``stop`` is set; it owns its NATS and PostgreSQL connections."""
 
@@ -69,7 +161,7 @@ class UsageWorker:
         *,
         durable: str = DURABLE,
         filter_subject: str = subjects.USAGE_SUBJECTS,
-        batch_size: int = 2000,
+        batch_size: int = 5000,
         ack_wait_s: float = 30.0,
         fetch_timeout_s: float = 1.0,
         name: str = "billing",
@@ -86,7 +178,7 @@ class UsageWorker:
         self._decode = decoder(UsageEvent)
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._sub: Puller | None = None
         self._db: asyncpg.Connection | None = None
         self._last_rating = 0.0
 
@@ -185,16 +277,19 @@ class UsageWorker:
             max_waiting=64,
             filter_subject=self.filter_subject,
         )
-        self._sub = await self._js.pull_subscribe(
-            self.filter_subject, durable=self.durable, stream=subjects.USAGE_STREAM, config=config
-        )
+        try:
+            await self._js.consumer_info(subjects.USAGE_STREAM, self.durable)
+        except nats.js.errors.NotFoundError:
+            await self._js.add_consumer(subjects.USAGE_STREAM, config)
+        assert self._nc is not None
+        self._sub = Puller(self._nc, subjects.USAGE_STREAM, self.durable)
+        await self._sub.start()
 
     async def _rebind(self, reason: str) -> None:
         self.stats.rebinds += 1
         log.warning("re-binding the usage consumer", extra={"reason": reason})
         if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+            await self._sub.stop()
         self._sub = None
         for delay in (0.2, 0.5, 1, 2, 5):
             try:
@@ -211,10 +306,8 @@ class UsageWorker:
                 return []
         try:
             msgs: list[Msg] = await self._sub.fetch(self.batch_size, timeout=self.fetch_timeout_s)
-        except (TimeoutError, nats.errors.TimeoutError):
-            return []
-        except nats.js.errors.NotFoundError:
-            await self._rebind("consumer or stream not found")
+        except ConsumerGone as exc:
+            await self._rebind(f"consumer or stream not found ({exc})")
             return []
         except (nats.errors.Error, OSError) as exc:
             await asyncio.sleep(0.5)
@@ -228,9 +321,9 @@ class UsageWorker:
         if now - self._last_rating < RATE_PENDING_EVERY_S:
             return
         self._last_rating = now
-        if self._sub is not None:
+        if self._js is not None:
             try:
-                await self._sub.consumer_info()
+                await self._js.consumer_info(subjects.USAGE_STREAM, self.durable)
             except nats.js.errors.NotFoundError:
                 await self._rebind("consumer disappeared")
             except (TimeoutError, nats.errors.Error, OSError):
@@ -245,6 +338,8 @@ class UsageWorker:
             log.info("rated usage that was waiting for a price", extra={"count": posted})
 
     async def _close(self) -> None:
+        if self._sub is not None:
+            await self._sub.stop()
         await self._drop_connection()
         if self._nc is not None:
             with contextlib.suppress(Exception):
