@@ -217,3 +217,36 @@ async def _incubator_of(sessions: async_sessionmaker[AsyncSession], tenant_id: s
 
     async with sessions() as session:
         return (await session.get(Tenant, tenant_id)).incubator_id  # type: ignore[union-attr]
+
+
+async def test_invoice_command_rates_late_priced_usage_then_invoices(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    tenant = await make_tenant(sessions)
+    await store(settings, [usage_event(tenant, model="late-model", prompt=1_000_000, completion=0, relayed=0)])
+    await make_prices(sessions, model="late-model", input_price=70)
+    env = dict(os.environ, MARKET_DATABASE_URL=settings.require_database_url(), MARKET_LOG_LEVEL="WARNING")
+    run = subprocess.run(
+        [sys.executable, "-m", "billing", "invoice", "--period", "2026-10"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "1 invoice(s) issued" in run.stdout
+    assert "1 late-priced request(s) rated" in run.stdout
+    async with sessions() as session:
+        invoice = (await session.execute(select(Invoice))).scalar_one()
+    assert invoice.total_minor == 70
+    bad = subprocess.run(
+        [sys.executable, "-m", "billing", "invoice", "--period", "October"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "period must be YYYY-MM" in bad.stderr
