@@ -88,8 +88,16 @@ async def serve(config: AgentConfig, engine: Engine) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     try:
-        await agent.start()
-        await agent.stopped.wait()
+        # A signal while NATS is still unreachable (connect retries forever) must stop us too.
+        starting = asyncio.create_task(agent.start())
+        stopped = asyncio.create_task(agent.stopped.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # start-up errors end the process with their message
+            await stopped
+        else:
+            starting.cancel()
+            stopped.cancel()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -135,6 +143,7 @@ def cmd_local(args: argparse.Namespace, settings: Settings) -> int:
         validate(profile)
         engine = vllm_engine_for(profile, settings.data_dir / "logs")
         models = profile.marketplace_models
+    logs.setup("node", settings.log_level)
     asyncio.run(serve(_config(args, settings, models, profile, engine), engine))
     return 0
 
@@ -146,6 +155,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         engine = sim_engine_for(profile, args.speedup)
     else:
         engine = vllm_engine_for(profile, settings.data_dir / "logs")
+    logs.setup("node", settings.log_level)
     asyncio.run(serve(_config(args, settings, profile.marketplace_models, profile, engine), engine))
     return 0
 
@@ -197,7 +207,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        logs.setup("node", settings.log_level)
         result: int = args.func(args, settings)
     except (ProfileError, SettingsError) as exc:
         print(f"nodes: {exc}", file=sys.stderr)

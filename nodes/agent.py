@@ -52,6 +52,8 @@ class AgentConfig:
     nats_user: str | None = None
     nats_password: str | None = None
     nats_creds: str | None = None
+    nats_nkey_seed: str | None = None
+    """An enrolled node's own nkey seed (``SU...``): its NATS identity, allowed only its subjects."""
 
 
 @dataclass(eq=False, slots=True)
@@ -87,13 +89,18 @@ def _merge(pending: list[Piece], new: list[Piece]) -> None:
 
 
 class NodeAgent:
-    """One provider node: ``await start()``, then ``await stop(drain=True)`` (or ``kill()`` in tests)."""
+    """One provider node: ``await start()``, then ``await stop(drain=True)`` (or ``kill()`` in tests).
 
-    def __init__(self, config: AgentConfig, engine: Engine) -> None:
+    ``nc``: share one NATS connection between many agents in one process (fleet simulations); the
+    agent then leaves by unsubscribing and never closes it. By default each agent connects itself.
+    """
+
+    def __init__(self, config: AgentConfig, engine: Engine, *, nc: Client | None = None) -> None:
         self.config = config
         self.engine = engine
         self.node_id = config.node_id
-        self.nc: Client | None = None
+        self.nc: Client | None = nc
+        self._own_connection = nc is None
         self.draining = False
         self.stopped = asyncio.Event()
         """Set when the agent has left (after stop, kill or a revoke order)."""
@@ -112,14 +119,17 @@ class NodeAgent:
     async def start(self) -> None:
         """Connect, start the engine (readiness comes later for vLLM), subscribe, heartbeat."""
         cfg = self.config
-        self.nc = await bus.connect(
-            cfg.settings,
-            name=f"node {cfg.node_id}",
-            user=cfg.nats_user,
-            password=cfg.nats_password,
-            creds=cfg.nats_creds,
-            pending_size=8 * 1024 * 1024,
-        )
+        if self._own_connection:
+            self.nc = await bus.connect(
+                cfg.settings,
+                name=f"node {cfg.node_id}",
+                user=cfg.nats_user,
+                password=cfg.nats_password,
+                creds=cfg.nats_creds,
+                nkey_seed=cfg.nats_nkey_seed,
+                pending_size=8 * 1024 * 1024,
+            )
+        assert self.nc is not None
         await self.engine.start()
         msgs, size = 1_000_000, 256 * 1024 * 1024  # a busy node must not become a slow consumer
         self._subs = [
@@ -166,9 +176,7 @@ class NodeAgent:
                 await self._heartbeat_task
         with contextlib.suppress(Exception):
             await self._publish_heartbeat()  # the last word: draining, so nobody places here
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
+        await self._leave_nats(gently=True)
         await self.engine.stop()
         self.stopped.set()
 
@@ -181,11 +189,21 @@ class NodeAgent:
             self._abort(running, "killed")
             if running.task is not None:
                 running.task.cancel()
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.close()
+        await self._leave_nats(gently=False)
         await self.engine.stop()
         self.stopped.set()
+
+    async def _leave_nats(self, *, gently: bool) -> None:
+        if self.nc is None:
+            return
+        with contextlib.suppress(Exception):
+            if not self._own_connection:
+                for sub in self._subs:
+                    await sub.unsubscribe()
+            elif gently:
+                await self.nc.drain()
+            else:
+                await self.nc.close()
 
     # --- heartbeats ----------------------------------------------------------------------------
 

@@ -216,3 +216,23 @@ async def test_kill_goes_silent(nc: Client, make_agent: AgentFactory) -> None:
     late = await JobWatch(nc, make_job(MODEL)).submit(agent.node_id)
     await asyncio.sleep(0.2)
     assert late.chunks == []  # nobody answers for a dead node
+
+
+async def test_a_fleet_of_sim_nodes_on_one_connection(nc: Client, settings: Settings) -> None:
+    agents = [
+        NodeAgent(
+            AgentConfig(node_id=new_id("node"), provider_id="prov_fleet", settings=settings, models=[MODEL]),
+            SimEngine(SimConfig(speedup=50.0)),
+            nc=nc,
+        )
+        for _ in range(100)
+    ]
+    await asyncio.gather(*(a.start() for a in agents))
+    try:
+        watches = [await JobWatch(nc, make_job(MODEL, max_tokens=10)).submit(a.node_id) for a in agents]
+        ends = await asyncio.gather(*(w.done(20) for w in watches))
+        assert all(e.kind == "end" and e.usage is not None and e.usage.completion_tokens == 10 for e in ends)
+        assert {e.node_id for e in ends} == {a.node_id for a in agents}
+    finally:
+        await asyncio.gather(*(a.stop(drain=False) for a in agents))
+    assert nc.is_connected  # leaving unsubscribed; the shared connection stays
