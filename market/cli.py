@@ -162,13 +162,32 @@ def cmd_up(args: argparse.Namespace) -> int:
                 if service == "api":
                     env["MARKET_NATS_AUTH_DIR"] = str(data_dir / "nats")
             sup.spawn(service, [sys.executable, "-m", service], env)
-        if args.node:
-            node_args = [sys.executable, "-m", "nodes", "local", "--engine", args.node]
-            if args.model:
-                node_args += ["--model", str(Path(args.model).resolve())]
-            sup.spawn("node", node_args)
         base = f"http://{settings.http_host}:{settings.http_port}"
         _wait_http(base + "/healthz", 60, sup)
+        if args.node:
+            from market import local_node
+
+            model_dir = Path(args.model).expanduser().resolve() if args.model else None
+            token = asyncio.run(local_node.prepare(settings, args.node, model_dir))
+            node_args = [
+                sys.executable,
+                "-m",
+                "nodes",
+                "join",
+                "--api",
+                base,
+                "--token",
+                token,
+                "--engine",
+                args.node,
+                "--name",
+                "local",
+                "--data-dir",
+                str(data_dir / "node"),
+            ]
+            if model_dir is not None:
+                node_args += ["--model", str(model_dir)]
+            sup.spawn("node", node_args)
         print(f"market: api at {base}  (OpenAPI: {base}/schema, logs: {log_dir})")
         if new_key:
             print(f"market: platform-admin key (shown once, also in {data_dir / 'admin-key'}): {new_key}")

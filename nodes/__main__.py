@@ -4,7 +4,8 @@
   model it builds and serves the tiny random Llama (``tiny-random-llama``), with sim it serves
   ``sim-llama-3-8b``.
 - ``run --profile FILE [--engine vllm|sim]``: serve a provider's serving profile.
-- ``join --api URL --token TOKEN``: enrolment (not implemented yet; see ``cmd_join``).
+- ``join --api URL --token TOKEN [--profile FILE] [--engine sim|vllm]``: enrol this machine with a
+  provider's one-time token (its identity, an nkey pair, is kept in the data directory), then serve.
 
 NATS URL, credentials and the data directory come from ``Settings.from_env()``. SIGTERM or SIGINT
 drains (finish in-flight jobs, take no new ones) and exits; a second signal stops at once.
@@ -18,11 +19,15 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+
+import msgspec
 
 from market import logs
 from market.settings import Settings, SettingsError
 from market.wire import Hardware
+from nodes import enrol
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.engines.base import Engine
 from nodes.engines.sim import ACCELERATORS, SIM_MODEL_NAME, SimConfig, SimEngine
@@ -161,14 +166,68 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
-    """Enrol with a one-time token, then serve like ``run``.
+    """Enrol with a one-time token (once; the identity is kept in the data directory), then serve.
 
-    The place for enrolment: POST ``{api}/api/nodes/enrol`` with the token, keep the returned node
-    id and NATS credentials under ``settings.data_dir``, then build the engine as ``cmd_run`` does
-    and call ``serve(AgentConfig(..., nats_creds=...), engine)``.
+    The profile is validated and the engine built before the token is spent, so a bad profile
+    costs no token. The node logs into NATS with its own nkey, not with service credentials.
     """
-    print("nodes: join is not available yet; use `python -m nodes run --profile FILE`", file=sys.stderr)
-    return 2
+    data_dir = Path(args.data_dir).expanduser().resolve() if args.data_dir else settings.data_dir / "node"
+    profile = load_profile(args.profile) if args.profile else None
+    engine: Engine
+    if args.engine == "sim":
+        engine = sim_engine_for(profile, args.speedup)
+        models = profile.marketplace_models if profile is not None else [SIM_MODEL_NAME]
+    else:
+        if profile is None:
+            profile = _local_vllm_profile(args.model, settings)
+        validate(profile)
+        engine = vllm_engine_for(profile, data_dir / "logs")
+        models = profile.marketplace_models
+    hardware = hardware_for(profile, engine)
+    identity = enrol.load(data_dir, args.api)
+    if identity is None:
+        try:
+            identity = enrol.enrol(args.api, args.token, msgspec.to_builtins(hardware), args.name)
+        except enrol.EnrolError as exc:
+            print(f"nodes: {exc}", file=sys.stderr)
+            return 1
+        enrol.save(data_dir, identity)
+        print(f"nodes: joined the marketplace as {identity.node_id}", flush=True)
+    else:
+        print(f"nodes: serving as {identity.node_id} (already enrolled)", flush=True)
+    node_settings = replace(
+        settings,
+        nats_url=identity.nats_url,
+        nats_user=None,
+        nats_password=None,
+        nats_creds=None,
+        heartbeat_interval_s=identity.heartbeat_interval_s,
+    )
+    config = AgentConfig(
+        node_id=identity.node_id,
+        provider_id=identity.provider_id,
+        settings=node_settings,
+        models=models,
+        hardware=hardware,
+        nats_nkey_seed=identity.nkey_seed,
+    )
+    if profile is not None:
+        config.profile = profile.info()
+    elif isinstance(engine, SimEngine):
+        config.profile.max_num_seqs = engine.config.max_num_seqs
+        config.profile.max_model_len = engine.config.max_model_len
+    asyncio.run(serve(config, engine))
+    return 0
+
+
+def _local_vllm_profile(model: str | None, settings: Settings) -> Profile:
+    """A CPU profile for ``--model DIR``, or for the tiny random Llama built once into the data dir."""
+    if model:
+        model_dir = Path(model).expanduser().resolve()
+        return cpu_profile(model_dir, model_dir.name)
+    from nodes.tiny_model import MODEL_NAME, build_tiny_llama
+
+    return cpu_profile(build_tiny_llama(settings.data_dir / "models" / MODEL_NAME), MODEL_NAME)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,11 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     identity(run)
     run.set_defaults(func=cmd_run)
 
-    join = sub.add_parser("join", help="enrol with a one-time token and serve (not available yet)")
-    join.add_argument("--api", required=True)
-    join.add_argument("--token", required=True)
-    join.add_argument("--profile")
+    join = sub.add_parser("join", help="enrol with a one-time token from your provider account, then serve")
+    join.add_argument("--api", required=True, help="the marketplace's URL")
+    join.add_argument("--token", required=True, help="from POST /api/provider/enrolment-tokens")
+    join.add_argument("--profile", help="serving profile (YAML or JSON); default: a CPU profile")
     join.add_argument("--engine", choices=("sim", "vllm"), default="vllm")
+    join.add_argument("--model", help="vllm without --profile: a local model directory (default: tiny random Llama)")
+    join.add_argument("--name", help="a name for this machine (default: its hostname)")
+    join.add_argument("--data-dir", help="where the node keeps its identity (default: MARKET_DATA_DIR/node)")
+    join.add_argument("--speedup", type=float, default=1.0, help="sim engine only: simulated seconds per second")
     join.set_defaults(func=cmd_join)
     return parser
 

@@ -256,8 +256,10 @@ class NodeAgent:
         """``drain`` or ``revoke``, as msgpack/JSON ``{"action": ...}`` or a bare word."""
         action = _control_action(msg.data)
         if action == "drain":
+            # The provider drained it: finish in-flight work, take none, then leave.
             log.info("node %s: drain ordered", self.node_id)
             await self.drain()
+            self._stop_task = asyncio.create_task(self.stop(drain=True))
         elif action == "revoke":
             log.warning("node %s: revoked; leaving now", self.node_id)
             # Not awaited here: stopping drains this very subscription.

@@ -1,0 +1,64 @@
+"""``market up --node``: the local provider node joins the way any provider's machine does.
+
+The CLI has the database at hand, so it plays the provider here: it keeps one provider named
+"local", mints a one-time enrolment token and lists the node's model in the catalog; the node
+then runs ``python -m nodes join`` with that token, enrols through the api and logs into NATS
+with its own nkey.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+
+from market import db, keys
+from market.ids import new_id
+from market.models import EnrolmentToken, Model, Provider
+from market.settings import Settings
+
+LOCAL_PROVIDER = "local"
+SIM_MODEL = ("sim-llama-3-8b", 8192)
+TINY_MODEL = ("tiny-random-llama", 2048)
+
+
+def served_model(engine: str, model_dir: Path | None) -> tuple[str, int]:
+    """The marketplace name and context the local node will serve (the node agrees by construction)."""
+    if engine == "sim":
+        return SIM_MODEL
+    if model_dir is None:
+        return TINY_MODEL
+    context = 2048
+    config = model_dir / "config.json"
+    if config.exists():
+        context = min(2048, int(json.loads(config.read_text()).get("max_position_embeddings", 2048)))
+    return model_dir.name, context
+
+
+async def prepare(settings: Settings, engine: str, model_dir: Path | None) -> str:
+    """Provider, catalog entry and a one-time enrolment token for the local node."""
+    name, context = served_model(engine, model_dir)
+    eng = db.create_engine(settings, pool_size=1, max_overflow=0)
+    try:
+        async with db.session_factory(eng)() as session, session.begin():
+            provider = await session.scalar(select(Provider).where(Provider.name == LOCAL_PROVIDER))
+            if provider is None:
+                provider = Provider(id=new_id("provider"), name=LOCAL_PROVIDER)
+                session.add(provider)
+                await session.flush()
+            if await session.get(Model, name) is None:
+                session.add(Model(name=name, context_length=context, owned_by=LOCAL_PROVIDER))
+            secret, digest, _ = keys.generate("enrolment")
+            session.add(
+                EnrolmentToken(
+                    id=new_id("enrolment"),
+                    provider_id=provider.id,
+                    secret_hash=digest,
+                    expires_at=datetime.now(UTC) + timedelta(hours=1),
+                )
+            )
+        return secret
+    finally:
+        await eng.dispose()
