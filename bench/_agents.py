@@ -43,8 +43,12 @@ async def main() -> None:
             engine = SimEngine(SimConfig(speedup=args.speedup, max_num_seqs=args.max_num_seqs))
             profile = ProfileInfo(max_num_seqs=args.max_num_seqs, max_model_len=8192)
         config = AgentConfig(
-            node_id=f"{args.node_id}_{i}", provider_id="prov_bench", settings=settings, models=[args.model],
-            profile=profile, hardware=Hardware(accelerator="cpu" if args.engine == "vllm" else "H100"),
+            node_id=f"{args.node_id}_{i}",
+            provider_id="prov_bench",
+            settings=settings,
+            models=[args.model],
+            profile=profile,
+            hardware=Hardware(accelerator="cpu" if args.engine == "vllm" else "H100"),
         )
         agent = NodeAgent(config, engine)
         await agent.start()

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,8 +76,9 @@ class Result:
         return len(self.ttft)
 
 
-async def one_stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str],
-                     result: Result) -> None:
+async def one_stream(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str], result: Result
+) -> None:
     started = time.perf_counter()
     first = None
     tokens = 0
@@ -113,11 +113,18 @@ async def one_stream(session: aiohttp.ClientSession, url: str, body: dict[str, A
     result.tokens += tokens
 
 
-async def run_load(url: str, model: str, headers: dict[str, str], concurrency: int, total: int,
-                   max_tokens: int) -> Result:
+async def run_load(
+    url: str, model: str, headers: dict[str, str], concurrency: int, total: int, max_tokens: int
+) -> Result:
     result = Result()
-    body = {"model": model, "prompt": "the marketplace benchmark prompt", "max_tokens": max_tokens,
-            "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
+    body = {
+        "model": model,
+        "prompt": "the marketplace benchmark prompt",
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0,
+    }
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait(i)
@@ -149,16 +156,29 @@ class Stack:
         self.pg.start()
         self.nats.start()
         migrate.upgrade(self.pg.url)
-        return replace(Settings(), data_dir=self.base, database_url=self.pg.url, nats_url=self.nats.url,
-                       nats_user="admin", nats_password=self.passwords["admin"], log_level="WARNING")
+        return replace(
+            Settings(),
+            data_dir=self.base,
+            database_url=self.pg.url,
+            nats_url=self.nats.url,
+            nats_user="admin",
+            nats_password=self.passwords["admin"],
+            log_level="WARNING",
+        )
 
     def env(self, settings: Settings, user: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
-        env.update({
-            "MARKET_DATABASE_URL": settings.require_database_url(), "MARKET_NATS_URL": settings.require_nats_url(),
-            "MARKET_NATS_USER": user, "MARKET_NATS_PASSWORD": self.passwords[user], "MARKET_LOG_LEVEL": "WARNING",
-            "MARKET_DATA_DIR": str(self.base), "PYTHONPATH": str(ROOT),
-        })
+        env.update(
+            {
+                "MARKET_DATABASE_URL": settings.require_database_url(),
+                "MARKET_NATS_URL": settings.require_nats_url(),
+                "MARKET_NATS_USER": user,
+                "MARKET_NATS_PASSWORD": self.passwords[user],
+                "MARKET_LOG_LEVEL": "WARNING",
+                "MARKET_DATA_DIR": str(self.base),
+                "PYTHONPATH": str(ROOT),
+            }
+        )
         return env
 
     def spawn(self, argv: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
@@ -196,8 +216,16 @@ async def seed(settings: Settings, models: list[tuple[str, int]]) -> str:
         await session.flush()
         await create_grant(session, tenant, 10**15, 0, "benchmark", None)
         secret, digest, prefix = keys.generate("tenant")
-        session.add(ApiKey(id=new_id("key"), role="tenant", tenant_id=tenant.id, prefix=prefix, secret_hash=digest,
-                           scopes=["inference"]))
+        session.add(
+            ApiKey(
+                id=new_id("key"),
+                role="tenant",
+                tenant_id=tenant.id,
+                prefix=prefix,
+                secret_hash=digest,
+                scopes=["inference"],
+            )
+        )
     await engine.dispose()
     return secret
 
@@ -228,8 +256,10 @@ async def wait_serving(api: str, model: str, headers: dict[str, str], timeout: f
 
 
 def row(name: str, r: Result) -> str:
-    return (f"| {name} | {r.requests} | {r.errors} | {r.pct(0.5):.1f} | {r.pct(0.99):.1f} | "
-            f"{r.tokens_per_s:,.0f} | {r.requests / r.wall if r.wall else 0:,.0f} |")
+    return (
+        f"| {name} | {r.requests} | {r.errors} | {r.pct(0.5):.1f} | {r.pct(0.99):.1f} | "
+        f"{r.tokens_per_s:,.0f} | {r.requests / r.wall if r.wall else 0:,.0f} |"
+    )
 
 
 async def main() -> None:
@@ -265,9 +295,19 @@ async def main() -> None:
             stack.spawn(spec.argv, {**os.environ, **spec.env}, "vllm")
             await wait_http(plan.engine_url + "/health")
             agents = stack.spawn(
-                [py, str(ROOT / "bench" / "_agents.py"), "vllm", "--url", plan.engine_url, "--model", MODEL_NAME,
-                 "--max-num-seqs", str(args.concurrency)],
-                stack.env(settings, "admin"), "agents-vllm",
+                [
+                    py,
+                    str(ROOT / "bench" / "_agents.py"),
+                    "vllm",
+                    "--url",
+                    plan.engine_url,
+                    "--model",
+                    MODEL_NAME,
+                    "--max-num-seqs",
+                    str(args.concurrency),
+                ],
+                stack.env(settings, "admin"),
+                "agents-vllm",
             )
             await wait_serving(api, MODEL_NAME, headers)
             per_round = max(1, args.requests // args.rounds)
@@ -275,24 +315,51 @@ async def main() -> None:
             await run_load(plan.engine_url + "/v1/completions", MODEL_NAME, {}, warm, warm, args.max_tokens)
             await run_load(api + "/v1/completions", MODEL_NAME, headers, warm, warm, args.max_tokens)
             for _ in range(args.rounds):
-                direct_total.add(await run_load(plan.engine_url + "/v1/completions", MODEL_NAME, {},
-                                                args.concurrency, per_round, args.max_tokens))
-                market_total.add(await run_load(api + "/v1/completions", MODEL_NAME, headers,
-                                                args.concurrency, per_round, args.max_tokens))
+                direct_total.add(
+                    await run_load(
+                        plan.engine_url + "/v1/completions",
+                        MODEL_NAME,
+                        {},
+                        args.concurrency,
+                        per_round,
+                        args.max_tokens,
+                    )
+                )
+                market_total.add(
+                    await run_load(
+                        api + "/v1/completions", MODEL_NAME, headers, args.concurrency, per_round, args.max_tokens
+                    )
+                )
             rows.append(row("vLLM direct", direct_total))
             rows.append(row("through the marketplace", market_total))
             stack.stop(agents)
 
-        stack.spawn([py, str(ROOT / "bench" / "_agents.py"), "sim", "--count", str(args.sim_nodes), "--speedup",
-                     "100000", "--max-num-seqs", "256"], stack.env(settings, "admin"), "agents-sim")
+        stack.spawn(
+            [
+                py,
+                str(ROOT / "bench" / "_agents.py"),
+                "sim",
+                "--count",
+                str(args.sim_nodes),
+                "--speedup",
+                "100000",
+                "--max-num-seqs",
+                "256",
+            ],
+            stack.env(settings, "admin"),
+            "agents-sim",
+        )
         await wait_serving(api, SIM_MODEL_NAME, headers)
         await run_load(api + "/v1/completions", SIM_MODEL_NAME, headers, args.cp_concurrency, 200, args.max_tokens)
-        control = await run_load(api + "/v1/completions", SIM_MODEL_NAME, headers, args.cp_concurrency,
-                                 args.cp_requests, args.max_tokens)
+        control = await run_load(
+            api + "/v1/completions", SIM_MODEL_NAME, headers, args.cp_concurrency, args.cp_requests, args.max_tokens
+        )
         rows.append(row(f"control plane alone ({args.sim_nodes} simulated nodes)", control))
 
-        print(f"\nconcurrency {args.concurrency} streams, {args.max_tokens} tokens each; "
-              f"control plane: {args.cp_concurrency} streams; one api process; {os.cpu_count()} cores shared\n")
+        print(
+            f"\nconcurrency {args.concurrency} streams, {args.max_tokens} tokens each; "
+            f"control plane: {args.cp_concurrency} streams; one api process; {os.cpu_count()} cores shared\n"
+        )
         print("| path | requests | errors | TTFT p50 ms | TTFT p99 ms | tokens/s | requests/s |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for line in rows:
@@ -301,12 +368,16 @@ async def main() -> None:
             for sample in r.samples:
                 print(f"  {name} error: {sample}")
         if not args.skip_vllm:
-            print(f"\nadded TTFT p50: {market_total.pct(0.5) - direct_total.pct(0.5):+.1f} ms, "
-                  f"p99: {market_total.pct(0.99) - direct_total.pct(0.99):+.1f} ms; "
-                  f"throughput through the marketplace: {market_total.tokens_per_s / direct_total.tokens_per_s:.0%} "
-                  "of direct")
-        print(f"control plane: {control.requests / control.wall:,.0f} requests/s, "
-              f"{control.tokens_per_s:,.0f} relayed tokens/s per api process")
+            print(
+                f"\nadded TTFT p50: {market_total.pct(0.5) - direct_total.pct(0.5):+.1f} ms, "
+                f"p99: {market_total.pct(0.99) - direct_total.pct(0.99):+.1f} ms; "
+                f"throughput through the marketplace: {market_total.tokens_per_s / direct_total.tokens_per_s:.0%} "
+                "of direct"
+            )
+        print(
+            f"control plane: {control.requests / control.wall:,.0f} requests/s, "
+            f"{control.tokens_per_s:,.0f} relayed tokens/s per api process"
+        )
     finally:
         stack.close()
 
