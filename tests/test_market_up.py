@@ -111,3 +111,46 @@ def test_market_up_with_an_unwritable_data_dir_says_so() -> None:
     assert proc.returncode == 1
     assert out.strip().startswith(f"market: data directory {bad} is not writable")
     assert out.strip().count("\n") == 0
+
+
+def test_market_up_with_a_sim_node_serves_a_tenant_through_the_admin_api(tmp_path: Path) -> None:
+    """The README's path: start with a local node, make a tenant with the admin key, call the SDK."""
+    import openai
+
+    data_dir, port = tmp_path / "market", free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "market.cli", "up", "--data-dir", str(data_dir), "--port", str(port), "--node", "sim"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        _wait_ready(url, proc)
+        admin = {"Authorization": "Bearer " + (data_dir / "admin-key").read_text().strip()}
+        with httpx.Client(base_url=url, timeout=30) as client:
+            tenant = client.post("/api/admin/tenants", json={"name": "startup"}, headers=admin).json()
+            grant = client.post(f"/api/admin/tenants/{tenant['id']}/grants", json={"tokens": 100_000}, headers=admin)
+            assert grant.status_code == 201, grant.text
+            key = client.post(f"/api/admin/tenants/{tenant['id']}/keys", json={"name": "prod"}, headers=admin)
+            secret = key.json()["key"]
+        sdk = openai.OpenAI(base_url=url + "/v1", api_key=secret, max_retries=0)
+        deadline = time.monotonic() + 60
+        while True:  # the node enrols and warms up
+            try:
+                answer = sdk.chat.completions.create(
+                    model="sim-llama-3-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+                )
+                break
+            except openai.APIStatusError:
+                assert time.monotonic() < deadline, "the local sim node never served"
+                time.sleep(0.5)
+        assert answer.usage is not None
+        assert answer.usage.completion_tokens == 4
+        assert [m.id for m in sdk.models.list().data] == ["sim-llama-3-8b"]
+    finally:
+        if proc.poll() is None:
+            _stop(proc, _descendants(proc))
