@@ -181,9 +181,13 @@ class Stack:
         )
         return env
 
-    def spawn(self, argv: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, argv: list[str], env: dict[str, str], name: str, cores: set[int] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.base / f"{name}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if cores:
+            os.sched_setaffinity(proc.pid, cores)
         self.procs.append(proc)
         return proc
 
@@ -272,7 +276,19 @@ async def main() -> None:
     parser.add_argument("--cp-concurrency", type=int, default=64)
     parser.add_argument("--sim-nodes", type=int, default=8)
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let vLLM and the control plane share every core (default: vLLM alone on the last core, "
+        "as it would be alone on its GPU, everything else on the others)",
+    )
     args = parser.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    pin = not args.no_pin and len(cores) >= 2
+    engine_cores = {cores[-1]} if pin else None
+    plane_cores = set(cores[:-1]) if pin else None
+    if plane_cores:
+        os.sched_setaffinity(0, plane_cores)  # the load generator and, by inheritance, the servers
 
     stack = Stack()
     try:
@@ -292,7 +308,10 @@ async def main() -> None:
             plan = launch_plan(cpu_profile(model_dir, MODEL_NAME, max_num_seqs=args.concurrency))
             spec = plan.processes[0]
             assert plan.engine_url is not None
-            stack.spawn(spec.argv, {**os.environ, **spec.env}, "vllm")
+            vllm_env = {**os.environ, **spec.env}
+            if engine_cores:
+                vllm_env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(engine_cores))
+            stack.spawn(spec.argv, vllm_env, "vllm", engine_cores)
             await wait_http(plan.engine_url + "/health")
             agents = stack.spawn(
                 [
@@ -356,9 +375,14 @@ async def main() -> None:
         )
         rows.append(row(f"control plane alone ({args.sim_nodes} simulated nodes)", control))
 
+        placement = (
+            f"vLLM pinned to cores {sorted(engine_cores)}, everything else to {sorted(plane_cores or [])}"
+            if engine_cores
+            else f"{len(cores)} cores shared by everything"
+        )
         print(
             f"\nconcurrency {args.concurrency} streams, {args.max_tokens} tokens each; "
-            f"control plane: {args.cp_concurrency} streams; one api process; {os.cpu_count()} cores shared\n"
+            f"control plane: {args.cp_concurrency} streams; one api process; {placement}\n"
         )
         print("| path | requests | errors | TTFT p50 ms | TTFT p99 ms | tokens/s | requests/s |")
         print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -21,7 +21,7 @@ import msgspec
 
 from market import bus, subjects, wire
 from market.wire import Chunk, Hardware, Heartbeat, Job, Piece, ProfileInfo, Usage
-from nodes.engines.base import Emission, Engine, EngineError
+from nodes.engines.base import Emission, Engine, EngineError, EngineLoad
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
+QUICK_REPORT_S = 0.05
+"""Least time between the extra load reports sent when jobs end."""
 
 
 @dataclass(slots=True)
@@ -48,6 +50,8 @@ class AgentConfig:
     heartbeat_interval_s: float | None = None
     """Default: ``settings.heartbeat_interval_s``."""
     flush_interval_s: float = 0.002
+    queue_share: float = 1.0
+    """Jobs the node accepts beyond ``max_num_seqs``, as a share of it (they wait in the engine)."""
     drain_timeout_s: float = 300.0
     nats_user: str | None = None
     nats_password: str | None = None
@@ -105,6 +109,10 @@ class NodeAgent:
         self.stopped = asyncio.Event()
         """Set when the agent has left (after stop, kill or a revoke order)."""
         self._jobs: dict[str, _Running] = {}
+        self._last_load: EngineLoad | None = None
+        self._last_beat_at = 0.0
+        self._quick_pending = False
+        self._quick_task: asyncio.Task[None] | None = None
         self._subs: list[Any] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
@@ -207,16 +215,27 @@ class NodeAgent:
 
     # --- heartbeats ----------------------------------------------------------------------------
 
-    async def heartbeat(self) -> Heartbeat:
-        """The node's current report (also what ``_heartbeats`` publishes)."""
+    async def heartbeat(self, *, quick: bool = False) -> Heartbeat:
+        """The node's current report (also what ``_heartbeats`` publishes).
+
+        ``quick`` reuses the engine load from the last full report (no scrape) with this agent's
+        own job count, for the extra reports sent when a job ends.
+        """
         cfg = self.config
         engine_status = self.engine.status
         status: wire.NodeStatus = "draining" if self.draining else engine_status
-        load = await self.engine.load()
+        if quick and self._last_load is not None:
+            load = EngineLoad(running=len(self._jobs), waiting=0, kv_cache_usage=self._last_load.kv_cache_usage)
+        else:
+            load = self._last_load = await self.engine.load()
         running = max(load.running, 0)
         slots = 0
         if status == "healthy":
-            slots = max(0, self.engine.max_num_seqs - max(running, len(self._jobs)) - load.waiting)
+            # The engine batches max_num_seqs and queues the rest itself; letting a short queue
+            # form there (queue_share of max_num_seqs) keeps it saturated between our reports,
+            # while the schedulers' load score still prefers idle nodes first.
+            limit = self.engine.max_num_seqs + int(self.engine.max_num_seqs * cfg.queue_share)
+            slots = max(0, limit - max(running + load.waiting, len(self._jobs)))
         self._hb_seq += 1
         return Heartbeat(
             node_id=cfg.node_id,
@@ -235,12 +254,29 @@ class NodeAgent:
             seq=self._hb_seq,
         )
 
-    async def _publish_heartbeat(self) -> None:
+    async def _publish_heartbeat(self, *, quick: bool = False) -> None:
         if self._killed or self.nc is None:
             return
-        beat = await self.heartbeat()
+        beat = await self.heartbeat(quick=quick)
         if not self._killed:
+            self._last_beat_at = time.monotonic()
             await self.nc.publish(subjects.heartbeat(self.node_id), wire.encode(beat))
+
+    def _load_changed(self) -> None:
+        """A job ended: tell the schedulers soon (at most every ``QUICK_REPORT_S``), so their view
+        of free slots does not lag a whole heartbeat interval behind under load."""
+        if self._quick_pending or self._killed or self.nc is None:
+            return
+        self._quick_pending = True
+        delay = max(0.0, self._last_beat_at + QUICK_REPORT_S - time.monotonic())
+
+        async def report() -> None:
+            await asyncio.sleep(delay)
+            self._quick_pending = False
+            with contextlib.suppress(Exception):
+                await self._publish_heartbeat(quick=True)
+
+        self._quick_task = asyncio.create_task(report())
 
     async def _heartbeats(self) -> None:
         while True:
@@ -318,6 +354,7 @@ class NodeAgent:
             log.exception("job %s failed in the agent", running.job.id)
         finally:
             self._jobs.pop(running.job.id, None)
+            self._load_changed()
 
     async def _relay(self, running: _Running) -> None:
         job, node = running.job, self.node_id
