@@ -118,10 +118,11 @@ async def _complete(request: Request[Any, Any, Any], kind: Literal["chat", "comp
 async def _sse(run: Run, fmt: StreamFormatter, include_usage: bool) -> AsyncIterator[bytes]:
     finished = False
     try:
-        async for chunk in run.chunks():
-            if chunk.pieces:
-                yield fmt.pieces(chunk.pieces)
-            if chunk.kind == "end":
+        async for batch in run.batches():
+            out = b"".join(fmt.pieces(chunk.pieces) for chunk in batch if chunk.pieces)
+            if out:
+                yield out
+            if batch[-1].kind == "end":
                 finished = True
         usage = run.engine_usage or Usage(0, run.relayed_tokens)
         await run.finish("completed")
@@ -146,11 +147,12 @@ async def _whole(
     finish: dict[int, str | None] = {}
 
     async def collect() -> None:
-        async for chunk in run.chunks():
-            for piece in chunk.pieces:
-                texts.setdefault(piece.index, []).append(piece.text)
-                if piece.finish_reason:
-                    finish[piece.index] = piece.finish_reason
+        async for batch in run.batches():
+            for chunk in batch:
+                for piece in chunk.pieces:
+                    texts.setdefault(piece.index, []).append(piece.text)
+                    if piece.finish_reason:
+                        finish[piece.index] = piece.finish_reason
 
     disconnect = asyncio.create_task(_wait_disconnect(request))
     work = asyncio.create_task(collect())

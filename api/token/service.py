@@ -218,31 +218,51 @@ class Run:
                 self.service.fleet.unwatch(self.node_id, self.subject)
 
     # ---- relay -----------------------------------------------------------------------------
-    async def chunks(self) -> AsyncIterator[wire.Chunk]:
-        """The job's chunks from the first output on; ends after ``end`` or raises UpstreamError."""
-        assert self.queue is not None
+    async def batches(self) -> AsyncIterator[list[wire.Chunk]]:
+        """The job's output from the first token on, as the chunks that are ready together.
+
+        Everything already queued is taken at once so the client gets one write for it (a write
+        per chunk is the relay's main cost). Ends after ``end``; raises UpstreamError on a node's
+        error or loss, after yielding what arrived before it.
+        """
+        queue = self.queue
+        assert queue is not None
         assert self.first is not None
-        item: Any = self.first
+        pending: list[Any] = [self.first]
         while True:
-            if item is LOST:
-                raise UpstreamError("the provider node serving this request was lost", code="node_lost")
-            chunk: wire.Chunk = item
-            if chunk.kind == "data" or chunk.kind == "end":
-                for piece in chunk.pieces:
-                    self.relayed_tokens += piece.tokens
-                if chunk.kind == "end":
-                    self.engine_usage = chunk.usage
-                yield chunk
-                if chunk.kind == "end":
-                    return
-            elif chunk.kind == "error":
-                raise UpstreamError(
-                    chunk.error or "the engine failed mid-stream", code=chunk.error_code or "engine_error"
-                )
-            try:
-                item = await asyncio.wait_for(self.queue.get(), INTER_CHUNK_TIMEOUT_S)
-            except TimeoutError:
-                raise UpstreamError("the engine stopped sending output", code="timeout") from None
+            batch: list[wire.Chunk] = []
+            for item in pending:
+                if item is LOST:
+                    if batch:
+                        yield batch
+                    raise UpstreamError("the provider node serving this request was lost", code="node_lost")
+                chunk: wire.Chunk = item
+                if chunk.kind == "data" or chunk.kind == "end":
+                    for piece in chunk.pieces:
+                        self.relayed_tokens += piece.tokens
+                    batch.append(chunk)
+                    if chunk.kind == "end":
+                        self.engine_usage = chunk.usage
+                        yield batch
+                        return
+                elif chunk.kind == "error":
+                    if batch:
+                        yield batch
+                    raise UpstreamError(
+                        chunk.error or "the engine failed mid-stream", code=chunk.error_code or "engine_error"
+                    )
+            if batch:
+                yield batch
+            if queue.empty():
+                try:
+                    async with asyncio.timeout(INTER_CHUNK_TIMEOUT_S):
+                        pending = [await queue.get()]
+                except TimeoutError:
+                    raise UpstreamError("the engine stopped sending output", code="timeout") from None
+            else:
+                pending = [queue.get_nowait()]
+            while not queue.empty():
+                pending.append(queue.get_nowait())
 
     async def _cancel(self, reason: str) -> None:
         if self.node_id is not None:
