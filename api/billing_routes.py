@@ -42,6 +42,7 @@ from market.models import (
     PayoutRate,
     PriceBook,
     PriceBookEntry,
+    ProviderOffer,
     ProviderStatement,
     StripeEvent,
     Tenant,
@@ -589,13 +590,15 @@ class AdminBillingController(Controller):
             raise InvalidRequest("a payout rate is given twice for the same model and provider", param="payouts")
         try:
             async with app_state.sessions.begin() as session:
+                payouts = [PayoutSpec(**msgspec.structs.asdict(p)) for p in data.payouts]
+                payouts += await _offered_payouts(session, data.prices, payout_keys)
                 book = await create_price_book(
                     session,
                     currency=app_state.settings.currency,
                     effective_from=effective,
                     platform_margin_bps=data.platform_margin_bps,
                     prices=[PriceSpec(**msgspec.structs.asdict(p)) for p in data.prices],
-                    payouts=[PayoutSpec(**msgspec.structs.asdict(p)) for p in data.payouts],
+                    payouts=payouts,
                     note=data.note,
                     created_by=principal.key_id,
                 )
@@ -784,3 +787,27 @@ async def _on_invoice_event(session: AsyncSession, event_type: str, obj: dict[st
 
 ROUTES = [TenantBillingController, ProviderBillingController, AdminBillingController, StripeWebhookController]
 """What ``api.main.route_handlers()`` registers."""
+
+
+async def _offered_payouts(
+    session: AsyncSession, prices: list[PriceIn], explicit: set[tuple[str, str]]
+) -> list[PayoutSpec]:
+    """Providers' current offers become their payout rates in the new version, except where the
+    admin set one explicitly, and never above what tenants pay for the model (no loss-making rate)."""
+    floor: dict[str, tuple[int, int]] = {}
+    for price in prices:
+        low = floor.get(price.model, (price.input_minor_per_million, price.output_minor_per_million))
+        floor[price.model] = (min(low[0], price.input_minor_per_million), min(low[1], price.output_minor_per_million))
+    offers = (await session.scalars(select(ProviderOffer).where(ProviderOffer.model.in_(list(floor))))).all()
+    return [
+        PayoutSpec(
+            model=o.model,
+            provider_id=o.provider_id,
+            input_minor_per_million=o.input_minor_per_million,
+            output_minor_per_million=o.output_minor_per_million,
+        )
+        for o in offers
+        if (o.model, o.provider_id) not in explicit
+        and o.input_minor_per_million <= floor[o.model][0]
+        and o.output_minor_per_million <= floor[o.model][1]
+    ]

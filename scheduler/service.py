@@ -38,6 +38,7 @@ EventKind = Literal["node_lost", "node_draining", "node_revoked"]
 # One statement for the whole batch: the rows travel as one JSON array (PostgreSQL turns JSON
 # arrays into ``text[]`` columns itself). Unknown ids match nothing: enrolment creates rows, not us.
 # A revoked node stays revoked whatever its agent still says.
+_OFFERS = text("SELECT provider_id, model, output_minor_per_million FROM provider_offers")
 _UPDATE_NODES = text(
     """
     UPDATE nodes AS n
@@ -217,6 +218,29 @@ class SchedulerService:
         while True:
             await asyncio.sleep(self.persist_interval_s)
             await self.flush()
+            await self.load_offers()
+
+    async def load_offers(self) -> bool:
+        """Providers' asking prices (output price per 1M tokens) onto their nodes, for tenants'
+        price ceilings and cheapest-wins ties. A DB outage keeps the last known offers."""
+        if self._engine is None:
+            return True
+        try:
+            async with asyncio.timeout(5.0), self._engine.connect() as conn:
+                rows = (await conn.execute(_OFFERS)).all()
+        except Exception as exc:
+            log.warning("could not read provider offers (keeping the last ones): %s", exc)
+            return False
+        by_provider: dict[str, dict[str, int]] = {}
+        for provider_id, model, price in rows:
+            by_provider.setdefault(provider_id, {})[model] = int(price)
+        for node in list(self.fleet.nodes.values()):
+            wanted = by_provider.get(node.provider_id, {})
+            for model in [m for m in node.offers if m not in wanted]:
+                self.fleet.set_offer(node.node_id, None, model)
+            for model, price in wanted.items():
+                self.fleet.set_offer(node.node_id, price, model)
+        return True
 
     async def flush(self) -> bool:
         """Write what changed since the last flush to ``nodes``; on failure keep it for the next try."""

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 import msgspec
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, delete, get, post, put
 from litestar.params import FromPath
 from msgspec import Meta, Struct
 from sqlalchemy import select
@@ -16,7 +16,7 @@ from api.errors import InvalidRequest
 from api.fleet.service import FleetService
 from api.state import AppState
 from market import natsauth
-from market.models import Node, Provider
+from market.models import Node, Provider, ProviderOffer
 
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
 T = TypeVar("T")
@@ -64,6 +64,19 @@ class EnrolOut(Struct):
     heartbeat_interval_s: float
 
 
+class OfferIn(Struct, forbid_unknown_fields=True):
+    model: Annotated[str, Meta(min_length=1, max_length=200)]
+    input_minor_per_million: Annotated[int, Meta(ge=0, le=10**12)]
+    output_minor_per_million: Annotated[int, Meta(ge=0, le=10**12)]
+
+
+class OfferOut(Struct):
+    model: str
+    input_minor_per_million: int
+    output_minor_per_million: int
+    updated_at: datetime
+
+
 class NodeOut(Struct):
     id: str
     name: str
@@ -78,6 +91,10 @@ class NodeOut(Struct):
     waiting: int | None = None
     kv_cache_usage: float | None = None
     slots: int | None = None
+    tokens_served: int = 0
+    """Prompt plus billed completion tokens of the requests this node served."""
+    earnings_micros: int = 0
+    """What the provider earned from them, in micros of the minor unit (rated usage only)."""
 
 
 def fleet(request: Request[Any, Any, Any]) -> FleetService:
@@ -133,11 +150,42 @@ class ProviderController(Controller):
 
     @get("/nodes")
     async def nodes(self, request: Request[Any, Any, Any]) -> list[NodeOut]:
-        """This provider's nodes with live status and load."""
+        """This provider's nodes with live status and load, tokens served and earnings."""
         principal = await principal_of(request)
         service = fleet(request)
         assert principal.provider_id is not None
-        return [_node_out(service, n) for n in await service.nodes_of(principal.provider_id)]
+        served = await service.served_by_node(principal.provider_id)
+        out = []
+        for node in await service.nodes_of(principal.provider_id):
+            row = _node_out(service, node)
+            row.tokens_served, row.earnings_micros = served.get(node.id, (0, 0))
+            out.append(row)
+        return out
+
+    @get("/offers")
+    async def offers(self, request: Request[Any, Any, Any]) -> list[OfferOut]:
+        """This provider's asking prices per model (minor units per 1M tokens)."""
+        principal = await principal_of(request)
+        assert principal.provider_id is not None
+        return [_offer_out(o) for o in await fleet(request).offers_of(principal.provider_id)]
+
+    @put("/offers", status_code=200)
+    async def set_offer(self, request: Request[Any, Any, Any]) -> OfferOut:
+        """Set the price asked for a model; schedulers route by it at once, payouts follow it from
+        the next price-book version."""
+        principal = await principal_of(request)
+        assert principal.provider_id is not None
+        body = _decode(await request.body(), OfferIn)
+        offer = await fleet(request).set_offer(
+            principal.provider_id, body.model, body.input_minor_per_million, body.output_minor_per_million
+        )
+        return _offer_out(offer)
+
+    @delete("/offers/{model:path}", status_code=200)
+    async def withdraw_offer(self, request: Request[Any, Any, Any], model: FromPath[str]) -> OfferOut:
+        principal = await principal_of(request)
+        assert principal.provider_id is not None
+        return _offer_out(await fleet(request).withdraw_offer(principal.provider_id, model.lstrip("/")))
 
     @post("/nodes/{node_id:str}/drain", status_code=202)
     async def drain(self, request: Request[Any, Any, Any], node_id: FromPath[str]) -> NodeOut:
@@ -156,6 +204,15 @@ async def _act(request: Request[Any, Any, Any], node_id: str, action: str) -> No
     service = fleet(request)
     node = await service.set_status(principal.provider_id, node_id, action)
     return _node_out(service, node)
+
+
+def _offer_out(offer: ProviderOffer) -> OfferOut:
+    return OfferOut(
+        model=offer.model,
+        input_minor_per_million=offer.input_minor_per_million,
+        output_minor_per_million=offer.output_minor_per_million,
+        updated_at=offer.updated_at,
+    )
 
 
 def _node_out(service: FleetService, node: Node) -> NodeOut:

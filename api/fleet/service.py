@@ -15,13 +15,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from api.errors import Conflict, NotFound, Unauthorized
 from api.state import AppState
 from market import keys, natsauth, subjects, wire
 from market.ids import new_id
-from market.models import ApiKey, EnrolmentToken, Node, Provider
+from market.models import ApiKey, EnrolmentToken, Model, Node, Provider, ProviderOffer, UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,67 @@ class FleetService:
             await asyncio.to_thread(natsauth.write_atomically, auth_dir / "auth.conf", content)
             if not natsauth.reload_server(auth_dir / "nats.pid"):
                 log.warning("could not signal nats-server to reload its authorization")
+
+    async def offers_of(self, provider_id: str) -> list[ProviderOffer]:
+        async with self.state.sessions() as session:
+            return list(
+                (
+                    await session.scalars(
+                        select(ProviderOffer)
+                        .where(ProviderOffer.provider_id == provider_id)
+                        .order_by(ProviderOffer.model)
+                    )
+                ).all()
+            )
+
+    async def set_offer(self, provider_id: str, model: str, input_price: int, output_price: int) -> ProviderOffer:
+        async with self.state.sessions() as session, session.begin():
+            if await session.get(Model, model) is None:
+                raise NotFound(f"model '{model}' is not in the catalog", code="model_not_found")
+            statement = (
+                pg_insert(ProviderOffer)
+                .values(
+                    provider_id=provider_id,
+                    model=model,
+                    input_minor_per_million=input_price,
+                    output_minor_per_million=output_price,
+                )
+                .on_conflict_do_update(
+                    index_elements=[ProviderOffer.provider_id, ProviderOffer.model],
+                    set_={
+                        "input_minor_per_million": input_price,
+                        "output_minor_per_million": output_price,
+                        "updated_at": func.now(),
+                    },
+                )
+                .returning(ProviderOffer)
+            )
+            offer: ProviderOffer = (await session.scalars(statement)).one()
+        return offer
+
+    async def withdraw_offer(self, provider_id: str, model: str) -> ProviderOffer:
+        async with self.state.sessions() as session, session.begin():
+            offer = await session.get(ProviderOffer, (provider_id, model))
+            if offer is None:
+                raise NotFound(f"no offer for model '{model}'", code="offer_not_found")
+            await session.delete(offer)
+        return offer
+
+    async def served_by_node(self, provider_id: str) -> dict[str, tuple[int, int]]:
+        """Tokens served and provider earnings (micros) per node, from the rated usage records."""
+        async with self.state.sessions() as session:
+            rows = (
+                await session.execute(
+                    select(
+                        UsageRecord.node_id,
+                        func.sum(UsageRecord.prompt_tokens + UsageRecord.billed_completion_tokens),
+                        func.coalesce(func.sum(UsageRecord.provider_micros), 0),
+                    )
+                    .where(UsageRecord.provider_id == provider_id, UsageRecord.node_id.is_not(None))
+                    .group_by(UsageRecord.node_id)
+                )
+            ).all()
+        return {node_id: (int(tokens or 0), int(micros or 0)) for node_id, tokens, micros in rows if node_id}
 
     async def nodes_of(self, provider_id: str) -> list[Node]:
         async with self.state.sessions() as session:

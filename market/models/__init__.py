@@ -19,7 +19,7 @@ from market.models.billing import (
     UsageRecord,
 )
 from market.models.catalog import Model
-from market.models.fleet import EnrolmentToken, Node, Provider
+from market.models.fleet import EnrolmentToken, Node, Provider, ProviderOffer
 from market.models.quota import (
     Grant,
     GrantEvent,
@@ -48,4 +48,4 @@ __all__ += [
     "UsageRecord",
 ]
 __all__ += ["Grant", "GrantEvent", "IncubatorPool", "LimiterInstance", "QuotaHold", "RateLimitBucket"]
-__all__ += ["TenantModel", "TenantQuota"]
+__all__ += ["ProviderOffer", "TenantModel", "TenantQuota"]

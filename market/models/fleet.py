@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, ForeignKey, String, text
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -57,3 +57,22 @@ class EnrolmentToken(Base):
     expires_at: Mapped[datetime]
     used_at: Mapped[datetime | None]
     node_id: Mapped[str | None] = mapped_column(ForeignKey("nodes.id", ondelete="SET NULL"))
+
+
+class ProviderOffer(Timestamped, Base):
+    """What a provider asks to be paid per 1M tokens of a model served on its nodes.
+
+    Offers feed the market twice: schedulers route tenants with a price ceiling only to providers
+    whose offer fits it, and each new price-book version takes the offers current when it is
+    posted as the providers' payout rates (unless the admin sets a payout explicitly).
+    """
+
+    __tablename__ = "provider_offers"
+    __table_args__ = (
+        CheckConstraint("input_minor_per_million >= 0 AND output_minor_per_million >= 0", name="non_negative"),
+    )
+
+    provider_id: Mapped[str] = mapped_column(ForeignKey("providers.id", ondelete="CASCADE"), primary_key=True)
+    model: Mapped[str] = mapped_column(ForeignKey("models.name", ondelete="CASCADE"), primary_key=True)
+    input_minor_per_million: Mapped[int] = mapped_column(BigInteger)
+    output_minor_per_million: Mapped[int] = mapped_column(BigInteger)
