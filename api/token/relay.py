@@ -44,6 +44,9 @@ class Inboxes:
             queue = self.queues.get(msg.subject)
             if queue is None:
                 return  # a late chunk for a finished attempt
+            if not msg.data and (msg.headers or {}).get("Status") == "503":
+                queue.put_nowait(LOST)  # "no responders": the node is not subscribed any more
+                return
             try:
                 queue.put_nowait(_chunk_decoder.decode(msg.data))
             except msgspec.DecodeError:

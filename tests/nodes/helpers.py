@@ -58,6 +58,12 @@ class JobWatch:
 
     async def submit(self, node_id: str) -> JobWatch:
         async def on_chunk(msg: Any) -> None:
+            if not msg.data and (msg.headers or {}).get("Status") == "503":
+                # "No responders": the server had not yet seen the agent's subscription (rarely,
+                # right after start). The api fails over on this; here we simply send it again.
+                await asyncio.sleep(0.05)
+                await self.nc.publish(subjects.node_jobs(node_id), wire.encode(self.job), reply=self.job.reply)
+                return
             chunk = CHUNKS.decode(msg.data)
             self.chunks.append(chunk)
             if chunk.kind == "data":
