@@ -284,9 +284,9 @@ def _run_as(args: list[str], owner: tuple[int, int] | None, what: str) -> None:
 class EmbeddedNats:
     """nats-server with JetStream, its store in ``data_dir``, on loopback.
 
-    ``auth_config`` is an extra configuration fragment (the authorization block written by the
-    fleet's credentials module) included from the main file, so permissions can be regenerated and
-    reloaded with SIGHUP without restarting the server.
+    The authorization block lives in its own file (``auth.conf``, rendered by ``market.natsauth``)
+    included from the main one, so node users can be re-rendered and reloaded with SIGHUP (the
+    pid is in ``nats.pid``) without restarting the server.
     """
 
     data_dir: Path

@@ -116,26 +116,22 @@ async def _complete(request: Request[Any, Any, Any], kind: Literal["chat", "comp
 
 
 async def _sse(run: Run, fmt: StreamFormatter, include_usage: bool) -> AsyncIterator[bytes]:
-    finished = False
     try:
         async for batch in run.batches():
             out = b"".join(fmt.pieces(chunk.pieces) for chunk in batch if chunk.pieces)
             if out:
                 yield out
-            if batch[-1].kind == "end":
-                finished = True
         usage = run.engine_usage or Usage(0, run.relayed_tokens)
         await run.finish("completed")
         if include_usage:
             yield fmt.usage(usage)
         yield DONE
     except AppError as exc:
-        finished = True
         await run.finish("failed")
         yield fmt.error(exc.message, exc.code)
         yield DONE
     finally:
-        if not finished and not run._finished:
+        if not run.finished:
             # The client went away (the response was cancelled) or the generator was closed.
             _spawn(run.cancel_and_finish())
 

@@ -100,7 +100,8 @@ class Run:
     relayed_tokens: int = 0
     engine_usage: wire.Usage | None = None
     outcome: wire.Outcome | None = None
-    _finished: bool = False
+    finished: bool = False
+    """Set by ``finish``: the quota is settled and the usage event submitted."""
 
     # ---- placement -------------------------------------------------------------------------
     async def begin(self) -> None:
@@ -293,9 +294,9 @@ class Run:
     # ---- end -------------------------------------------------------------------------------
     async def finish(self, outcome: wire.Outcome) -> None:
         """Settle the quota and publish the usage event: exactly once per request."""
-        if self._finished:
+        if self.finished:
             return
-        self._finished = True
+        self.finished = True
         self.outcome = outcome
         self._release_attempt()
         ended = time.time()
