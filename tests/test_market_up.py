@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,29 +17,52 @@ import psutil
 
 from market.embedded import free_port
 
+_OUTPUT: dict[int, list[str]] = {}
+_READERS: dict[int, threading.Thread] = {}
 
-def _start(data_dir: Path, port: int) -> subprocess.Popen[str]:
+
+def _start(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[str]:
+    """``market up`` as a user starts it; its output is collected line by line as it comes."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "market.cli", "up", "--data-dir", str(data_dir), "--port", str(port)],
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "market.cli", "up", "--data-dir", str(data_dir), "--port", str(port), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
         start_new_session=True,
     )
+    lines = _OUTPUT[proc.pid] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    _READERS[proc.pid] = threading.Thread(target=read, daemon=True)
+    _READERS[proc.pid].start()
+    return proc
+
+
+def _output(proc: subprocess.Popen[str], timeout: float = 60) -> str:
+    """Everything the process printed, once it has exited."""
+    proc.wait(timeout)
+    _READERS[proc.pid].join(10)
+    return "".join(_OUTPUT[proc.pid])
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 60) -> float:
+    """Until /readyz answers 200 and the command has printed its banner."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert proc.poll() is None, "".join(_OUTPUT[proc.pid])
         try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return time.monotonic() - started
+            ready = httpx.get(url + "/readyz", timeout=1).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+            ready = False
+        if ready and any("Ctrl-C stops everything" in line for line in _OUTPUT[proc.pid]):
+            return time.monotonic() - started
+        time.sleep(0.1)
     raise AssertionError("market up did not become ready")
 
 
@@ -51,7 +75,7 @@ def _descendants(proc: subprocess.Popen[str]) -> list[psutil.Process]:
 
 def _stop(proc: subprocess.Popen[str], children: list[psutil.Process]) -> str:
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    out = _output(proc)
     _gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == [], f"left behind: {[p.info for p in alive]}"
     return out
@@ -96,7 +120,7 @@ def test_market_up_with_the_port_taken_says_so_in_one_line(tmp_path: Path) -> No
         sock.listen()
         port = sock.getsockname()[1]
         proc = _start(tmp_path / "market", port)
-        out, _ = proc.communicate(timeout=60)
+        out = _output(proc)
     assert proc.returncode == 1
     assert (
         out.strip()
@@ -107,7 +131,7 @@ def test_market_up_with_the_port_taken_says_so_in_one_line(tmp_path: Path) -> No
 def test_market_up_with_an_unwritable_data_dir_says_so() -> None:
     bad = "/proc/market-data"
     proc = _start(Path(bad), free_port())
-    out, _ = proc.communicate(timeout=60)
+    out = _output(proc)
     assert proc.returncode == 1
     assert out.strip().startswith(f"market: data directory {bad} is not writable")
     assert out.strip().count("\n") == 0
@@ -119,15 +143,7 @@ def test_market_up_with_a_sim_node_serves_a_tenant_through_the_admin_api(tmp_pat
 
     data_dir, port = tmp_path / "market", free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "market.cli", "up", "--data-dir", str(data_dir), "--port", str(port), "--node", "sim"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    proc = _start(data_dir, port, "--node", "sim")
     try:
         _wait_ready(url, proc)
         admin = {"Authorization": "Bearer " + (data_dir / "admin-key").read_text().strip()}
