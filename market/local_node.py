@@ -1,7 +1,8 @@
 """``market up --node``: the local provider node joins the way any provider's machine does.
 
 The CLI has the database at hand, so it plays the provider here: it keeps one provider named
-"local", mints a one-time enrolment token and lists the node's model in the catalog; the node
+"local", mints a one-time enrolment token, lists the node's model in the catalog (with demo prices
+if the marketplace has no price book yet); the node
 then runs ``python -m nodes join`` with that token, enrols through the api and logs into NATS
 with its own nkey.
 """
@@ -16,12 +17,15 @@ from sqlalchemy import select
 
 from market import db, keys
 from market.ids import new_id
-from market.models import EnrolmentToken, Model, Provider
+from market.models import EnrolmentToken, Model, PriceBook, Provider
+from market.models.billing import PriceSpec, create_price_book
 from market.settings import Settings
 
 LOCAL_PROVIDER = "local"
 SIM_MODEL = ("sim-llama-3-8b", 8192)
 TINY_MODEL = ("tiny-random-llama", 2048)
+DEMO_PRICE = (15, 60)
+"""Minor units per 1M input and output tokens (0.15 and 0.60 USD) for a fresh local marketplace."""
 
 
 def served_model(engine: str, model_dir: Path | None) -> tuple[str, int]:
@@ -50,6 +54,26 @@ async def prepare(settings: Settings, engine: str, model_dir: Path | None) -> st
                 await session.flush()
             if await session.get(Model, name) is None:
                 session.add(Model(name=name, context_length=context, owned_by=LOCAL_PROVIDER))
+                await session.flush()
+            if await session.scalar(select(PriceBook.id).limit(1)) is None:
+                # A fresh local marketplace gets demo prices so its usage is rated from the start;
+                # a platform admin replaces them with POST /api/admin/prices.
+                await create_price_book(
+                    session,
+                    currency=settings.currency,
+                    effective_from=datetime.now(UTC),
+                    platform_margin_bps=2000,
+                    note="demo prices from market up",
+                    prices=[
+                        PriceSpec(
+                            model=name,
+                            admission_class=c,
+                            input_minor_per_million=DEMO_PRICE[0],
+                            output_minor_per_million=DEMO_PRICE[1],
+                        )
+                        for c in ("reserved", "burst", "on_demand")
+                    ],
+                )
             secret, digest, _ = keys.generate("enrolment")
             session.add(
                 EnrolmentToken(

@@ -167,6 +167,15 @@ def test_market_up_with_a_sim_node_serves_a_tenant_through_the_admin_api(tmp_pat
         assert answer.usage is not None
         assert answer.usage.completion_tokens == 4
         assert [m.id for m in sdk.models.list().data] == ["sim-llama-3-8b"]
+        # The billing worker rates it at the demo prices: (prompt * 15 + 4 * 60) micros.
+        expected = answer.usage.prompt_tokens * 15 + 4 * 60
+        deadline = time.monotonic() + 30
+        while True:
+            balance = httpx.get(url + "/api/tenant/balance", headers={"Authorization": f"Bearer {secret}"}).json()
+            if balance["unbilled_usage_micros"] == expected:
+                break
+            assert time.monotonic() < deadline, balance
+            time.sleep(0.3)
     finally:
         if proc.poll() is None:
             _stop(proc, _descendants(proc))
