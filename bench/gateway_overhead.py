@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -283,6 +284,12 @@ async def main() -> None:
     parser.add_argument("--sim-nodes", type=int, default=8)
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="vLLM's --stream-interval, the same engine for both paths (tokens per streamed chunk)",
+    )
+    parser.add_argument(
         "--no-pin",
         action="store_true",
         help="let vLLM and the control plane share every core (default: vLLM alone on the last core, "
@@ -311,7 +318,10 @@ async def main() -> None:
         rows: list[str] = []
         direct_total, market_total = Result(), Result()
         if not args.skip_vllm:
-            plan = launch_plan(cpu_profile(model_dir, MODEL_NAME, max_num_seqs=args.concurrency))
+            profile = msgspec.structs.replace(
+                cpu_profile(model_dir, MODEL_NAME, max_num_seqs=args.concurrency), stream_interval=args.stream_interval
+            )
+            plan = launch_plan(profile)
             spec = plan.processes[0]
             assert plan.engine_url is not None
             vllm_env = {**os.environ, **spec.env}
@@ -394,7 +404,8 @@ async def main() -> None:
             else f"{len(cores)} cores shared by everything"
         )
         print(
-            f"\nconcurrency {args.concurrency} streams, {args.max_tokens} tokens each; "
+            f"\nconcurrency {args.concurrency} streams, {args.max_tokens} tokens each, "
+            f"vLLM stream interval {args.stream_interval}; "
             f"control plane: {args.cp_concurrency} streams; one api process; {placement}\n"
         )
         print("| path | requests | errors | TTFT p50 ms | TTFT p99 ms | tokens/s | requests/s |")

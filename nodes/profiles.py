@@ -85,6 +85,9 @@ class Profile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     long_prefill_token_threshold: int | None = None
     dtype: str = "auto"
     enforce_eager: bool = False
+    stream_interval: int = 1
+    """Tokens the engine gathers before streaming them (``--stream-interval``): 1 sends each token
+    at once; a few cut the per-token work of the engine, the agent and the api under load."""
     prefill_share: int = 100
     """Percent of SMs for the prefill worker (semi-pd; 1-100; the pair may sum past 100)."""
     decode_share: int = 100
@@ -196,6 +199,8 @@ def validate(profile: Profile) -> None:
             raise ProfileError(f"{name} must be between 1 and 100 (percent of the GPU's SMs), got {value}")
     if not 0.0 < profile.gpu_memory_utilization <= 1.0:
         raise ProfileError(f"gpu_memory_utilization must be in (0, 1.0], got {profile.gpu_memory_utilization}")
+    if not 1 <= profile.stream_interval <= 64:
+        raise ProfileError(f"stream_interval must be between 1 and 64 tokens, got {profile.stream_interval}")
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(profile, name) < 1:
             raise ProfileError(f"{name} must be at least 1, got {getattr(profile, name)}")
@@ -289,6 +294,8 @@ def _vllm_argv(profile: Profile, *, port: int, gpu_memory_utilization: float, kv
     ]
     if profile.long_prefill_token_threshold is not None:
         argv += ["--long-prefill-token-threshold", str(profile.long_prefill_token_threshold)]
+    if profile.stream_interval != 1:
+        argv += ["--stream-interval", str(profile.stream_interval)]
     if profile.enforce_eager:
         argv.append("--enforce-eager")
     if kv_role is not None:

@@ -121,6 +121,12 @@ def test_disaggregated_plan_uses_two_gpus(model_dir: Path) -> None:
     assert json.loads(option(decode.argv, "--kv-transfer-config"))["kv_role"] == "kv_consumer"
 
 
+def test_stream_interval_reaches_vllm_only_when_set(model_dir: Path) -> None:
+    assert "--stream-interval" not in launch_plan(parse_profile(yaml_profile(model_dir))).processes[0].argv
+    argv = launch_plan(parse_profile(yaml_profile(model_dir, stream_interval=4))).processes[0].argv
+    assert argv[argv.index("--stream-interval") + 1] == "4"
+
+
 def test_port_zero_picks_free_ports(model_dir: Path) -> None:
     plan = launch_plan(parse_profile(yaml_profile(model_dir, port=0)))
     assert plan.processes[0].port not in (None, 0)
@@ -137,6 +143,7 @@ def test_port_zero_picks_free_ports(model_dir: Path) -> None:
         ({"max_num_seqs": 0}, "max_num_seqs must be at least 1"),
         ({"mode": "disaggregated", "decode_device": "0"}, "prefill_device and decode_device to differ"),
         ({"max_num_sequences": 8}, "max_num_sequences"),
+        ({"stream_interval": 0}, "stream_interval must be between 1 and 64 tokens"),
     ],
 )
 def test_invalid_profiles_are_refused_with_one_line(model_dir: Path, overrides: dict[str, object], reason: str) -> None:
