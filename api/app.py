@@ -46,7 +46,8 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
                 headers = message["headers"]
-                if isinstance(headers, list):
+                # The token routes answer with the request's own id (the usage event's key).
+                if isinstance(headers, list) and not any(k.lower() == b"x-request-id" for k, _ in headers):
                     headers.append((b"x-request-id", request_id.encode("latin-1")))
             await send(message)
 

@@ -3,7 +3,8 @@
 A key is looked up by the sha256 of the presented secret (one indexed query), then cached for a
 few seconds so the token API's hot path rarely touches the database. Revocation is broadcast on
 ``control.keys.revoked`` so every api replica drops the cached key at once; the short TTL bounds
-staleness if a broadcast is missed. Expired, revoked and unknown keys all get the same 401.
+staleness if a broadcast is missed. Expired, revoked and unknown keys all get a 401; the code says
+which (``expired_api_key``, ``revoked_api_key``, ``invalid_api_key``) since the caller holds the key.
 """
 
 from __future__ import annotations

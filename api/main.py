@@ -33,7 +33,9 @@ def route_handlers() -> list[Any]:
 
 
 def startup_hooks() -> list[Startup]:
-    return [_start_auth, start_token_service, start_fleet_service, start_limiter]
+    # Closers run in reverse: the token service (finishing requests, flushing usage) stops before
+    # the limiter whose settles it still needs.
+    return [_start_auth, start_limiter, start_token_service, start_fleet_service]
 
 
 def build_app(settings: Settings) -> Litestar:

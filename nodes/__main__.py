@@ -197,7 +197,8 @@ def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
         print(f"nodes: serving as {identity.node_id} (already enrolled)", flush=True)
     node_settings = replace(
         settings,
-        nats_url=identity.nats_url,
+        # The URL the node was started with wins: an embedded server may have moved since enrolment.
+        nats_url=settings.nats_url or identity.nats_url,
         nats_user=None,
         nats_password=None,
         nats_creds=None,

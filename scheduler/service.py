@@ -84,6 +84,9 @@ class SchedulerService:
         ``node_lost``/``node_draining``/``node_revoked`` (events sent), ``db_flushes``, ``db_errors``."""
         self._own_nc = nc is None
         self._subs: list[Subscription] = []
+        self.revoked: set[str] = set()
+        """Nodes revoked while this replica ran; their heartbeats are ignored."""
+        self._event_decoder = wire.decoder(wire.FleetEvent)
         self._tasks: list[asyncio.Task[None]] = []
         self._dirty: set[str] = set()
         self._engine: AsyncEngine | None = None
@@ -95,6 +98,7 @@ class SchedulerService:
             self.nc = await bus.connect(self.settings, name=self.name)
         nc = self.nc
         self._subs.append(await nc.subscribe(subjects.HEARTBEATS, cb=self._on_heartbeat))
+        self._subs.append(await nc.subscribe(subjects.FLEET_EVENTS, cb=self._on_fleet_event))
         await nc.flush()
         if self.warmup_s > 0:
             await asyncio.sleep(self.warmup_s)
@@ -187,12 +191,25 @@ class SchedulerService:
             # A node may only publish on its own subject; the body must agree with it.
             log.warning("heartbeat for %s arrived on %s; ignored", hb.node_id, msg.subject)
             return
+        if hb.node_id in self.revoked:
+            return  # a revoked node's word no longer counts, whatever status it claims
         self.counters["heartbeats"] += 1
         node = self.fleet.observe(hb, time.monotonic(), time.time())
         self._dirty.add(node.node_id)
         if hb.status in ("draining", "revoked") and node.announced != hb.status:
             node.announced = hb.status
             await self._publish_event("node_draining" if hb.status == "draining" else "node_revoked", node)
+
+    async def _on_fleet_event(self, msg: Msg) -> None:
+        """A provider revoked a node through the api: never place on it again, even if it stays
+        connected (where NATS users are managed outside) and keeps saying it is healthy."""
+        try:
+            event = self._event_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        if event.kind == "node_revoked" and event.node_id not in self.revoked:
+            self.revoked.add(event.node_id)
+            self.fleet.forget(event.node_id)
 
     async def _watch(self) -> None:
         period = min(self.settings.heartbeat_interval_s, self.settings.heartbeat_timeout_s / 4)

@@ -42,6 +42,8 @@ class FleetService:
                 beat = _heartbeat.decode(msg.data)
             except msgspec.DecodeError:
                 return
+            if msg.subject != subjects.heartbeat(beat.node_id):
+                return  # a node may only speak for itself (NATS lets it publish on its own subject)
             self.live[beat.node_id] = (time.monotonic(), beat)
 
         await self.state.nc.subscribe(subjects.HEARTBEATS, cb=on_heartbeat)
@@ -152,11 +154,15 @@ class FleetService:
                 wire.encode(wire.FleetEvent(kind="node_draining", node_id=node_id, at=time.time())),
             )
         else:
-            await self.apply_nats_auth()
+            # Order it off first (it may still be connected where NATS users are managed outside),
+            # tell schedulers and api replicas, then cut its NATS user.
+            await self.state.nc.publish(subjects.node_control(node_id), msgspec.json.encode({"action": "revoke"}))
             await self.state.nc.publish(
                 subjects.FLEET_EVENTS,
                 wire.encode(wire.FleetEvent(kind="node_revoked", node_id=node_id, at=time.time())),
             )
+            await self.state.nc.flush()
+            await self.apply_nats_auth()
         return node
 
     async def apply_nats_auth(self) -> None:

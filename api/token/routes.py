@@ -27,15 +27,6 @@ from market.wire import Usage
 
 log = logging.getLogger(__name__)
 
-_background: set[asyncio.Task[None]] = set()
-
-
-def _spawn(coro: Any) -> None:
-    """Run cleanup that must outlive a cancelled request (anyio re-cancels awaits in its scope)."""
-    task = asyncio.get_running_loop().create_task(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-
 
 def token_service(request: Request[Any, Any, Any]) -> TokenService:
     state: AppState = request.app.state.app_state
@@ -66,10 +57,10 @@ class TokenController(Controller):
             ],
         }
 
-    @get("/models/{model_id:str}")
+    @get("/models/{model_id:path}")
     async def get_model(self, request: Request[Any, Any, Any], model_id: FromPath[str]) -> dict[str, Any]:
         await principal_of(request)
-        m = await token_service(request).catalog.get(model_id)
+        m = await token_service(request).catalog.get(model_id.lstrip("/"))
         return {
             "id": m.name,
             "object": "model",
@@ -100,10 +91,10 @@ async def _complete(request: Request[Any, Any, Any], kind: Literal["chat", "comp
     try:
         await run.begin()
     except asyncio.CancelledError:
-        _spawn(run.cancel_and_finish())
+        run.service.spawn(run.cancel_and_finish())
         raise
     except BaseException:
-        _spawn(run.finish("failed"))
+        run.service.spawn(run.finish("failed"))
         raise
     created = int(run.started_at)
     if parsed.stream:
@@ -133,7 +124,7 @@ async def _sse(run: Run, fmt: StreamFormatter, include_usage: bool) -> AsyncIter
     finally:
         if not run.finished:
             # The client went away (the response was cancelled) or the generator was closed.
-            _spawn(run.cancel_and_finish())
+            run.service.spawn(run.cancel_and_finish())
 
 
 async def _whole(
@@ -156,18 +147,19 @@ async def _whole(
         await asyncio.wait({work, disconnect}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():
             work.cancel()
-            _spawn(run.cancel_and_finish())
+            run.service.spawn(run.cancel_and_finish())
             with contextlib.suppress(BaseException):
                 await work
             return Response(b"", status_code=499)
         try:
             work.result()
         except AppError:
-            _spawn(run.finish("failed"))
+            # A whole response failed: the client got nothing, so nothing is billed.
+            run.service.spawn(run.finish("failed", delivered=False))
             raise
     except asyncio.CancelledError:
         work.cancel()
-        _spawn(run.cancel_and_finish())
+        run.service.spawn(run.cancel_and_finish())
         raise
     finally:
         disconnect.cancel()

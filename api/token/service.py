@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import msgspec
 import nats.errors
 from sqlalchemy import select
 
@@ -130,6 +131,7 @@ class Run:
             if failure is None:
                 return
             last_error = failure
+            await self._cancel("failover")  # a slow node must not run the job for nobody
             log.info(
                 "job failed over before its first token",
                 extra={"job": self.job.id, "node": self.node_id, "reason": failure, "attempt": attempt},
@@ -164,10 +166,14 @@ class Run:
                     subjects.JOBS_SUBMIT, wire.encode(self.job), timeout=self.service.settings.accept_timeout_s * 2
                 )
                 return _placement_decoder.decode(reply.data)
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            except nats.errors.NoRespondersError:
+                # Nobody received it, so sending it again cannot place it twice.
                 if pause is None:
                     break
                 await asyncio.sleep(pause)
+            except (nats.errors.Error, msgspec.DecodeError):
+                # A timeout may hide a placement that happened: never resend on the same inbox.
+                break
         await self.finish("failed")
         raise Unavailable(
             "no scheduler is answering; retry shortly", code="no_capacity", headers={"Retry-After": "1"}
@@ -259,6 +265,7 @@ class Run:
                     async with asyncio.timeout(INTER_CHUNK_TIMEOUT_S):
                         pending = [await queue.get()]
                 except TimeoutError:
+                    await self._cancel("timeout")
                     raise UpstreamError("the engine stopped sending output", code="timeout") from None
             else:
                 pending = [queue.get_nowait()]
@@ -292,16 +299,24 @@ class Run:
         await self.finish("cancelled")
 
     # ---- end -------------------------------------------------------------------------------
-    async def finish(self, outcome: wire.Outcome) -> None:
-        """Settle the quota and publish the usage event: exactly once per request."""
+    async def finish(self, outcome: wire.Outcome, *, delivered: bool = True) -> None:
+        """Settle the quota and publish the usage event: exactly once per request.
+
+        ``delivered=False``: the client received none of the output (a whole response that
+        failed after the engine started), so nothing counts against the tenant.
+        """
         if self.finished:
             return
         self.finished = True
+        if not delivered:
+            self.engine_usage, self.first, self.relayed_tokens = None, None, 0
         self.outcome = outcome
         self._release_attempt()
         ended = time.time()
         usage = self.engine_usage
-        prompt = usage.prompt_tokens if usage else 0
+        # Without the engine's report (lost mid-stream), a prompt that produced output was
+        # processed: count the api's estimate of it, as the agent does for a cancelled job.
+        prompt = usage.prompt_tokens if usage else (self.job.prompt_tokens if self.first is not None else 0)
         completion = usage.completion_tokens if usage else 0
         if self.service.limiter is not None and self.admission is not None:
             used = prompt + (completion if usage else self.relayed_tokens)
@@ -342,6 +357,7 @@ class TokenService:
         self.inboxes = Inboxes(state.nc)
         self.fleet = FleetWatch(state.nc)
         self.usage = UsagePublisher(state.js)
+        self.background: set[asyncio.Task[None]] = set()
 
     @property
     def limiter(self) -> Limiter | None:
@@ -354,8 +370,17 @@ class TokenService:
         await self.usage.start()
 
     async def stop(self) -> None:
+        """Let requests that are finishing (cancel, settle, usage) end, then flush usage events."""
+        if self.background:
+            await asyncio.wait(list(self.background), timeout=5)
         await self.usage.stop()
         await self.inboxes.stop()
+
+    def spawn(self, coro: Any) -> None:
+        """Run cleanup that must outlive a cancelled request (anyio re-cancels awaits in its scope)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def prepare(
         self,

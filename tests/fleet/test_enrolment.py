@@ -176,8 +176,12 @@ async def test_provider_sees_its_nodes_live_and_only_its_own(
             sent_at=time.time(),
         )
         await node.publish(subjects.heartbeat(node_id), wire.encode(beat))
+        # Speaking for another node on its own subject is ignored.
+        forged = wire.Heartbeat(node_id="node_someone_else", provider_id=provider_a, status="healthy", models=["x"])
+        await node.publish(subjects.heartbeat(node_id), wire.encode(forged))
         await node.flush()
         await asyncio.sleep(0.2)
+        assert "node_someone_else" not in api.app.state.app_state.services["fleet"].live
         listed = (await client.get("/api/provider/nodes", headers=headers_a)).json()
         assert [(n["id"], n["status"], n["running"], n["models"]) for n in listed] == [(node_id, "healthy", 3, ["m"])]
         assert (await client.get("/api/provider/nodes", headers=headers_b)).json() == []

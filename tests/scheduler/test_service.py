@@ -334,3 +334,24 @@ async def test_placement_goes_on_while_postgres_is_unreachable(
     assert placement.node_id == "node_a"
     assert service.counters["db_errors"] == 1
     assert service.stats()["placed"] == 1
+
+
+async def test_a_revoked_node_gets_no_more_jobs_even_if_it_says_it_is_healthy(
+    nc: Client, fast: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    """Where NATS users are managed outside, a revoked node may stay connected: the provider's
+    revocation (a fleet event from the api) must still stop placement on it for good."""
+    rogue = await start_node(nodes, nc, fast, "node_rogue", models=["llama-8b"], slots=100)
+    await start_node(nodes, nc, fast, "node_good", models=["llama-8b"], slots=100)
+    await start_replica(replicas, fast)
+    before = await asyncio.gather(*(submit(nc, make_job(f"req_r{i}")) for i in range(5)))
+    assert "node_rogue" in {p.node_id for p in before}
+
+    await nc.publish(
+        subjects.FLEET_EVENTS, wire.encode(wire.FleetEvent(kind="node_revoked", node_id="node_rogue", at=time.time()))
+    )
+    await nc.flush()
+    await asyncio.sleep(3 * fast.heartbeat_interval_s)  # it keeps heartbeating "healthy"
+    assert rogue.status == "healthy"
+    after = await asyncio.gather(*(submit(nc, make_job(f"req_s{i}")) for i in range(5)))
+    assert {p.node_id for p in after} == {"node_good"}

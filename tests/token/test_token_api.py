@@ -66,6 +66,22 @@ async def test_chat_completion_and_usage_event(api: RunningApi, tenant: TenantKe
     assert event.ttft_ms <= event.duration_ms
 
 
+async def test_one_request_id_names_the_response_and_the_usage(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client
+) -> None:
+    await fleet({"node_a": echo_node("node_a")})
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        response = await client.post(
+            "/v1/completions",
+            headers={"Authorization": f"Bearer {tenant.secret}"},
+            json={"model": "fake-model", "prompt": "x", "max_tokens": 2},
+        )
+    assert response.status_code == 200
+    ids = response.headers.get_list("x-request-id")
+    event, _ = await usage_event(nc, tenant.tenant_id)
+    assert ids == [event.request_id]
+
+
 async def test_streamed_chat_with_usage(api: RunningApi, tenant: TenantKey, fleet: Fleet) -> None:
     await fleet({"node_a": echo_node("node_a", words=4)})
     stream = await sdk(api, tenant.secret).chat.completions.create(
