@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, delete, get, post, put
@@ -12,6 +12,7 @@ from msgspec import Meta, Struct
 from sqlalchemy import select
 
 from api.auth import Principal, principal_of, require_platform_admin, require_provider
+from api.bodies import decode_body
 from api.errors import InvalidRequest
 from api.fleet.service import FleetService
 from api.state import AppState
@@ -19,7 +20,6 @@ from market import natsauth
 from market.models import Node, Provider, ProviderOffer
 
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
-T = TypeVar("T")
 
 
 class ProviderIn(Struct, forbid_unknown_fields=True):
@@ -97,19 +97,16 @@ class NodeOut(Struct):
     """What the provider earned from them, in micros of the minor unit (rated usage only)."""
 
 
+PROVIDER_IN = msgspec.json.Decoder(ProviderIn)
+ENROLMENT_TOKEN_IN = msgspec.json.Decoder(EnrolmentTokenIn)
+OFFER_IN = msgspec.json.Decoder(OfferIn)
+ENROL_IN = msgspec.json.Decoder(EnrolIn)
+
+
 def fleet(request: Request[Any, Any, Any]) -> FleetService:
     state: AppState = request.app.state.app_state
     service: FleetService = state.services["fleet"]
     return service
-
-
-def _decode(request_body: bytes, kind: type[T]) -> T:
-    try:
-        return msgspec.json.decode(request_body or b"{}", type=kind)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
 
 
 class AdminProvidersController(Controller):
@@ -120,7 +117,7 @@ class AdminProvidersController(Controller):
     @post("/", status_code=201)
     async def create(self, request: Request[Any, Any, Any]) -> ProviderOut:
         """Create a provider; its key is returned once."""
-        body = _decode(await request.body(), ProviderIn)
+        body = decode_body(await request.body(), PROVIDER_IN, empty=b"{}")
         provider, secret, key_id = await fleet(request).create_provider(body.name)
         return ProviderOut(
             id=provider.id, name=provider.name, created_at=provider.created_at, key=secret, key_id=key_id
@@ -143,7 +140,7 @@ class ProviderController(Controller):
     async def mint(self, request: Request[Any, Any, Any]) -> EnrolmentTokenOut:
         """A one-time, expiring token for `market node join --token`."""
         principal = await principal_of(request)
-        body = _decode(await request.body(), EnrolmentTokenIn)
+        body = decode_body(await request.body(), ENROLMENT_TOKEN_IN, empty=b"{}")
         assert principal.provider_id is not None
         token, secret = await fleet(request).mint_enrolment_token(principal.provider_id, body.ttl_seconds)
         return EnrolmentTokenOut(id=token.id, token=secret, expires_at=token.expires_at)
@@ -175,7 +172,7 @@ class ProviderController(Controller):
         the next price-book version."""
         principal = await principal_of(request)
         assert principal.provider_id is not None
-        body = _decode(await request.body(), OfferIn)
+        body = decode_body(await request.body(), OFFER_IN, empty=b"{}")
         offer = await fleet(request).set_offer(
             principal.provider_id, body.model, body.input_minor_per_million, body.output_minor_per_million
         )
@@ -241,7 +238,7 @@ class EnrolController(Controller):
     @post("/enrol", status_code=201)
     async def enrol(self, request: Request[Any, Any, Any]) -> EnrolOut:
         """A provider machine joins with a one-time token and its own public nkey."""
-        body = _decode(await request.body(), EnrolIn)
+        body = decode_body(await request.body(), ENROL_IN, empty=b"{}")
         if not natsauth.is_user_public_key(body.public_key):
             raise InvalidRequest("public_key must be a NATS user public nkey (U...)", param="public_key")
         service = fleet(request)

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from api.bodies import decode_body
 from api.errors import InvalidRequest
 
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
@@ -99,26 +100,12 @@ _CHAT = msgspec.json.Decoder(ChatCompletionRequest)
 _COMPLETION = msgspec.json.Decoder(CompletionRequest)
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
-    if not body:
-        raise InvalidRequest("request body is empty; send a JSON object")
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        param = message.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in message else None
-        raise InvalidRequest(f"invalid request: {message}", param=param) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-
-
 def decode_chat(body: bytes) -> ChatCompletionRequest:
-    request: ChatCompletionRequest = _decode(_CHAT, body)
-    return request
+    return decode_body(body, _CHAT)
 
 
 def decode_completion(body: bytes) -> CompletionRequest:
-    request: CompletionRequest = _decode(_COMPLETION, body)
+    request = decode_body(body, _COMPLETION)
     if request.echo:
         raise InvalidRequest("echo is not supported", param="echo")
     return request
