@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -164,3 +165,25 @@ async def api(settings: Settings) -> AsyncIterator[RunningApi]:
     running = await RunningApi(build_app(settings), free_port()).start()
     yield running
     await running.stop()
+
+
+@pytest.fixture
+async def scheduler(settings: Settings) -> AsyncIterator[Any]:
+    """One real scheduler replica on the session's NATS and PostgreSQL."""
+    from scheduler.service import SchedulerService
+
+    service = SchedulerService(settings)
+    await service.start()
+    yield service
+    await service.stop()
+
+
+async def wait_healthy(scheduler: Any, node_ids: list[str], timeout: float = 120) -> None:
+    """Until the scheduler counts every one of ``node_ids`` healthy (heard from and ready)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states, now = scheduler.fleet.nodes, time.monotonic()
+        if all(n in states and states[n].healthy(now, scheduler.settings.heartbeat_timeout_s) for n in node_ids):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"nodes {node_ids} did not become healthy")

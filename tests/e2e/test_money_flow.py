@@ -27,19 +27,17 @@ from market.wire import ProfileInfo
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.engines.sim import SimConfig, SimEngine
 from scheduler.service import SchedulerService
-from tests.conftest import RunningApi
+from tests.conftest import RunningApi, wait_healthy
 from tests.token.conftest import make_tenant
 
 MODEL = "sim-llama-3-8b"
 
 
 @pytest.fixture
-async def fleet(settings: Settings, engine: AsyncEngine) -> AsyncIterator[str]:
-    """A scheduler and one simulated node of a real provider row; yields the provider id."""
+async def fleet(settings: Settings, engine: AsyncEngine, scheduler: SchedulerService) -> AsyncIterator[str]:
+    """One simulated node of a real provider row, healthy in the scheduler; yields the provider id."""
     async with session_factory(engine)() as session, session.begin():
         session.add(Provider(id="prov_money", name="money rigs"))
-    scheduler = SchedulerService(settings)
-    await scheduler.start()
     agent = NodeAgent(
         AgentConfig(
             node_id="node_money",
@@ -51,13 +49,9 @@ async def fleet(settings: Settings, engine: AsyncEngine) -> AsyncIterator[str]:
         SimEngine(SimConfig(speedup=50.0)),
     )
     await agent.start()
-    deadline = time.monotonic() + 30
-    while "node_money" not in scheduler.fleet.nodes or scheduler.fleet.nodes["node_money"].status != "healthy":
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await wait_healthy(scheduler, ["node_money"], timeout=30)
     yield "prov_money"
     await agent.stop(drain=False)
-    await scheduler.stop()
 
 
 async def test_traffic_becomes_balanced_money(

@@ -11,7 +11,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from nodes.agent import AgentConfig, NodeAgent
 from nodes.engines.vllm import VllmEngine, parse_metrics
 from nodes.profiles import cpu_profile, launch_plan
 from scheduler.service import SchedulerService
-from tests.conftest import RunningApi
+from tests.conftest import RunningApi, wait_healthy
 from tests.fixtures_vllm import VllmServer
 from tests.token.conftest import TenantKey, make_tenant
 from tests.token.test_token_api import usage_event
@@ -48,29 +47,6 @@ def attached_agent(settings: Settings, server: VllmServer, node_id: str) -> Node
         hardware=Hardware(accelerator="cpu"),
     )
     return NodeAgent(config, engine)
-
-
-async def wait_healthy(scheduler: SchedulerService, node_ids: list[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = scheduler.fleet.nodes
-        now = time.monotonic()
-        if all(n in states and states[n].healthy(now, settings_timeout(scheduler)) for n in node_ids):
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"nodes {node_ids} did not become healthy")
-
-
-def settings_timeout(scheduler: SchedulerService) -> float:
-    return scheduler.settings.heartbeat_timeout_s
-
-
-@pytest.fixture
-async def scheduler(settings: Settings) -> AsyncIterator[SchedulerService]:
-    service = SchedulerService(settings)
-    await service.start()
-    yield service
-    await service.stop()
 
 
 @pytest.fixture

@@ -20,16 +20,7 @@ from market.db import session_factory
 from market.models import EnrolmentToken
 from market.settings import Settings
 from tests.conftest import RunningApi
-
-
-async def _provider(client: httpx.AsyncClient, admin: str, name: str) -> tuple[str, dict[str, str]]:
-    created = await client.post(
-        "/api/admin/providers", json={"name": name}, headers={"Authorization": f"Bearer {admin}"}
-    )
-    assert created.status_code == 201, created.text
-    body = created.json()
-    assert body["key"].startswith("sk-prov-")
-    return body["id"], {"Authorization": f"Bearer {body['key']}"}
+from tests.fleet.helpers import create_provider
 
 
 async def _enrol(client: httpx.AsyncClient, provider: dict[str, str], name: str = "gpu-1") -> tuple[str, str]:
@@ -66,7 +57,7 @@ async def _node_connection(settings: Settings, seed: str, errors: list[str], clo
 
 async def test_enrolment_token_is_one_time_and_expires(api: RunningApi, admin: str, engine: AsyncEngine) -> None:
     async with httpx.AsyncClient(base_url=api.url) as client:
-        _, provider = await _provider(client, admin, "acme gpus")
+        _, provider = await create_provider(client, admin, "acme gpus")
         minted = await client.post("/api/provider/enrolment-tokens", json={"ttl_seconds": 600}, headers=provider)
         assert minted.status_code == 201
         token = minted.json()["token"]
@@ -110,7 +101,7 @@ async def test_a_node_can_use_only_its_own_subjects_and_revocation_cuts_it_off(
     api: RunningApi, admin: str, settings: Settings, nc: Client
 ) -> None:
     async with httpx.AsyncClient(base_url=api.url) as client:
-        _, provider = await _provider(client, admin, "acme gpus")
+        _, provider = await create_provider(client, admin, "acme gpus")
         node_a, seed_a = await _enrol(client, provider, "a")
         node_b, _ = await _enrol(client, provider, "b")
         await asyncio.sleep(0.3)  # the server reloads its authorization
@@ -153,8 +144,8 @@ async def test_provider_sees_its_nodes_live_and_only_its_own(
     api: RunningApi, admin: str, settings: Settings, nc: Client
 ) -> None:
     async with httpx.AsyncClient(base_url=api.url) as client:
-        provider_a, headers_a = await _provider(client, admin, "a")
-        _, headers_b = await _provider(client, admin, "b")
+        provider_a, headers_a = await create_provider(client, admin, "a")
+        _, headers_b = await create_provider(client, admin, "b")
         node_id, seed = await _enrol(client, headers_a)
         await asyncio.sleep(0.3)
         node = await _node_connection(settings, seed, [], asyncio.Event())

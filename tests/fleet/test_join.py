@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -23,14 +22,6 @@ from tests.conftest import RunningApi
 from tests.token.conftest import make_tenant
 
 SIM_MODEL = "sim-llama-3-8b"
-
-
-@pytest.fixture
-async def scheduler(settings: Settings) -> AsyncIterator[SchedulerService]:
-    service = SchedulerService(settings)
-    await service.start()
-    yield service
-    await service.stop()
 
 
 def _join(api: RunningApi, token: str, data_dir: Path, speedup: float = 20.0) -> subprocess.Popen[str]:

@@ -4,7 +4,6 @@ ceilings, taken into the next price-book version as payouts; per-node tokens ser
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -20,27 +19,21 @@ from market.wire import ProfileInfo
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.engines.sim import SimConfig, SimEngine
 from scheduler.service import SchedulerService
-from tests.conftest import RunningApi
+from tests.conftest import RunningApi, wait_healthy
+from tests.fleet.helpers import create_provider
 from tests.token.conftest import make_tenant
 
 MODEL = "sim-llama-3-8b"
 
 
-async def _provider(client: httpx.AsyncClient, admin: str, name: str) -> tuple[str, dict[str, str]]:
-    created = (
-        await client.post("/api/admin/providers", json={"name": name}, headers={"Authorization": f"Bearer {admin}"})
-    ).json()
-    return created["id"], {"Authorization": f"Bearer {created['key']}"}
-
-
 async def test_offers_route_tenants_by_price_and_feed_the_price_book(
-    api: RunningApi, settings: Settings, engine: AsyncEngine
+    api: RunningApi, settings: Settings, engine: AsyncEngine, scheduler: SchedulerService
 ) -> None:
     admin = await create_platform_admin_key(settings)
     tenant = await make_tenant(engine, "thrifty", models=((MODEL, 8192),))
     async with httpx.AsyncClient(base_url=api.url) as client:
-        cheap_id, cheap = await _provider(client, admin, "cheap rigs")
-        dear_id, dear = await _provider(client, admin, "dear rigs")
+        cheap_id, cheap = await create_provider(client, admin, "cheap rigs")
+        dear_id, dear = await create_provider(client, admin, "dear rigs")
         ok = await client.put(
             "/api/provider/offers",
             headers=cheap,
@@ -74,8 +67,6 @@ async def test_offers_route_tenants_by_price_and_feed_the_price_book(
                 update(Tenant).where(Tenant.id == tenant.tenant_id).values(max_price_minor_per_million=100_000)
             )
         api.app.state.app_state.services["auth"].forget(tenant.key_id)
-        scheduler = SchedulerService(settings)
-        await scheduler.start()
         agents = [
             NodeAgent(
                 AgentConfig(
@@ -92,11 +83,8 @@ async def test_offers_route_tenants_by_price_and_feed_the_price_book(
         try:
             for agent in agents:
                 await agent.start()
-            deadline = time.monotonic() + 20
-            while len(scheduler.fleet.nodes) < 2 or not await scheduler.load_offers():
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
-            await scheduler.load_offers()
+            await wait_healthy(scheduler, ["node_cheap", "node_dear"], timeout=20)
+            assert await scheduler.load_offers()
             sdk = openai.AsyncOpenAI(base_url=api.url + "/v1", api_key=tenant.secret, max_retries=0)
             await asyncio.gather(*(sdk.completions.create(model=MODEL, prompt="x", max_tokens=3) for _ in range(8)))
             assert scheduler.placements["node_cheap"] == 8
@@ -104,7 +92,6 @@ async def test_offers_route_tenants_by_price_and_feed_the_price_book(
         finally:
             for agent in agents:
                 await agent.stop(drain=False)
-            await scheduler.stop()
 
         # A new price-book version takes the offers as payouts, except one above what tenants pay.
         book = await client.post(
