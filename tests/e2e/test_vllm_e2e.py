@@ -196,7 +196,11 @@ def _assert_nothing_unstarted_was_lost(records: list[dict[str, Any]], crashed_at
     for record in records:
         if not record["ok"]:
             assert record["first_token_at"] is not None, f"a request lost before streaming: {record}"
-            assert record["first_token_at"] <= crashed_at + 0.05
+            # It started on the node that died. Pieces sent before the kill can still be on their way
+            # (agent -> NATS -> API -> SDK) for a few hundred ms on a loaded 2-core machine; nothing
+            # can start on the dead node later (a killed agent never returns, a killed vLLM restarts
+            # after a 1 s backoff plus its boot), so a first piece seen within 1 s came from before.
+            assert record["first_token_at"] <= crashed_at + 1.0, f"failed after starting late: {record}"
     assert sum(r["ok"] for r in records) >= len(records) // 2
 
 
