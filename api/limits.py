@@ -6,10 +6,13 @@ changed only by the ``market_admit``/``market_settle`` functions (migration 0003
 per admission, serialised on the tenant's quota row, so any number of api replicas enforce one
 limit and concurrent requests can never overrun a hard quota.
 
-The hot path uses its own small asyncpg pool (prepared statements, no ORM) because admission is
-on every token request. Settles are group-committed: while one settle statement is in flight the
-next ones queue and go together in one statement. A delayed settle only keeps a hold a little
-longer (more conservative), so batching never weakens the quota guarantee.
+The hot path uses its own connections (prepared statements, no ORM, and not asyncpg's pool, whose
+acquire/release cost more than the statement) because admission is on every token request. Both
+statements run to completion even when the request is cancelled: an admit whose caller left is
+settled with nothing used, so a hold is never stranded. Settles are group-committed: while one
+settle statement is in flight the next ones queue and go together in one statement. A delayed
+settle only keeps a hold a little longer (more conservative), so batching never weakens the quota
+guarantee.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import date
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -84,11 +89,99 @@ class _PendingSettle:
     period: date
     hold: int
     used: int
-    done: asyncio.Future[None]
+    done: asyncio.Future[None] | None
+    """Resolved when written; None when nobody waits (an orphaned admit's release)."""
 
 
 async def _keep_session(_: asyncpg.Connection) -> None:
     """Skip asyncpg's reset query on release (a round trip): our statements leave no session state."""
+
+
+class _Connections:
+    """A lean connection pool for the two hot statements.
+
+    asyncpg's ``Pool`` spends about 90 us per acquire/release (a shielded release task, timeout
+    scopes, a proxy object): more than a ``SELECT 1`` round trip. Here acquire and release are a
+    list pop and push. It relies on its callers never being cancelled mid-statement (the limiter
+    runs both statements in tasks nobody cancels), so a returned connection is always idle; a
+    connection that failed is closed and replaced on demand.
+    """
+
+    def __init__(self, url: str, size: int) -> None:
+        self._url = url
+        self._size = size
+        self._idle: list[asyncpg.Connection] = []
+        self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
+        self._open = 0
+        """Connections open or being opened."""
+
+    async def _acquire(self) -> asyncpg.Connection:
+        while True:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.is_closed():
+                    return conn
+                self._open -= 1
+            if self._open < self._size:
+                self._open += 1
+                try:
+                    # admit and settle need not wait for the WAL flush: holds are transient and
+                    # billing counts from the ledger; a database crash forgets at most the last
+                    # moment's holds and use (the quota is then briefly lenient, never strict)
+                    conn = await asyncpg.connect(self._url, server_settings={"synchronous_commit": "off"})
+                except BaseException:
+                    self._open -= 1
+                    self._wake(None)
+                    raise
+                return conn
+            waiter: asyncio.Future[asyncpg.Connection | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            handed = await waiter
+            if handed is not None:
+                return handed
+
+    def _wake(self, conn: asyncpg.Connection | None) -> bool:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
+
+    def _release(self, conn: asyncpg.Connection, *, broken: bool) -> None:
+        if broken or conn.is_closed():
+            self._open -= 1
+            conn.terminate()
+            self._wake(None)  # a waiter may open the replacement
+        elif not self._wake(conn):
+            self._idle.append(conn)
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        conn = await self._acquire()
+        try:
+            row = await conn.fetchrow(query, *args)
+        except BaseException as exc:
+            self._release(conn, broken=not isinstance(exc, asyncpg.PostgresError))
+            raise
+        self._release(conn, broken=False)
+        return row
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        conn = await self._acquire()
+        try:
+            rows = await conn.fetch(query, *args)
+        except BaseException as exc:
+            self._release(conn, broken=not isinstance(exc, asyncpg.PostgresError))
+            raise
+        self._release(conn, broken=False)
+        return rows
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        self._open -= len(idle)
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=5)
 
 
 def format_reset(seconds: float) -> str:
@@ -122,16 +215,16 @@ class Limiter:
         self.soft_threshold = soft_threshold
         self.holder = new_id("key").replace("key_", "lim_", 1)
         self._pool: asyncpg.Pool | None = None
+        self._hot: _Connections | None = None
         self._pending: list[_PendingSettle] = []
         self._retry: list[_PendingSettle] = []
         self._flusher: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        size = max(2, self.state.settings.db_pool_size)
-        self._pool = await asyncpg.create_pool(
-            plain_url(self.state.settings.require_database_url()), min_size=2, max_size=size, reset=_keep_session
-        )
+        url = plain_url(self.state.settings.require_database_url())
+        self._hot = _Connections(url, max(2, self.state.settings.db_pool_size))
+        self._pool = await asyncpg.create_pool(url, min_size=1, max_size=2, reset=_keep_session)
         await self._pool.execute("INSERT INTO limiter_instances (id) VALUES ($1)", self.holder)
         self._heartbeat = asyncio.create_task(self._beat(), name="limiter-heartbeat")
 
@@ -154,12 +247,23 @@ class Limiter:
                 await self._pool.fetchval("SELECT market_release_dead_holders($1)", STALE_HOLDER_S)
             await self._pool.close()
             self._pool = None
+        if self._hot is not None:
+            await self._hot.close()
+            self._hot = None
 
     @property
     def pool(self) -> asyncpg.Pool:
+        """For the cold statements (heartbeat, sweep)."""
         if self._pool is None:
             raise RuntimeError("Limiter.start() has not run")
         return self._pool
+
+    @property
+    def hot(self) -> _Connections:
+        """For admit and settle."""
+        if self._hot is None:
+            raise RuntimeError("Limiter.start() has not run")
+        return self._hot
 
     async def admit(self, principal: Principal, model: str, prompt_tokens: int, max_tokens: int) -> Admission:
         """Hold ``prompt_tokens + max_tokens`` for this request, or raise the error the client should see."""
@@ -169,24 +273,33 @@ class Limiter:
             raise Forbidden("this API key may not call the token API (no 'inference' scope)", code="missing_scope")
         if prompt_tokens < 0 or max_tokens < 0:
             raise InvalidRequest("prompt and max_tokens must not be negative", param="max_tokens")
-        row = await self.pool.fetchrow(
-            _ADMIT_SQL,
-            self.holder,
-            principal.tenant_id,
-            principal.key_id,
-            model,
-            prompt_tokens,
-            max_tokens,
-            principal.key_rpm,
-            principal.key_tpm,
-            principal.tenant_rpm,
-            principal.tenant_tpm,
+        tenant_id = principal.tenant_id
+        query = asyncio.ensure_future(
+            self.hot.fetchrow(
+                _ADMIT_SQL,
+                self.holder,
+                tenant_id,
+                principal.key_id,
+                model,
+                prompt_tokens,
+                max_tokens,
+                principal.key_rpm,
+                principal.key_tpm,
+                principal.tenant_rpm,
+                principal.tenant_tpm,
+            )
         )
+        try:
+            row = await asyncio.shield(query)
+        except asyncio.CancelledError:
+            # the caller left while the statement ran: whatever it held goes back
+            query.add_done_callback(lambda done: self._orphaned(done, tenant_id, prompt_tokens + max_tokens))
+            raise
         assert row is not None  # the function always returns one row
         status: str = row["status"]
         if status == "ok":
             return Admission(
-                tenant_id=principal.tenant_id,
+                tenant_id=tenant_id,
                 key_id=principal.key_id,
                 model=model,
                 period=row["period"],
@@ -195,6 +308,14 @@ class Limiter:
                 headers=_headers(row),
             )
         raise self._refusal(status, row, model, prompt_tokens + max_tokens)
+
+    def _orphaned(self, query: asyncio.Future[asyncpg.Record | None], tenant_id: str, hold: int) -> None:
+        """An admit finished for a caller that was cancelled: release its hold, if it took one."""
+        if query.cancelled() or query.exception() is not None:
+            return
+        row = query.result()
+        if row is not None and row["status"] == "ok":
+            self._queue(_PendingSettle(self.holder, tenant_id, row["period"], hold, 0, None))
 
     def _refusal(self, status: str, row: asyncpg.Record, model: str, wanted: int) -> Exception:
         headers = _headers(row)
@@ -234,7 +355,7 @@ class Limiter:
             return
         admission.settled = True
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(
+        self._queue(
             _PendingSettle(
                 admission.holder,
                 admission.tenant_id,
@@ -244,10 +365,13 @@ class Limiter:
                 done,
             )
         )
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop(), name="limiter-settle")
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(done)
+
+    def _queue(self, item: _PendingSettle) -> None:
+        self._pending.append(item)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop(), name="limiter-settle")
 
     async def _flush_loop(self) -> None:
         while self._pending:
@@ -259,13 +383,13 @@ class Limiter:
         try:
             if len(batch) == 1:
                 one = batch[0]
-                row = await self.pool.fetchrow(
+                row = await self.hot.fetchrow(
                     _SETTLE_ONE_SQL, one.holder, one.tenant_id, one.period, one.hold, one.used, self.soft_threshold
                 )
                 if row is not None and row["crossed"]:
                     crossed.append((one.tenant_id, one.period, row["granted"], row["used"]))
             else:
-                rows = await self.pool.fetch(
+                rows = await self.hot.fetch(
                     _SETTLE_SQL,
                     [item.holder for item in batch],
                     [item.tenant_id for item in batch],
@@ -281,7 +405,7 @@ class Limiter:
             log.exception("settling %d admissions failed; will retry", len(batch))
             self._retry.extend(batch)
         for item in batch:
-            if not item.done.done():
+            if item.done is not None and not item.done.done():
                 item.done.set_result(None)
         for tenant_id, period, granted, used in crossed:
             await self._soft_threshold_reached(tenant_id, period, granted, used)

@@ -30,7 +30,9 @@ LANGUAGE sql STABLE AS $$ SELECT (date_trunc('month', now() AT TIME ZONE 'UTC'))
 # sweep lock quota before holder too, so concurrent callers cannot deadlock. GCRA: a limit of r
 # per minute is one "theoretical arrival time" (tat); a cost of n moves it by n*60/r seconds and
 # is allowed while tat stays within 60 s of now. Kept to few statements: each one costs on the
-# hot path of every token request.
+# hot path of every token request. The limiter's connections run with synchronous_commit off
+# (set per connection, not here: a statement each call): holds and rate buckets are transient,
+# and the ledger, not the quota row, is what bills.
 ADMIT = """
 CREATE FUNCTION market_admit(
     p_holder text, p_tenant text, p_key text, p_model text, p_prompt bigint, p_max bigint,
@@ -58,7 +60,6 @@ DECLARE
     v_rem integer;
     v_worst double precision := -1;
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
     period := v_period;
     SELECT m.context_length,
            NOT EXISTS (SELECT 1 FROM tenant_models t WHERE t.tenant_id = p_tenant)
@@ -175,7 +176,6 @@ DECLARE
     v_notified timestamptz;
     v_release bigint;
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
     crossed := false;
     SELECT q.soft_notified_at INTO v_notified FROM tenant_quotas q
      WHERE q.tenant_id = p_tenant AND q.period = p_period FOR UPDATE;
@@ -218,7 +218,6 @@ DECLARE
     v_release bigint;
     v_row tenant_quotas%ROWTYPE;
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
     FOR r IN
         SELECT x.t AS tenant_id, x.p AS period, sum(x.u)::bigint AS use,
                array_agg(x.holder ORDER BY x.holder) AS holders, array_agg(x.h ORDER BY x.holder) AS holds

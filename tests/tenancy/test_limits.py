@@ -196,3 +196,26 @@ async def test_holds_of_a_dead_replica_are_released(api: RunningApi, admin: http
     assert released == 100
     assert await _quota(survivor, world.tenant_id) == (100, 0, 0)
     await survivor.limiter.admit(await survivor.principal(world.key), world.model, 50, 50)
+
+
+async def test_a_request_cancelled_during_admission_strands_no_hold(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start
+) -> None:
+    """A client that disconnects while its admit runs: the hold it took goes back by itself."""
+    world = await make_world(admin, grant=100)
+    a = await replicas()
+    principal = await a.principal(world.key)
+    # keep the quota row locked so the admit is certainly mid-statement when it is cancelled
+    async with a.limiter.pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("SELECT 1 FROM tenant_quotas WHERE tenant_id = $1 FOR UPDATE", world.tenant_id)
+        admit = asyncio.create_task(a.limiter.admit(principal, world.model, 30, 30))
+        await asyncio.sleep(0.2)
+        admit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admit
+    for _ in range(50):  # the admit now takes its hold, then gives it back
+        if await _quota(a, world.tenant_id) == (100, 0, 0):
+            break
+        await asyncio.sleep(0.05)
+    assert await _quota(a, world.tenant_id) == (100, 0, 0)
+    await a.limiter.admit(principal, world.model, 50, 50)  # the whole grant is usable again
