@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import signal
 
-from market import logs
+from market import aio, logs
 from market.settings import Settings
 from market.wire import Hardware, ProfileInfo
 from nodes.agent import AgentConfig, NodeAgent
@@ -62,4 +62,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    aio.run(main())

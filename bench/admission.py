@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from api.auth import Authenticator
 from api.limits import Limiter
 from api.state import AppState
-from market import bus, db, keys, migrate
+from market import aio, bus, db, keys, migrate
 from market.embedded import EmbeddedNats, EmbeddedPostgres
 from market.ids import new_id
 from market.models import ApiKey, Grant, Incubator, IncubatorPool, Model, Tenant, TenantQuota
@@ -167,6 +167,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    import uvloop
-
-    uvloop.run(main())
+    aio.run(main())  # uvloop, as the api runs under uvicorn

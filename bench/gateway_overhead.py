@@ -266,6 +266,52 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def cpu_by_process(stack: Stack, names: dict[int, str]) -> dict[str, float]:
+    """CPU-seconds used so far by each part of the stack (PostgreSQL counts its backends too)."""
+    used: dict[str, float] = {}
+    pids = dict(names)
+    nats_pid = stack.nats.pid_file.read_text().strip() if stack.nats.pid_file.exists() else ""
+    if nats_pid.isdigit():
+        pids[int(nats_pid)] = "nats"
+    postmaster = stack.pg.data_dir / "postmaster.pid"
+    if postmaster.exists():
+        pg = int(postmaster.read_text().split()[0])
+        pids[pg] = "postgres"
+        for child in _children(pg):
+            pids[child] = "postgres"
+    for pid, name in pids.items():
+        try:
+            used[name] = used.get(name, 0.0) + cpu_seconds(pid)
+        except OSError:
+            continue
+    times = os.times()
+    used["load generator"] = times.user + times.system
+    return used
+
+
+def _add(total: dict[str, float], before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """``total`` plus the CPU each part used between two snapshots."""
+    return {k: total.get(k, 0.0) + after[k] - before.get(k, 0.0) for k in after}
+
+
+def cpu_share(used: dict[str, float], wall: float) -> str:
+    parts = sorted(((seconds / wall, name) for name, seconds in used.items()), reverse=True)
+    return ", ".join(f"{name} {share:.0%}" for share, name in parts if share >= 0.005)
+
+
 def row(name: str, r: Result) -> str:
     return (
         f"| {name} | {r.requests} | {r.errors} | {r.pct(0.5):.1f} | {r.pct(0.99):.1f} | "
@@ -313,10 +359,12 @@ async def main() -> None:
         api = f"http://127.0.0.1:{api_port}"
         py = sys.executable
         api_proc = stack.spawn([py, "-m", "api", "--port", str(api_port)], stack.env(settings, "api"), "api")
-        stack.spawn([py, "-m", "scheduler"], stack.env(settings, "scheduler"), "scheduler")
+        scheduler_proc = stack.spawn([py, "-m", "scheduler"], stack.env(settings, "scheduler"), "scheduler")
         await wait_http(api + "/readyz")
         rows: list[str] = []
         direct_total, market_total = Result(), Result()
+        direct_cpu: dict[str, float] = {}
+        market_cpu: dict[str, float] = {}
         if not args.skip_vllm:
             profile = msgspec.structs.replace(
                 cpu_profile(model_dir, MODEL_NAME, max_num_seqs=args.concurrency), stream_interval=args.stream_interval
@@ -349,7 +397,9 @@ async def main() -> None:
             warm = min(args.concurrency, per_round)
             await run_load(plan.engine_url + "/v1/completions", MODEL_NAME, {}, warm, warm, args.max_tokens)
             await run_load(api + "/v1/completions", MODEL_NAME, headers, warm, warm, args.max_tokens)
+            names = {api_proc.pid: "api", scheduler_proc.pid: "scheduler", agents.pid: "agent", vllm_proc.pid: "vllm"}
             for _ in range(args.rounds):
+                before = cpu_by_process(stack, names)
                 direct_total.add(
                     await run_load(
                         plan.engine_url + "/v1/completions",
@@ -360,11 +410,14 @@ async def main() -> None:
                         args.max_tokens,
                     )
                 )
+                middle = cpu_by_process(stack, names)
+                direct_cpu = _add(direct_cpu, before, middle)
                 market_total.add(
                     await run_load(
                         api + "/v1/completions", MODEL_NAME, headers, args.concurrency, per_round, args.max_tokens
                     )
                 )
+                market_cpu = _add(market_cpu, middle, cpu_by_process(stack, names))
             rows.append(row("vLLM direct", direct_total))
             rows.append(row("through the marketplace", market_total))
             stack.stop(agents)
@@ -422,6 +475,8 @@ async def main() -> None:
                 f"throughput through the marketplace: {market_total.tokens_per_s / direct_total.tokens_per_s:.0%} "
                 "of direct"
             )
+            print(f"CPU (share of one core) during the direct rounds: {cpu_share(direct_cpu, direct_total.wall)}")
+            print(f"CPU during the marketplace rounds: {cpu_share(market_cpu, market_total.wall)}")
         print(
             f"control plane: {control.requests / control.wall:,.0f} requests/s, "
             f"{control.tokens_per_s:,.0f} relayed tokens/s through one api process, which was busy "

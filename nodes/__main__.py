@@ -24,7 +24,7 @@ from pathlib import Path
 
 import msgspec
 
-from market import logs
+from market import aio, logs
 from market.settings import Settings, SettingsError
 from market.wire import Hardware
 from nodes import enrol
@@ -149,7 +149,7 @@ def cmd_local(args: argparse.Namespace, settings: Settings) -> int:
         engine = vllm_engine_for(profile, settings.data_dir / "logs")
         models = profile.marketplace_models
     logs.setup("node", settings.log_level)
-    asyncio.run(serve(_config(args, settings, models, profile, engine), engine))
+    aio.run(serve(_config(args, settings, models, profile, engine), engine))
     return 0
 
 
@@ -161,7 +161,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     else:
         engine = vllm_engine_for(profile, settings.data_dir / "logs")
     logs.setup("node", settings.log_level)
-    asyncio.run(serve(_config(args, settings, profile.marketplace_models, profile, engine), engine))
+    aio.run(serve(_config(args, settings, profile.marketplace_models, profile, engine), engine))
     return 0
 
 
@@ -217,7 +217,7 @@ def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
     elif isinstance(engine, SimEngine):
         config.profile.max_num_seqs = engine.config.max_num_seqs
         config.profile.max_model_len = engine.config.max_model_len
-    asyncio.run(serve(config, engine))
+    aio.run(serve(config, engine))
     return 0
 
 

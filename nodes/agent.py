@@ -401,23 +401,20 @@ class NodeAgent:
         usage: Usage | None = None
         relayed = 0
         outcome: _QueueItem | None = None
-        getter: asyncio.Task[_QueueItem] | None = None
         interval = self.config.flush_interval_s
         try:
             while outcome is None:
-                wait = None
-                if pending:
-                    wait = max(0.0, last_sent + interval - time.monotonic())
-                if getter is None:
-                    getter = asyncio.ensure_future(queue.get())
-                if wait is None or wait > 0:
-                    await asyncio.wait({getter}, timeout=wait)
                 items: list[_QueueItem] = []
-                if getter.done():
-                    items.append(getter.result())
-                    getter = None
-                    while not queue.empty():
-                        items.append(queue.get_nowait())
+                if not pending:
+                    items.append(await queue.get())  # the common case: nothing held back, no timer
+                else:
+                    wait = last_sent + interval - time.monotonic()
+                    if wait > 0 and queue.empty():
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(wait):
+                                items.append(await queue.get())  # a cancelled get never loses an item
+                while not queue.empty():
+                    items.append(queue.get_nowait())
                 for item in items:
                     if isinstance(item, Emission):
                         _merge(pending, item.pieces)
@@ -434,8 +431,6 @@ class NodeAgent:
                     last_sent = now
         finally:
             deadline_timer.cancel()
-            if getter is not None:
-                getter.cancel()
 
         if isinstance(outcome, _Done):
             final = usage or Usage(job.prompt_tokens, relayed)

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import signal
 
-from market import logs
+from market import aio, logs
 from market.settings import Settings
 from scheduler.service import SchedulerService
 
@@ -32,7 +32,7 @@ def main() -> None:
     parser.parse_args()
     settings = Settings.from_env()
     logs.setup("scheduler", settings.log_level)
-    asyncio.run(run(settings))
+    aio.run(run(settings))
 
 
 if __name__ == "__main__":
