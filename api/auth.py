@@ -9,6 +9,7 @@ which (``expired_api_key``, ``revoked_api_key``, ``invalid_api_key``) since the 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -60,6 +61,8 @@ class Authenticator:
         self.state = state
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._by_key_id: dict[str, str] = {}
+        self._loading: dict[str, asyncio.Future[Principal]] = {}
+        """Lookups in flight: a burst on an expired key waits for one query, not one each."""
 
     async def start(self) -> None:
         async def on_revoked(msg: Any) -> None:
@@ -89,14 +92,29 @@ class Authenticator:
         if cached is not None and cached[0] > now:
             principal = cached[1]
         else:
-            principal = await self._load(digest)
-            if len(self._cache) >= CACHE_MAX:
-                self._cache.clear()
-                self._by_key_id.clear()
-            self._cache[digest] = (now + CACHE_TTL_S, principal)
-            self._by_key_id[principal.key_id] = digest
+            loading = self._loading.get(digest)
+            if loading is None:
+                loading = self._loading[digest] = asyncio.ensure_future(self._load_and_cache(digest))
+                loading.add_done_callback(self._loaded)
+            principal = await asyncio.shield(loading)
         if principal.expires_at is not None and principal.expires_at <= time.time():
             raise Unauthorized("API key has expired", code="expired_api_key")
+        return principal
+
+    def _loaded(self, loading: asyncio.Future[Principal]) -> None:
+        for digest, future in list(self._loading.items()):
+            if future is loading:
+                del self._loading[digest]
+        if not loading.cancelled():
+            loading.exception()  # retrieved: its callers may all have gone
+
+    async def _load_and_cache(self, digest: str) -> Principal:
+        principal = await self._load(digest)
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+            self._by_key_id.clear()
+        self._cache[digest] = (time.monotonic() + CACHE_TTL_S, principal)
+        self._by_key_id[principal.key_id] = digest
         return principal
 
     async def _load(self, digest: str) -> Principal:

@@ -410,8 +410,11 @@ async def main() -> None:
                         args.max_tokens,
                     )
                 )
+                direct_cpu = _add(direct_cpu, before, cpu_by_process(stack, names))
+                # The node reports the shared vLLM's load, which the direct round just filled: let
+                # one heartbeat pass so the schedulers see it idle, as a node alone would be.
+                await asyncio.sleep(settings.heartbeat_interval_s * 1.5)
                 middle = cpu_by_process(stack, names)
-                direct_cpu = _add(direct_cpu, before, middle)
                 market_total.add(
                     await run_load(
                         api + "/v1/completions", MODEL_NAME, headers, args.concurrency, per_round, args.max_tokens
