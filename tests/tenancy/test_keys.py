@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
+import pytest
+from sqlalchemy import event
 
+from api.errors import Unauthorized
 from api.main import build_app
 from market.embedded import free_port
 from market.settings import Settings
 from tests.conftest import RunningApi
-from tests.tenancy.conftest import client, make_world, ok
+from tests.tenancy.conftest import Replica, client, make_world, ok
+
+Start = Callable[[], Awaitable[Replica]]
 
 
 async def test_expired_key_is_refused(api: RunningApi, admin: httpx.AsyncClient) -> None:
@@ -71,3 +78,21 @@ async def test_suspending_a_tenant_takes_effect_at_once(api: RunningApi, admin: 
         assert r.json()["code"] == "tenant_suspended"
         await ok(admin.patch(f"/api/admin/tenants/{world.tenant_id}", json={"status": "active"}))
         await ok(tenant.get("/api/tenant/quota"))
+
+
+async def test_a_burst_on_a_cold_key_costs_one_lookup(admin: httpx.AsyncClient, replicas: Start) -> None:
+    """Fifty requests arriving together with an uncached key wait for one query, not fifty."""
+    world = await make_world(admin, grant=100)
+    replica = await replicas()
+    queries: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "api_keys" in statement:
+            queries.append(statement)
+
+    event.listen(replica.state.engine.sync_engine, "before_cursor_execute", count)
+    principals = await asyncio.gather(*(replica.principal(world.key) for _ in range(50)))
+    assert {p.tenant_id for p in principals} == {world.tenant_id}
+    assert len(queries) == 1
+    with pytest.raises(Unauthorized):  # a bad key in a burst: every caller gets the refusal
+        await asyncio.gather(*(replica.auth.authenticate("Bearer sk-nope") for _ in range(5)))
