@@ -114,9 +114,7 @@ async def _sse(run: Run, fmt: StreamFormatter, include_usage: bool) -> AsyncIter
                 yield out
         usage = run.engine_usage or Usage(0, run.relayed_tokens)
         await run.finish("completed")
-        if include_usage:
-            yield fmt.usage(usage)
-        yield DONE
+        yield fmt.usage(usage) + DONE if include_usage else DONE  # one write for the end
     except AppError as exc:
         await run.finish("failed")
         yield fmt.error(exc.message, exc.code)

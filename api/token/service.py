@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -37,6 +37,8 @@ MAX_ATTEMPTS = 3
 RETRYABLE = {"engine_unavailable", "draining", "engine_error", "node_lost", "accept_timeout"}
 CATALOG_TTL_S = 5.0
 INTER_CHUNK_TIMEOUT_S = 60.0
+_STALLED = object()
+"""Queued by a run's watchdog when its node sent nothing for ``INTER_CHUNK_TIMEOUT_S``."""
 _placement_decoder = wire.decoder(wire.Placement)
 
 
@@ -230,15 +232,38 @@ class Run:
 
         Everything already queued is taken at once so the client gets one write for it (a write
         per chunk is the relay's main cost). Ends after ``end``; raises UpstreamError on a node's
-        error or loss, after yielding what arrived before it.
+        error or loss, after yielding what arrived before it. A node silent for
+        ``INTER_CHUNK_TIMEOUT_S`` is given up on: one timer per run notices (re-armed from the
+        time of the last chunk), not a timeout scope around every wait.
         """
         queue = self.queue
         assert queue is not None
         assert self.first is not None
-        pending: list[Any] = [self.first]
+        loop = asyncio.get_running_loop()
+        last_at = loop.time()
+
+        def watch() -> None:
+            if loop.time() - last_at >= INTER_CHUNK_TIMEOUT_S:
+                queue.put_nowait(_STALLED)
+            else:
+                timer[0] = loop.call_at(last_at + INTER_CHUNK_TIMEOUT_S, watch)
+
+        timer = [loop.call_later(INTER_CHUNK_TIMEOUT_S, watch)]
+        try:
+            async with contextlib.aclosing(self._batches(queue, [self.first])) as batches:
+                async for batch in batches:
+                    yield batch
+                    last_at = loop.time()
+        finally:
+            timer[0].cancel()
+
+    async def _batches(self, queue: asyncio.Queue[Any], pending: list[Any]) -> AsyncGenerator[list[wire.Chunk]]:
         while True:
             batch: list[wire.Chunk] = []
             for item in pending:
+                if item is _STALLED:
+                    await self._cancel("timeout")
+                    raise UpstreamError("the engine stopped sending output", code="timeout")
                 if item is LOST:
                     if batch:
                         yield batch
@@ -260,15 +285,7 @@ class Run:
                     )
             if batch:
                 yield batch
-            if queue.empty():
-                try:
-                    async with asyncio.timeout(INTER_CHUNK_TIMEOUT_S):
-                        pending = [await queue.get()]
-                except TimeoutError:
-                    await self._cancel("timeout")
-                    raise UpstreamError("the engine stopped sending output", code="timeout") from None
-            else:
-                pending = [queue.get_nowait()]
+            pending = [await queue.get()]
             while not queue.empty():
                 pending.append(queue.get_nowait())
 
