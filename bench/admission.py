@@ -4,13 +4,14 @@ Starts its own embedded PostgreSQL and NATS in a temporary directory, applies th
 creates a model, an incubator with a pool, a tenant with a grant and a key, then measures in one
 process (as one api replica would run it):
 
-- sequential: one request at a time, latency of authenticate + admit + settle (p50/p99);
+- sequential: one request at a time, latency of authenticate + admit + settle (p50/p99), the two
+  cases interleaved in ``--rounds`` rounds so that a slow moment of the machine hits both alike;
 - concurrent: N requests in flight, admissions per second and their latencies;
 
 each once without rate limits (quota only) and once with requests- and tokens-per-minute limits
 on both the key and the tenant (all four GCRA buckets touched). Prints a table.
 
-    python bench/admission.py [--seconds 5] [--concurrency 32] [--sequential 3000]
+    python bench/admission.py [--seconds 5] [--concurrency 32] [--sequential 3000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--sequential", type=int, default=3000)
+    parser.add_argument("--sequential", type=int, default=3000, help="per case, over all rounds")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="market-bench-") as tmp:
@@ -139,12 +141,18 @@ async def main() -> None:
             state.services["auth"] = auth
             limiter = Limiter(state)
             await limiter.start()
+            cases = [
+                (label, "Bearer " + await _tenant(state, limits))
+                for label, limits in (("quota only", NO_LIMIT), ("quota + 4 rate limits", HIGH_LIMIT))
+            ]
+            seqs: dict[str, list[float]] = {label: [] for label, _ in cases}
+            for _ in range(args.rounds):
+                for label, header in cases:
+                    seqs[label] += await _sequential(auth, limiter, header, args.sequential // args.rounds)
             rows = []
-            for label, limits in (("quota only", NO_LIMIT), ("quota + 4 rate limits", HIGH_LIMIT)):
-                header = "Bearer " + await _tenant(state, limits)
-                seq = await _sequential(auth, limiter, header, args.sequential)
+            for label, header in cases:
                 rate, conc = await _concurrent(auth, limiter, header, args.concurrency, args.seconds)
-                rows.append((label, seq, rate, conc))
+                rows.append((label, seqs[label], rate, conc))
             await limiter.close()
             await nc.drain()
             await engine.dispose()
