@@ -114,6 +114,7 @@ class _Connections:
         self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
         self._open = 0
         """Connections open or being opened."""
+        self._closed = False
 
     async def _acquire(self) -> asyncpg.Connection:
         while True:
@@ -149,7 +150,7 @@ class _Connections:
         return False
 
     def _release(self, conn: asyncpg.Connection, *, broken: bool) -> None:
-        if broken or conn.is_closed():
+        if broken or self._closed or conn.is_closed():
             self._open -= 1
             conn.terminate()
             self._wake(None)  # a waiter may open the replacement
@@ -177,6 +178,8 @@ class _Connections:
         return rows
 
     async def close(self) -> None:
+        """Close the idle connections; one still in use is closed when its statement returns."""
+        self._closed = True
         idle, self._idle = self._idle, []
         self._open -= len(idle)
         for conn in idle:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 import httpx
 import msgspec
 import pytest
@@ -219,3 +221,25 @@ async def test_a_request_cancelled_during_admission_strands_no_hold(
         await asyncio.sleep(0.05)
     assert await _quota(a, world.tenant_id) == (100, 0, 0)
     await a.limiter.admit(principal, world.model, 50, 50)  # the whole grant is usable again
+
+
+async def test_admission_recovers_when_the_database_drops_its_connections(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start
+) -> None:
+    """A PostgreSQL restart or failover closes the limiter's connections: it opens new ones."""
+    world = await make_world(admin, grant=1000)
+    a = await replicas()
+    principal = await a.principal(world.key)
+    await a.limiter.settle(await a.limiter.admit(principal, world.model, 10, 10), 5)
+    pids = [conn.get_server_pid() for conn in a.limiter.hot._idle]
+    assert pids
+    await a.limiter.pool.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", pids)
+    await asyncio.sleep(0.1)
+    admitted = None
+    for _ in range(len(pids) + 1):  # a statement on a connection that died fails, once per connection
+        with contextlib.suppress(asyncpg.InterfaceError, OSError):
+            admitted = await a.limiter.admit(principal, world.model, 10, 10)
+            break
+    assert admitted is not None
+    await a.limiter.settle(admitted, 5)
+    assert await _quota(a, world.tenant_id) == (1000, 0, 10)
