@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -233,61 +233,59 @@ class Run:
         Everything already queued is taken at once so the client gets one write for it (a write
         per chunk is the relay's main cost). Ends after ``end``; raises UpstreamError on a node's
         error or loss, after yielding what arrived before it. A node silent for
-        ``INTER_CHUNK_TIMEOUT_S`` is given up on: one timer per run notices (re-armed from the
-        time of the last chunk), not a timeout scope around every wait.
+        ``INTER_CHUNK_TIMEOUT_S`` while we wait for it is given up on: one timer per run checks
+        (re-armed as needed), not a timeout scope around every wait.
         """
         queue = self.queue
         assert queue is not None
         assert self.first is not None
         loop = asyncio.get_running_loop()
-        last_at = loop.time()
+        waiting_since: float | None = None
 
         def watch() -> None:
-            if loop.time() - last_at >= INTER_CHUNK_TIMEOUT_S:
+            since = waiting_since
+            if since is not None and loop.time() - since >= INTER_CHUNK_TIMEOUT_S:
                 queue.put_nowait(_STALLED)
             else:
-                timer[0] = loop.call_at(last_at + INTER_CHUNK_TIMEOUT_S, watch)
+                timer[0] = loop.call_at((since or loop.time()) + INTER_CHUNK_TIMEOUT_S, watch)
 
         timer = [loop.call_later(INTER_CHUNK_TIMEOUT_S, watch)]
+        pending: list[Any] = [self.first]
         try:
-            async with contextlib.aclosing(self._batches(queue, [self.first])) as batches:
-                async for batch in batches:
+            while True:
+                batch: list[wire.Chunk] = []
+                for item in pending:
+                    if item is _STALLED:
+                        await self._cancel("timeout")
+                        raise UpstreamError("the engine stopped sending output", code="timeout")
+                    if item is LOST:
+                        if batch:
+                            yield batch
+                        raise UpstreamError("the provider node serving this request was lost", code="node_lost")
+                    chunk: wire.Chunk = item
+                    if chunk.kind == "data" or chunk.kind == "end":
+                        for piece in chunk.pieces:
+                            self.relayed_tokens += piece.tokens
+                        batch.append(chunk)
+                        if chunk.kind == "end":
+                            self.engine_usage = chunk.usage
+                            yield batch
+                            return
+                    elif chunk.kind == "error":
+                        if batch:
+                            yield batch
+                        raise UpstreamError(
+                            chunk.error or "the engine failed mid-stream", code=chunk.error_code or "engine_error"
+                        )
+                if batch:
                     yield batch
-                    last_at = loop.time()
+                waiting_since = loop.time()
+                pending = [await queue.get()]
+                waiting_since = None
+                while not queue.empty():
+                    pending.append(queue.get_nowait())
         finally:
             timer[0].cancel()
-
-    async def _batches(self, queue: asyncio.Queue[Any], pending: list[Any]) -> AsyncGenerator[list[wire.Chunk]]:
-        while True:
-            batch: list[wire.Chunk] = []
-            for item in pending:
-                if item is _STALLED:
-                    await self._cancel("timeout")
-                    raise UpstreamError("the engine stopped sending output", code="timeout")
-                if item is LOST:
-                    if batch:
-                        yield batch
-                    raise UpstreamError("the provider node serving this request was lost", code="node_lost")
-                chunk: wire.Chunk = item
-                if chunk.kind == "data" or chunk.kind == "end":
-                    for piece in chunk.pieces:
-                        self.relayed_tokens += piece.tokens
-                    batch.append(chunk)
-                    if chunk.kind == "end":
-                        self.engine_usage = chunk.usage
-                        yield batch
-                        return
-                elif chunk.kind == "error":
-                    if batch:
-                        yield batch
-                    raise UpstreamError(
-                        chunk.error or "the engine failed mid-stream", code=chunk.error_code or "engine_error"
-                    )
-            if batch:
-                yield batch
-            pending = [await queue.get()]
-            while not queue.empty():
-                pending.append(queue.get_nowait())
 
     async def _cancel(self, reason: str) -> None:
         if self.node_id is not None:

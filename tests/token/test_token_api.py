@@ -165,6 +165,38 @@ async def test_node_failure_mid_stream_ends_with_error_and_bills_what_was_delive
     assert event.relayed_completion_tokens == 2
 
 
+async def test_a_node_silent_mid_stream_is_given_up_on_and_cancelled(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Output stops without an end: the client gets an error, the node a cancel, the tenant a bill."""
+    monkeypatch.setattr("api.token.service.INTER_CHUNK_TIMEOUT_S", 0.5)
+
+    async def hangs(job: wire.Job, reply: str, client: Client) -> None:
+        await client.publish(reply, chunk(job, "n", 0, "accepted"))
+        await client.publish(reply, chunk(job, "n", 1, "data", pieces=[wire.Piece(0, "a", 1)]))
+        await asyncio.sleep(0.3)  # slower than usual, within the timeout
+        await client.publish(reply, chunk(job, "n", 2, "data", pieces=[wire.Piece(0, "b", 1)]))
+
+    f = await fleet({"n": hangs})
+    stream = await sdk(api, tenant.secret).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=10, stream=True
+    )
+    received = []
+    started = time.monotonic()
+    with pytest.raises(openai.APIError, match="stopped sending"):
+        async for event in stream:
+            received.extend(c.delta.content for c in event.choices)
+    assert "".join(received) == "ab"
+    assert 0.5 <= time.monotonic() - started < 5
+    event, _ = await usage_event(nc, tenant.tenant_id)
+    assert (event.outcome, event.relayed_completion_tokens) == ("failed", 2)
+    for _ in range(50):
+        if f.cancels:
+            break
+        await asyncio.sleep(0.02)
+    assert f.cancels == [event.request_id]
+
+
 async def test_client_disconnect_cancels_on_the_node(
     api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client
 ) -> None:
