@@ -10,6 +10,7 @@ which (``expired_api_key``, ``revoked_api_key``, ``invalid_api_key``) since the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,6 +64,8 @@ class Authenticator:
         self._by_key_id: dict[str, str] = {}
         self._loading: dict[str, asyncio.Future[Principal]] = {}
         """Lookups in flight: a burst on an expired key waits for one query, not one each."""
+        self._revocations = 0
+        """Bumped by every revocation; a lookup that a revocation overtook is done again."""
 
     async def start(self) -> None:
         async def on_revoked(msg: Any) -> None:
@@ -71,6 +74,7 @@ class Authenticator:
         await self.state.nc.subscribe(subjects.KEYS_REVOKED, cb=on_revoked)
 
     def forget(self, key_id: str) -> None:
+        self._revocations += 1
         digest = self._by_key_id.pop(key_id, None)
         if digest is not None:
             self._cache.pop(digest, None)
@@ -95,21 +99,24 @@ class Authenticator:
             loading = self._loading.get(digest)
             if loading is None:
                 loading = self._loading[digest] = asyncio.ensure_future(self._load_and_cache(digest))
-                loading.add_done_callback(self._loaded)
+                loading.add_done_callback(functools.partial(self._loaded, digest))
             principal = await asyncio.shield(loading)
         if principal.expires_at is not None and principal.expires_at <= time.time():
             raise Unauthorized("API key has expired", code="expired_api_key")
         return principal
 
-    def _loaded(self, loading: asyncio.Future[Principal]) -> None:
-        for digest, future in list(self._loading.items()):
-            if future is loading:
-                del self._loading[digest]
+    def _loaded(self, digest: str, loading: asyncio.Future[Principal]) -> None:
+        if self._loading.get(digest) is loading:
+            del self._loading[digest]
         if not loading.cancelled():
             loading.exception()  # retrieved: its callers may all have gone
 
     async def _load_and_cache(self, digest: str) -> Principal:
-        principal = await self._load(digest)
+        for _ in range(3):  # a key revoked during the lookup (maybe this one): look again
+            revocations = self._revocations
+            principal = await self._load(digest)
+            if self._revocations == revocations:
+                break
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()
             self._by_key_id.clear()

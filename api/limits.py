@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import date
@@ -30,7 +31,7 @@ import asyncpg
 import msgspec
 
 from api.auth import Principal
-from api.errors import Forbidden, InvalidRequest, NotFound, QuotaExceeded, RateLimited
+from api.errors import Forbidden, InvalidRequest, NotFound, QuotaExceeded, RateLimited, Unavailable
 from api.state import AppState
 from market.db import plain_url
 from market.ids import new_id
@@ -102,24 +103,34 @@ class _Connections:
 
     asyncpg's ``Pool`` spends about 90 us per acquire/release (a shielded release task, timeout
     scopes, a proxy object): more than a ``SELECT 1`` round trip. Here acquire and release are a
-    list pop and push. It relies on its callers never being cancelled mid-statement (the limiter
-    runs both statements in tasks nobody cancels), so a returned connection is always idle; a
-    connection that failed is closed and replaced on demand.
+    list pop and push. Acquiring may be cancelled; a statement, once sent, is never cancelled by
+    its caller (the limiter runs statements in shielded tasks), so a returned connection is idle.
+    A connection that failed is closed and replaced on demand; one idle for ``MAX_IDLE_S`` is
+    closed by ``prune`` (a middlebox may have dropped it silently); PostgreSQL ends a statement
+    stuck longer than ``STATEMENT_TIMEOUT_S``. Not covered: a network that vanishes mid-statement
+    (TCP gives up after its own retransmission timeout), as with asyncpg's pool without a
+    ``command_timeout``.
     """
+
+    MAX_IDLE_S = 120.0
+    CONNECT_TIMEOUT_S = 5.0
+    STATEMENT_TIMEOUT_S = 10.0
 
     def __init__(self, url: str, size: int) -> None:
         self._url = url
         self._size = size
-        self._idle: list[asyncpg.Connection] = []
+        self._idle: list[tuple[asyncpg.Connection, float]] = []
+        """Idle connections and when each was last used; the most recent last."""
         self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
         self._open = 0
         """Connections open or being opened."""
         self._closed = False
 
-    async def _acquire(self) -> asyncpg.Connection:
+    async def acquire(self) -> asyncpg.Connection:
+        """A connection for one statement (give it back with ``run``); cancelling here is safe."""
         while True:
             while self._idle:
-                conn = self._idle.pop()
+                conn, _ = self._idle.pop()
                 if not conn.is_closed():
                     return conn
                 self._open -= 1
@@ -129,7 +140,15 @@ class _Connections:
                     # admit and settle need not wait for the WAL flush: holds are transient and
                     # billing counts from the ledger; a database crash forgets at most the last
                     # moment's holds and use (the quota is then briefly lenient, never strict)
-                    conn = await asyncpg.connect(self._url, server_settings={"synchronous_commit": "off"})
+                    conn = await asyncpg.connect(
+                        self._url,
+                        timeout=self.CONNECT_TIMEOUT_S,
+                        server_settings={
+                            "synchronous_commit": "off",
+                            # server-side: a client-side command_timeout costs ~35 us a statement
+                            "statement_timeout": f"{int(self.STATEMENT_TIMEOUT_S * 1000)}",
+                        },
+                    )
                 except BaseException:
                     self._open -= 1
                     self._wake(None)
@@ -137,7 +156,16 @@ class _Connections:
                 return conn
             waiter: asyncio.Future[asyncpg.Connection | None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            handed = await waiter
+            try:
+                handed = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():  # handed over as we were cancelled
+                    passed = waiter.result()
+                    if passed is not None:
+                        self._release(passed, broken=False)
+                    else:
+                        self._wake(None)
+                raise
             if handed is not None:
                 return handed
 
@@ -155,20 +183,10 @@ class _Connections:
             conn.terminate()
             self._wake(None)  # a waiter may open the replacement
         elif not self._wake(conn):
-            self._idle.append(conn)
+            self._idle.append((conn, time.monotonic()))
 
-    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        conn = await self._acquire()
-        try:
-            row = await conn.fetchrow(query, *args)
-        except BaseException as exc:
-            self._release(conn, broken=not isinstance(exc, asyncpg.PostgresError))
-            raise
-        self._release(conn, broken=False)
-        return row
-
-    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        conn = await self._acquire()
+    async def run(self, conn: asyncpg.Connection, query: str, *args: Any) -> list[asyncpg.Record]:
+        """Run one statement on an acquired connection, then give the connection back."""
         try:
             rows = await conn.fetch(query, *args)
         except BaseException as exc:
@@ -177,14 +195,44 @@ class _Connections:
         self._release(conn, broken=False)
         return rows
 
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        return await self.run(await self.acquire(), query, *args)
+
+    def prune(self) -> None:
+        """Close the connections idle for longer than ``MAX_IDLE_S`` (the oldest are first)."""
+        cutoff = time.monotonic() - self.MAX_IDLE_S
+        while self._idle and self._idle[0][1] < cutoff:
+            conn, _ = self._idle.pop(0)
+            self._open -= 1
+            conn.terminate()
+
     async def close(self) -> None:
         """Close the idle connections; one still in use is closed when its statement returns."""
         self._closed = True
         idle, self._idle = self._idle, []
         self._open -= len(idle)
-        for conn in idle:
+        for conn, _ in idle:
             with contextlib.suppress(Exception):
                 await conn.close(timeout=5)
+
+
+_DATABASE_AWAY = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+"""What a lost, restarting or unreachable PostgreSQL raises: the client gets a 503, not a 500."""
+
+
+def _unavailable(exc: BaseException) -> Unavailable:
+    log.warning("admission failed, the database is unreachable: %r", exc)
+    return Unavailable(
+        "admission is unavailable for a moment (quota store unreachable); retry shortly",
+        code="service_unavailable",
+        headers={"Retry-After": "1"},
+    )
 
 
 def format_reset(seconds: float) -> str:
@@ -277,8 +325,13 @@ class Limiter:
         if prompt_tokens < 0 or max_tokens < 0:
             raise InvalidRequest("prompt and max_tokens must not be negative", param="max_tokens")
         tenant_id = principal.tenant_id
+        try:
+            conn = await self.hot.acquire()  # a caller gone by now has taken nothing
+        except _DATABASE_AWAY as exc:
+            raise _unavailable(exc) from exc
         query = asyncio.ensure_future(
-            self.hot.fetchrow(
+            self.hot.run(
+                conn,
                 _ADMIT_SQL,
                 self.holder,
                 tenant_id,
@@ -293,12 +346,13 @@ class Limiter:
             )
         )
         try:
-            row = await asyncio.shield(query)
+            row = (await asyncio.shield(query))[0]  # the function always returns one row
         except asyncio.CancelledError:
             # the caller left while the statement ran: whatever it held goes back
             query.add_done_callback(lambda done: self._orphaned(done, tenant_id, prompt_tokens + max_tokens))
             raise
-        assert row is not None  # the function always returns one row
+        except _DATABASE_AWAY as exc:
+            raise _unavailable(exc) from exc
         status: str = row["status"]
         if status == "ok":
             return Admission(
@@ -312,12 +366,15 @@ class Limiter:
             )
         raise self._refusal(status, row, model, prompt_tokens + max_tokens)
 
-    def _orphaned(self, query: asyncio.Future[asyncpg.Record | None], tenant_id: str, hold: int) -> None:
-        """An admit finished for a caller that was cancelled: release its hold, if it took one."""
+    def _orphaned(self, query: asyncio.Future[list[asyncpg.Record]], tenant_id: str, hold: int) -> None:
+        """An admit finished for a caller that was cancelled: release its hold, if it took one.
+
+        Its rate-limit cost stays spent: the request did reach the limiter.
+        """
         if query.cancelled() or query.exception() is not None:
             return
-        row = query.result()
-        if row is not None and row["status"] == "ok":
+        row = query.result()[0]
+        if row["status"] == "ok":
             self._queue(_PendingSettle(self.holder, tenant_id, row["period"], hold, 0, None))
 
     def _refusal(self, status: str, row: asyncpg.Record, model: str, wanted: int) -> Exception:
@@ -386,10 +443,12 @@ class Limiter:
         try:
             if len(batch) == 1:
                 one = batch[0]
-                row = await self.hot.fetchrow(
-                    _SETTLE_ONE_SQL, one.holder, one.tenant_id, one.period, one.hold, one.used, self.soft_threshold
-                )
-                if row is not None and row["crossed"]:
+                row = (
+                    await self.hot.fetch(
+                        _SETTLE_ONE_SQL, one.holder, one.tenant_id, one.period, one.hold, one.used, self.soft_threshold
+                    )
+                )[0]
+                if row["crossed"]:
                     crossed.append((one.tenant_id, one.period, row["granted"], row["used"]))
             else:
                 rows = await self.hot.fetch(
@@ -435,6 +494,7 @@ class Limiter:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             try:
+                self.hot.prune()
                 await self.pool.execute(
                     "INSERT INTO limiter_instances (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET seen_at = now()",
                     self.holder,

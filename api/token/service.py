@@ -256,6 +256,8 @@ class Run:
                 batch: list[wire.Chunk] = []
                 for item in pending:
                     if item is _STALLED:
+                        if len(pending) > 1:
+                            continue  # output came in the same moment: the node is not silent
                         await self._cancel("timeout")
                         raise UpstreamError("the engine stopped sending output", code="timeout")
                     if item is LOST:
@@ -306,6 +308,8 @@ class Run:
                     break
                 if item is LOST:
                     break
+                if not isinstance(item, wire.Chunk):  # the stall watchdog's marker
+                    continue
                 if item.kind == "end":
                     self.engine_usage = item.usage
                     break

@@ -34,6 +34,7 @@ from typing import IO, Any
 
 import aiohttp
 import msgspec
+from aiohttp.http_exceptions import HttpProcessingError
 
 from market.wire import Job, Piece, Usage
 from nodes.engines.base import Emission, EngineError, EngineLoad, EngineStatus, ErrorCode
@@ -507,5 +508,5 @@ class VllmEngine:
             self._check_now.set()  # maybe the engine died: re-check health now, not in a second
             code: ErrorCode = "engine_error" if yielded else "engine_unavailable"
             raise EngineError(code, f"engine connection failed: {exc!r}") from exc
-        except (msgspec.DecodeError, ValueError) as exc:  # ValueError: aiohttp's line over 128 KiB
+        except (msgspec.DecodeError, ValueError, HttpProcessingError) as exc:  # e.g. aiohttp's LineTooLong
             raise EngineError("engine_error", f"unreadable engine stream: {exc}") from exc
