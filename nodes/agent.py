@@ -1,10 +1,11 @@
 """The provider node agent: takes jobs from NATS, relays them through its engine, heartbeats.
 
-Per job the agent publishes to the job's reply subject: ``accepted`` (seq 0) at once, ``data``
-chunks as the engine streams (the first at once, later tokens coalesced when they come faster than
-``flush_interval_s``, which keeps NATS messages per second bounded at high token rates), and
-``end`` with usage or ``error``. It is the only place that knows a job's seq numbers, so every
-chunk of a job is published from the job's own task, in order.
+Per job the agent publishes to the job's reply subject: ``accepted`` (seq 0) if the engine's first
+output takes longer than ``ACCEPT_GRACE_S`` (any chunk tells the api the job was taken, so a fast
+job spares the message), ``data`` chunks as the engine streams (the first at once, later tokens
+coalesced when they come faster than ``flush_interval_s``, which keeps NATS messages per second
+bounded at high token rates), and ``end`` with usage or ``error``. It is the only place that knows
+a job's seq numbers, so every chunk of a job is published from the job's own task, in order.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
 QUICK_REPORT_S = 0.05
+ACCEPT_GRACE_S = 0.05
+"""Say ``accepted`` only when no output came this soon; far below the api's accept timeout."""
 """Least time between the extra load reports sent when jobs end."""
 
 
@@ -387,8 +390,6 @@ class NodeAgent:
                 ),
             )
             return
-        await self._publish(running, chunk("accepted"))
-
         queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
         running.pump = asyncio.create_task(self._pump(self.engine.generate(job), queue), name=f"pump {job.id}")
         loop = asyncio.get_running_loop()
@@ -396,6 +397,9 @@ class NodeAgent:
             loop.time() + max(0.0, job.deadline - time.time()), self._abort, running, "deadline"
         )
         pending: list[Piece] = []
+        said_anything = False
+        """Anything published yet (``accepted`` or data); the api waits for a first word."""
+        accept_at = loop.time() + ACCEPT_GRACE_S
         sent_data = False
         last_sent = 0.0
         usage: Usage | None = None
@@ -405,7 +409,16 @@ class NodeAgent:
         try:
             while outcome is None:
                 items: list[_QueueItem] = []
-                if not pending:
+                if not said_anything:
+                    remaining = accept_at - loop.time()
+                    if remaining <= 0:
+                        await self._publish(running, chunk("accepted"))
+                        said_anything = True
+                        continue
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(remaining):
+                            items.append(await queue.get())
+                elif not pending:
                     items.append(await queue.get())  # the common case: nothing held back, no timer
                 else:
                     wait = last_sent + interval - time.monotonic()
@@ -427,7 +440,7 @@ class NodeAgent:
                 if pending and (not sent_data or now - last_sent >= interval or outcome is not None):
                     await self._publish(running, chunk("data", pieces=pending))
                     pending = []
-                    sent_data = True
+                    sent_data = said_anything = True
                     last_sent = now
         finally:
             deadline_timer.cancel()

@@ -49,15 +49,14 @@ async def make_agent(settings: Settings) -> AsyncIterator[AgentFactory]:
         await agent.stop(drain=False)
 
 
-async def test_job_streams_accepted_data_end_with_usage(nc: Client, make_agent: AgentFactory) -> None:
+async def test_job_streams_data_then_end_with_usage(nc: Client, make_agent: AgentFactory) -> None:
     agent = await make_agent()
     watch = await JobWatch(nc, make_job(MODEL, prompt="x" * 400, max_tokens=12)).submit(agent.node_id)
     end = await watch.done()
 
     kinds = [c.kind for c in watch.chunks]
-    assert kinds[0] == "accepted"
     assert kinds[-1] == "end"
-    assert set(kinds[1:-1]) == {"data"}
+    assert set(kinds[:-1]) == {"data"}  # the first token came at once: no separate "accepted"
     assert [c.seq for c in watch.chunks] == list(range(len(watch.chunks)))
     assert all(c.node_id == agent.node_id and c.job_id == watch.job.id for c in watch.chunks)
     assert end.usage is not None
@@ -65,6 +64,18 @@ async def test_job_streams_accepted_data_end_with_usage(nc: Client, make_agent: 
     assert end.usage.prompt_tokens == 100  # estimated from the body by the simulator
     assert watch.data[-1].pieces[-1].finish_reason == "length"
     assert len(watch.text.split()) == 12
+
+
+async def test_a_slow_first_token_is_preceded_by_accepted(nc: Client, make_agent: AgentFactory) -> None:
+    """A long prefill (4,000 tokens, ~115 ms simulated): the api hears "accepted" after 50 ms."""
+    agent = await make_agent(speedup=1.0)
+    watch = await JobWatch(nc, make_job(MODEL, prompt="x" * 16_000, max_tokens=3)).submit(agent.node_id)
+    end = await watch.done()
+    kinds = [c.kind for c in watch.chunks]
+    assert kinds[0] == "accepted"
+    assert kinds[-1] == end.kind == "end"
+    assert set(kinds[1:-1]) == {"data"}
+    assert [c.seq for c in watch.chunks] == list(range(len(watch.chunks)))
 
 
 async def test_fast_tokens_are_coalesced(nc: Client, make_agent: AgentFactory) -> None:
@@ -123,7 +134,7 @@ async def test_engine_errors_reach_the_api(nc: Client, make_agent: AgentFactory)
     agent = await make_agent(max_model_len=64)
     refused = await JobWatch(nc, make_job(MODEL, max_tokens=500)).submit(agent.node_id)
     error = await refused.done()
-    assert [c.kind for c in refused.chunks] == ["accepted", "error"]
+    assert [c.kind for c in refused.chunks] == ["error"]
     assert (error.error_code, error.status) == ("invalid_request", 400)
 
     unknown = await JobWatch(nc, make_job("some-other-model")).submit(agent.node_id)

@@ -74,8 +74,8 @@ def generated_tokens(base_url: str) -> float:
 async def test_streamed_completion_with_usage(nc: Client, launched: NodeAgent) -> None:
     watch = await JobWatch(nc, make_job(MODEL_NAME, prompt="the market node", max_tokens=8)).submit(launched.node_id)
     end = await watch.done(60)
-    assert watch.chunks[0].kind == "accepted"
     assert end.kind == "end", end.error
+    assert {c.kind for c in watch.chunks[:-1]} <= {"accepted", "data"}
     assert end.usage is not None
     assert end.usage.completion_tokens == 8 == watch.relayed_tokens  # EOS is never sampled by the tiny model
     assert end.usage.prompt_tokens >= 2  # the engine's own count, not the api's estimate
