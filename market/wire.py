@@ -85,9 +85,10 @@ class Usage(msgspec.Struct):
 class Chunk(msgspec.Struct, kw_only=True):
     """A node's message to the api about one job.
 
-    ``accepted`` comes first, as soon as the node took the job; ``data`` carries pieces (several
-    tokens batched when they come faster than they can be sent); the job ends with ``end`` (with
-    the engine's usage) or ``error``. ``seq`` counts from 0 so the api can detect loss.
+    ``accepted`` comes first when the engine's first output is slow (any chunk says the node took
+    the job); ``data`` carries pieces (several tokens batched when they come faster than they can
+    be sent); the job ends with ``end`` (the engine's usage, and the last pieces if they came with
+    it) or ``error``. ``seq`` counts from 0 so the api can detect loss.
     """
 
     job_id: str

@@ -4,7 +4,8 @@ Per job the agent publishes to the job's reply subject: ``accepted`` (seq 0) if 
 output takes longer than ``ACCEPT_GRACE_S`` (any chunk tells the api the job was taken, so a fast
 job spares the message), ``data`` chunks as the engine streams (the first at once, later tokens
 coalesced when they come faster than ``flush_interval_s``, which keeps NATS messages per second
-bounded at high token rates), and ``end`` with usage or ``error``. It is the only place that knows
+bounded at high token rates), and ``end`` with usage (and the last pieces, when they came with the
+end of the stream: one message fewer) or ``error``. It is the only place that knows
 a job's seq numbers, so every chunk of a job is published from the job's own task, in order.
 """
 
@@ -437,7 +438,8 @@ class NodeAgent:
                     else:
                         outcome = item
                 now = time.monotonic()
-                if pending and (not sent_data or now - last_sent >= interval or outcome is not None):
+                ends = isinstance(outcome, (_Done, _Stopped))  # the last pieces then ride in ``end``
+                if pending and not ends and (not sent_data or now - last_sent >= interval or outcome is not None):
                     await self._publish(running, chunk("data", pieces=pending))
                     pending = []
                     sent_data = said_anything = True
@@ -447,12 +449,12 @@ class NodeAgent:
 
         if isinstance(outcome, _Done):
             final = usage or Usage(job.prompt_tokens, relayed)
-            await self._publish(running, chunk("end", usage=final))
+            await self._publish(running, chunk("end", pieces=pending, usage=final))
         elif isinstance(outcome, _Stopped):
             # Cancelled or past its deadline: bill what was produced. The agent counted the
             # completion tokens it relayed; prompt tokens are the engine's if it said, else the api's.
             prompt = usage.prompt_tokens if usage is not None else job.prompt_tokens
-            await self._publish(running, chunk("end", usage=Usage(prompt, relayed)))
+            await self._publish(running, chunk("end", pieces=pending, usage=Usage(prompt, relayed)))
         elif isinstance(outcome, EngineError):
             await self._publish(
                 running, chunk("error", error=outcome.message, error_code=outcome.code, status=outcome.status)

@@ -66,7 +66,7 @@ class JobWatch:
                 return
             chunk = CHUNKS.decode(msg.data)
             self.chunks.append(chunk)
-            if chunk.kind == "data":
+            if chunk.kind == "data" or chunk.pieces:
                 self.first_data.set()
             if chunk.kind in ("end", "error"):
                 self.finished.set()
@@ -87,7 +87,8 @@ class JobWatch:
 
     @property
     def data(self) -> list[Chunk]:
-        return [c for c in self.chunks if c.kind == "data"]
+        """The chunks that carry output: ``data``, and ``end`` when the last pieces came with it."""
+        return [c for c in self.chunks if c.kind == "data" or (c.kind == "end" and c.pieces)]
 
     @property
     def text(self) -> str:
