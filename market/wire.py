@@ -7,7 +7,7 @@ Data path of one request::
 
     api --request jobs.submit (Job)--> scheduler --reply Placement--> api
     scheduler --publish node.<id>.jobs (Job, reply=Job.reply)--> node agent
-    node --publish Job.reply (Chunk: accepted, data..., end | error)--> api
+    node --publish Job.reply (Chunk: [accepted], data..., end | error)--> api
     api --publish node.<id>.cancel (Cancel)--> node          (client went away)
     node --publish fleet.heartbeat.<id> (Heartbeat)--> schedulers, api
     scheduler --publish fleet.events (FleetEvent)--> api     (node lost: fail its jobs over)
