@@ -56,7 +56,9 @@ async def test_job_streams_data_then_end_with_usage(nc: Client, make_agent: Agen
 
     kinds = [c.kind for c in watch.chunks]
     assert kinds[-1] == "end"
-    assert set(kinds[:-1]) <= {"data"}  # the first token came at once: no separate "accepted"
+    # the first token comes at once, so normally no separate "accepted" (a stalled machine may send one)
+    assert kinds[0] in ("accepted", "data")
+    assert set(kinds[1:-1]) <= {"data"}
     assert [c.seq for c in watch.chunks] == list(range(len(watch.chunks)))
     assert all(c.node_id == agent.node_id and c.job_id == watch.job.id for c in watch.chunks)
     assert end.usage is not None
@@ -136,7 +138,7 @@ async def test_engine_errors_reach_the_api(nc: Client, make_agent: AgentFactory)
     agent = await make_agent(max_model_len=64)
     refused = await JobWatch(nc, make_job(MODEL, max_tokens=500)).submit(agent.node_id)
     error = await refused.done()
-    assert [c.kind for c in refused.chunks] == ["error"]
+    assert [c.kind for c in refused.chunks] in (["error"], ["accepted", "error"])
     assert (error.error_code, error.status) == ("invalid_request", 400)
 
     unknown = await JobWatch(nc, make_job("some-other-model")).submit(agent.node_id)
