@@ -169,7 +169,7 @@ async def test_a_node_silent_mid_stream_is_given_up_on_and_cancelled(
     api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Output stops without an end: the client gets an error, the node a cancel, the tenant a bill."""
-    monkeypatch.setattr("api.token.service.INTER_CHUNK_TIMEOUT_S", 0.5)
+    monkeypatch.setattr("api.token.service.INTER_CHUNK_TIMEOUT_S", 1.0)
 
     async def hangs(job: wire.Job, reply: str, client: Client) -> None:
         await client.publish(reply, chunk(job, "n", 0, "accepted"))
@@ -187,7 +187,7 @@ async def test_a_node_silent_mid_stream_is_given_up_on_and_cancelled(
         async for event in stream:
             received.extend(c.delta.content for c in event.choices)
     assert "".join(received) == "ab"
-    assert 0.5 <= time.monotonic() - started < 5
+    assert 1.0 <= time.monotonic() - started < 6
     event, _ = await usage_event(nc, tenant.tenant_id)
     assert (event.outcome, event.relayed_completion_tokens) == ("failed", 2)
     for _ in range(50):
