@@ -5,8 +5,8 @@ output takes longer than ``ACCEPT_GRACE_S`` (any chunk tells the api the job was
 job spares the message), ``data`` chunks as the engine streams (the first at once, later tokens
 coalesced when they come faster than ``flush_interval_s``, which keeps NATS messages per second
 bounded at high token rates), and ``end`` with usage (and the last pieces, when they came with the
-end of the stream: one message fewer) or ``error``. It is the only place that knows
-a job's seq numbers, so every chunk of a job is published from the job's own task, in order.
+end of the stream: one message fewer) or ``error``. It is the only place that knows a job's seq
+numbers, so every chunk of a job is published from the job's own task, in order.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
 QUICK_REPORT_S = 0.05
+"""Least time between the extra load reports sent when jobs end."""
 ACCEPT_GRACE_S = 0.05
 """Say ``accepted`` only when no output came this soon; far below the api's accept timeout."""
-"""Least time between the extra load reports sent when jobs end."""
 
 
 @dataclass(slots=True)
