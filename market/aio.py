@@ -12,8 +12,8 @@ T = TypeVar("T")
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on uvloop where it is installed (not on Windows), else on asyncio's own loop.
 
-    The relay path is mostly small socket writes and task wake-ups, which uvloop does at about
-    half the CPU; the api gets it from uvicorn, the agent and the scheduler from here.
+    The relay path is mostly small socket writes and task wake-ups, which uvloop does with less
+    CPU than asyncio's own loop; the api gets it from uvicorn, the agent and the scheduler here.
     """
     try:
         import uvloop
