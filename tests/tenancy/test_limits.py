@@ -242,3 +242,26 @@ async def test_admission_recovers_when_the_database_drops_its_connections(
     assert admitted is not None
     await a.limiter.settle(admitted, 5)
     assert await _quota(a, world.tenant_id) == (1000, 0, 10)
+
+
+async def test_a_request_cancelled_while_waiting_for_a_connection_takes_nothing(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start
+) -> None:
+    """Every limiter connection busy, the client leaves: no hold and no rate-limit cost remain."""
+    world = await make_world(admin, grant=100, key_limits={"requests_per_minute": 1})
+    a = await replicas()
+    principal = await a.principal(world.key)
+    busy = [await a.limiter.hot.acquire() for _ in range(a.limiter.hot._size)]
+    admit = asyncio.create_task(a.limiter.admit(principal, world.model, 10, 10))
+    await asyncio.sleep(0.1)
+    admit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await admit
+    for conn in busy:  # give them back the way a statement does
+        await a.limiter.hot.run(conn, "SELECT 1")
+    await asyncio.sleep(0.1)
+    assert await _quota(a, world.tenant_id) == (100, 0, 0)
+    # the one request a minute this key may make is still there
+    await a.limiter.settle(await a.limiter.admit(principal, world.model, 10, 10), 5)
+    with pytest.raises(RateLimited):
+        await a.limiter.admit(principal, world.model, 10, 10)
