@@ -86,6 +86,17 @@ _DONE, _STOPPED = _Done(), _Stopped()
 _QueueItem = Emission | EngineError | _Done | _Stopped
 
 
+async def _next(queue: asyncio.Queue[_QueueItem], within: float | None) -> list[_QueueItem]:
+    """The queue's next item, or none if ``within`` seconds pass first (a cancelled get never
+    loses an item); ``None`` waits as long as it takes, without a timer."""
+    if within is None:
+        return [await queue.get()]
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            return [await queue.get()]
+    return []
+
+
 def _merge(pending: list[Piece], new: list[Piece]) -> None:
     """Append ``new`` pieces, joining a piece onto the last one of the same choice."""
     for piece in new:
@@ -416,17 +427,13 @@ class NodeAgent:
                         await self._publish(running, chunk("accepted"))
                         said_anything = True
                         continue
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(remaining):
-                            items.append(await queue.get())
+                    items = await _next(queue, remaining)
                 elif not pending:
-                    items.append(await queue.get())  # the common case: nothing held back, no timer
+                    items = await _next(queue, None)  # the common case: nothing held back, no timer
                 else:
                     wait = last_sent + interval - time.monotonic()
                     if wait > 0 and queue.empty():
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(wait):
-                                items.append(await queue.get())  # a cancelled get never loses an item
+                        items = await _next(queue, wait)
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 for item in items:
