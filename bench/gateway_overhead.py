@@ -412,28 +412,20 @@ async def main() -> None:
             names = {api_proc.pid: "api", scheduler_proc.pid: "scheduler", agents.pid: "agent", vllm_proc.pid: "vllm"}
             for _ in range(args.rounds):
                 before = cpu_by_process(stack, names)
-                direct_total.add(
-                    await run_load(
-                        plan.engine_url + "/v1/completions",
-                        MODEL_NAME,
-                        {},
-                        args.concurrency,
-                        per_round,
-                        args.max_tokens,
+                for total, usage_every_chunk in ((direct_total, False), (counted_total, True)):
+                    total.add(
+                        await run_load(
+                            plan.engine_url + "/v1/completions",
+                            MODEL_NAME,
+                            {},
+                            args.concurrency,
+                            per_round,
+                            args.max_tokens,
+                            usage_every_chunk=usage_every_chunk,
+                        )
                     )
-                )
-                direct_cpu = _add(direct_cpu, before, cpu_by_process(stack, names))
-                counted_total.add(
-                    await run_load(
-                        plan.engine_url + "/v1/completions",
-                        MODEL_NAME,
-                        {},
-                        args.concurrency,
-                        per_round,
-                        args.max_tokens,
-                        usage_every_chunk=True,
-                    )
-                )
+                    if not usage_every_chunk:
+                        direct_cpu = _add(direct_cpu, before, cpu_by_process(stack, names))
                 # The node reports the shared vLLM's load, which the direct round just filled: let
                 # one heartbeat pass so the schedulers see it idle, as a node alone would be.
                 await asyncio.sleep(settings.heartbeat_interval_s * 1.5)
