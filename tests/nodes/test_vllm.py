@@ -108,6 +108,10 @@ async def test_cancel_aborts_the_request_in_vllm(nc: Client, launched: NodeAgent
     generated_before = generated_tokens(url)
     watch = await JobWatch(nc, make_job(MODEL_NAME, max_tokens=1900)).submit(launched.node_id)
     await asyncio.wait_for(watch.first_data.wait(), 60)
+    # vLLM's gauges can trail its first streamed token by a step: wait for it to show the request
+    deadline = time.monotonic() + 5
+    while (await launched.engine.load()).running != 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     assert (await launched.engine.load()).running == 1
     await watch.cancel(launched.node_id)
     end = await watch.done(30)
