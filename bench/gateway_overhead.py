@@ -52,6 +52,8 @@ from nodes.tiny_model import MODEL_NAME, build_tiny_llama  # noqa: E402
 @dataclass
 class Result:
     ttft: list[float] = field(default_factory=list)
+    ramp: list[float] = field(default_factory=list)
+    """TTFTs of each run's first ``concurrency`` requests: they arrive at once on idle servers."""
     tokens: int = 0
     errors: int = 0
     wall: float = 0.0
@@ -59,15 +61,18 @@ class Result:
 
     def add(self, other: Result) -> None:
         self.ttft += other.ttft
+        self.ramp += other.ramp
         self.tokens += other.tokens
         self.errors += other.errors
         self.wall += other.wall
         self.samples += other.samples
 
-    def pct(self, q: float) -> float:
-        if not self.ttft:
+    def pct(self, q: float, which: str = "steady") -> float:
+        """Percentile in ms of the steady-state TTFTs (``which="steady"``), the ramps' or all."""
+        values = {"steady": self.ttft, "ramp": self.ramp, "all": self.ttft + self.ramp}[which]
+        if not values:
             return float("nan")
-        ordered = sorted(self.ttft)
+        ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
     @property
@@ -76,11 +81,16 @@ class Result:
 
     @property
     def requests(self) -> int:
-        return len(self.ttft)
+        return len(self.ttft) + len(self.ramp)
 
 
 async def one_stream(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str], result: Result
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    result: Result,
+    ramp: bool = False,
 ) -> None:
     started = time.perf_counter()
     first = None
@@ -112,7 +122,7 @@ async def one_stream(
     if first is None:
         result.errors += 1
         return
-    result.ttft.append(first)
+    (result.ramp if ramp else result.ttft).append(first)
     result.tokens += tokens
 
 
@@ -146,8 +156,8 @@ async def run_load(
 
         async def worker() -> None:
             while not queue.empty():
-                queue.get_nowait()
-                await one_stream(session, url, body, headers, result)
+                i = queue.get_nowait()
+                await one_stream(session, url, body, headers, result, ramp=i < concurrency)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -327,6 +337,7 @@ def cpu_share(used: dict[str, float], wall: float) -> str:
 def row(name: str, r: Result) -> str:
     return (
         f"| {name} | {r.requests} | {r.errors} | {r.pct(0.5):.1f} | {r.pct(0.99):.1f} | "
+        f"{r.pct(0.5, 'ramp'):.1f} | {r.pct(0.99, 'ramp'):.1f} | "
         f"{r.tokens_per_s:,.0f} | {r.requests / r.wall if r.wall else 0:,.0f} |"
     )
 
@@ -480,8 +491,11 @@ async def main() -> None:
             f"vLLM stream interval {args.stream_interval}; "
             f"control plane: {args.cp_concurrency} streams; one api process; {placement}\n"
         )
-        print("| path | requests | errors | TTFT p50 ms | TTFT p99 ms | tokens/s | requests/s |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print(
+            "| path | requests | errors | TTFT p50 ms | TTFT p99 ms | ramp TTFT p50 ms | ramp TTFT p99 ms "
+            "| tokens/s | requests/s |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for line in rows:
             print(line)
         for name, r in (("direct", direct_total), ("marketplace", market_total), ("control plane", control)):
@@ -489,8 +503,12 @@ async def main() -> None:
                 print(f"  {name} error: {sample}")
         if not args.skip_vllm:
             print(
-                f"\nadded TTFT p50: {market_total.pct(0.5) - direct_total.pct(0.5):+.1f} ms, "
+                f"\nadded TTFT at {args.concurrency} streams (steady state) p50: "
+                f"{market_total.pct(0.5) - direct_total.pct(0.5):+.1f} ms, "
                 f"p99: {market_total.pct(0.99) - direct_total.pct(0.99):+.1f} ms; "
+                f"in the ramps (the first {args.concurrency} requests of a round at once) p50: "
+                f"{market_total.pct(0.5, 'ramp') - direct_total.pct(0.5, 'ramp'):+.1f} ms, "
+                f"p99: {market_total.pct(0.99, 'ramp') - direct_total.pct(0.99, 'ramp'):+.1f} ms; "
                 f"throughput through the marketplace: {market_total.tokens_per_s / direct_total.tokens_per_s:.0%} "
                 f"of direct ({market_total.tokens_per_s / counted_total.tokens_per_s:.0%} of direct with usage on "
                 "every chunk)"
