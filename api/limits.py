@@ -9,10 +9,12 @@ limit and concurrent requests can never overrun a hard quota.
 The hot path uses its own connections (prepared statements, no ORM, and not asyncpg's pool, whose
 acquire/release cost more than the statement) because admission is on every token request. Both
 statements run to completion even when the request is cancelled: an admit whose caller left is
-settled with nothing used, so a hold is never stranded. Settles are group-committed: while one
-settle statement is in flight the next ones queue and go together in one statement. A delayed
-settle only keeps a hold a little longer (more conservative), so batching never weakens the quota
-guarantee.
+settled with nothing used, so a hold is never stranded. Both are group-committed: while a
+statement is in flight the next admits (or settles) queue and go together in one statement
+(``market_admit_many``, migration 0005), so a burst of a tenant's requests, which serialise on
+its quota row anyway, costs two round trips rather than one each. Batching changes no rule: each
+admit in a batch is ``market_admit`` under the same locks, and a delayed settle only keeps a hold a
+little longer (more conservative).
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ STALE_HOLDER_S = 60.0
 INFERENCE_SCOPE = "inference"
 
 _ADMIT_SQL = "SELECT * FROM market_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_ADMIT_MANY_SQL = (
+    "SELECT * FROM market_admit_many($1, $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],"
+    " $7::integer[], $8::integer[], $9::integer[], $10::integer[])"
+)
+ADMIT_STATEMENTS = 2
+"""Admit statements in flight at once per process; what arrives meanwhile waits for the next batch.
+Two, so one tenant's lock wait (another replica's transaction) does not hold every admit back."""
 _SETTLE_ONE_SQL = "SELECT * FROM market_settle_one($1, $2, $3, $4, $5, $6)"
 _SETTLE_SQL = "SELECT * FROM market_settle($1::text[], $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6)"
 
@@ -81,6 +90,14 @@ class SoftThresholdReached(msgspec.Struct):
     granted: int
     used: int
     threshold: float
+
+
+@dataclass(slots=True)
+class _PendingAdmit:
+    args: tuple[str, str, str, int, int, int | None, int | None, int | None, int | None]
+    """tenant, key, model, prompt, max, key rpm/tpm, tenant rpm/tpm: ``market_admit``'s after the holder."""
+    done: asyncio.Future[asyncpg.Record]
+    """The request's row; cancelled by a caller that left (see ``Limiter._admit_batches``)."""
 
 
 @dataclass(slots=True)
@@ -185,6 +202,10 @@ class _Connections:
         elif not self._wake(conn):
             self._idle.append((conn, time.monotonic()))
 
+    def give_back(self, conn: asyncpg.Connection) -> None:
+        """Return an acquired connection that ran nothing."""
+        self._release(conn, broken=False)
+
     async def run(self, conn: asyncpg.Connection, query: str, *args: Any) -> list[asyncpg.Record]:
         """Run one statement on an acquired connection, then give the connection back."""
         try:
@@ -268,6 +289,10 @@ class Limiter:
         self._pool: asyncpg.Pool | None = None
         self._hot: _Connections | None = None
         self._pending: list[_PendingSettle] = []
+        self._admits: list[_PendingAdmit] = []
+        self._admitters: set[asyncio.Task[None]] = set()
+        self.admit_statements = 0
+        """Admit statements sent (a batch counts once)."""
         self._retry: list[_PendingSettle] = []
         self._flusher: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -285,6 +310,8 @@ class Limiter:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
+        if self._admitters:  # their releases of orphaned holds join the settles below
+            await asyncio.wait(list(self._admitters))
         if self._flusher is not None:
             with contextlib.suppress(Exception):
                 await self._flusher
@@ -325,32 +352,27 @@ class Limiter:
         if prompt_tokens < 0 or max_tokens < 0:
             raise InvalidRequest("prompt and max_tokens must not be negative", param="max_tokens")
         tenant_id = principal.tenant_id
-        try:
-            conn = await self.hot.acquire()  # a caller gone by now has taken nothing
-        except _DATABASE_AWAY as exc:
-            raise _unavailable(exc) from exc
-        query = asyncio.ensure_future(
-            self.hot.run(
-                conn,
-                _ADMIT_SQL,
-                self.holder,
-                tenant_id,
-                principal.key_id,
-                model,
-                prompt_tokens,
-                max_tokens,
-                principal.key_rpm,
-                principal.key_tpm,
-                principal.tenant_rpm,
-                principal.tenant_tpm,
-            )
+        args = (
+            tenant_id,
+            principal.key_id,
+            model,
+            prompt_tokens,
+            max_tokens,
+            principal.key_rpm,
+            principal.key_tpm,
+            principal.tenant_rpm,
+            principal.tenant_tpm,
         )
+        pending = _PendingAdmit(args, asyncio.get_running_loop().create_future())
+        self._admits.append(pending)
+        if len(self._admitters) < ADMIT_STATEMENTS:
+            task = asyncio.create_task(self._admit_batches(), name="limiter-admit")
+            self._admitters.add(task)
+            task.add_done_callback(self._admitters.discard)
         try:
-            row = (await asyncio.shield(query))[0]  # the function always returns one row
-        except asyncio.CancelledError:
-            # the caller left while the statement ran: whatever it held goes back
-            query.add_done_callback(lambda done: self._orphaned(done, tenant_id, prompt_tokens + max_tokens))
-            raise
+            # A caller that leaves cancels ``done``: before its batch is sent it takes nothing,
+            # after, the batch gives back what it held.
+            row = await pending.done
         except _DATABASE_AWAY as exc:
             raise _unavailable(exc) from exc
         status: str = row["status"]
@@ -366,16 +388,48 @@ class Limiter:
             )
         raise self._refusal(status, row, model, prompt_tokens + max_tokens)
 
-    def _orphaned(self, query: asyncio.Future[list[asyncpg.Record]], tenant_id: str, hold: int) -> None:
-        """An admit finished for a caller that was cancelled: release its hold, if it took one.
+    async def _admit_batches(self) -> None:
+        """Send the queued admits, all in one statement, until none are left.
 
-        Its rate-limit cost stays spent: the request did reach the limiter.
+        The connection comes first and the batch after, so admits whose callers left while every
+        connection was busy are dropped before anything is sent. Once sent, a statement runs to its
+        end: a caller that left by then gets its hold released here (its rate-limit cost stays
+        spent: the request did reach the limiter).
         """
-        if query.cancelled() or query.exception() is not None:
-            return
-        row = query.result()[0]
-        if row["status"] == "ok":
-            self._queue(_PendingSettle(self.holder, tenant_id, row["period"], hold, 0, None))
+        while self._admits:
+            try:
+                conn = await self.hot.acquire()
+            except _DATABASE_AWAY as exc:
+                batch, self._admits = self._admits, []
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_exception(exc)
+                continue
+            batch = [item for item in self._admits if not item.done.done()]
+            self._admits = []
+            if not batch:
+                self.hot.give_back(conn)
+                continue
+            self.admit_statements += 1
+            try:
+                if len(batch) == 1:
+                    rows = await self.hot.run(conn, _ADMIT_SQL, self.holder, *batch[0].args)
+                else:
+                    columns = list(zip(*(item.args for item in batch), strict=True))
+                    rows = sorted(await self.hot.run(conn, _ADMIT_MANY_SQL, self.holder, *columns), key=_ord)
+                if len(rows) != len(batch):
+                    raise RuntimeError(f"admission answered {len(rows)} rows for {len(batch)} requests")
+            except Exception as exc:
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_exception(exc)
+                continue
+            for item, row in zip(batch, rows, strict=True):
+                if not item.done.cancelled():
+                    item.done.set_result(row)
+                elif row["status"] == "ok":
+                    tenant_id, hold = item.args[0], item.args[3] + item.args[4]
+                    self._queue(_PendingSettle(self.holder, tenant_id, row["period"], hold, 0, None))
 
     def _refusal(self, status: str, row: asyncpg.Record, model: str, wanted: int) -> Exception:
         headers = _headers(row)
@@ -509,6 +563,11 @@ class Limiter:
                     log.warning("released %d tokens held by api processes that stopped", released)
             except Exception:
                 log.exception("limiter heartbeat failed")
+
+
+def _ord(row: asyncpg.Record) -> int:
+    position: int = row["ord"]
+    return position
 
 
 def limiter_of(state: AppState) -> Limiter:

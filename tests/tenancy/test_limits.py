@@ -265,3 +265,47 @@ async def test_a_request_cancelled_while_waiting_for_a_connection_takes_nothing(
     await a.limiter.settle(await a.limiter.admit(principal, world.model, 10, 10), 5)
     with pytest.raises(RateLimited):
         await a.limiter.admit(principal, world.model, 10, 10)
+
+
+async def test_a_burst_is_admitted_in_few_statements_each_request_judged_alone(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start
+) -> None:
+    """Admits that queue behind a statement go together in one; a refusal in a batch is its own.
+
+    Two replicas, two tenants with different limits and an unknown model, all at once: the
+    batches lock the same rows in opposite arrival orders and must neither deadlock nor mix up
+    answers.
+    """
+    limited = await make_world(admin, key_limits={"requests_per_minute": 5})
+    small = await make_world(admin, grant=300)  # three requests of 100 tokens
+    a, b = await replicas(), await replicas()
+    replicas_of = {id(a): a, id(b): b}
+    principal = {(id(r), w.key): await r.principal(w.key) for r in (a, b) for w in (limited, small)}
+
+    async def one(replica: Replica, world_key: str, model: str) -> str:
+        try:
+            admission = await replica.limiter.admit(principal[(id(replica), world_key)], model, 50, 50)
+        except QuotaExceeded:  # a RateLimited too (429): the narrower first
+            return "quota"
+        except RateLimited:
+            return "rate"
+        except NotFound:
+            return "model"
+        return "ok" if admission.held_tokens == 100 else "wrong"
+
+    calls = []
+    for i in range(24):
+        replica = list(replicas_of.values())[i % 2]
+        world = (limited, small, limited)[i % 3]
+        model = "org/no-such-model" if i % 8 == 7 else world.model
+        calls.append((world.key, model, one(replica, world.key, model)))
+    outcomes = await asyncio.gather(*(call for _, _, call in calls))
+    by_world = {
+        key: sorted(o for (k, m, _), o in zip(calls, outcomes, strict=True) if k == key and m != "org/no-such-model")
+        for key in (limited.key, small.key)
+    }
+    assert by_world[limited.key] == ["ok"] * 5 + ["rate"] * (len(by_world[limited.key]) - 5)
+    assert by_world[small.key] == ["ok"] * 3 + ["quota"] * (len(by_world[small.key]) - 3)
+    assert [o for (_, m, _), o in zip(calls, outcomes, strict=True) if m == "org/no-such-model"] == ["model"] * 3
+    assert a.limiter.admit_statements + b.limiter.admit_statements < len(calls)
+    assert await _quota(a, small.tenant_id) == (300, 300, 0)
