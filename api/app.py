@@ -59,6 +59,20 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
+SERVER_SEND = "market.server_send"
+"""Scope state key of the ASGI server's own ``send``."""
+
+
+class MarketApp(Litestar):
+    """The api's Litestar app; keeps the server's own ``send`` in the scope for the token relay,
+    whose body writes skip the middleware (see ``api.token.sse``)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -113,4 +127,4 @@ def create_app(
         request_max_body_size=settings.max_body_bytes,
         debug=False,
     )
-    return Litestar.from_config(config)
+    return MarketApp.from_config(config)

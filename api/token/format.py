@@ -38,6 +38,19 @@ class StreamFormatter:
         self.created = created
         self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
         self._started: set[int] = set()
+        # What every chunk of this response repeats, encoded once: a token's event only encodes
+        # its choices (the same bytes as encoding the whole dict, in the same key order).
+        self._head = (
+            b'data: {"id":'
+            + _json.encode(self.id)
+            + b',"object":'
+            + _json.encode(self.object)
+            + b',"created":'
+            + _json.encode(created)
+            + b',"model":'
+            + _json.encode(model)
+            + b',"choices":'
+        )
 
     def _event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
         body: dict[str, Any] = {
@@ -66,7 +79,7 @@ class StreamFormatter:
                 choices.append(
                     {"index": piece.index, "text": piece.text, "logprobs": None, "finish_reason": piece.finish_reason}
                 )
-        return self._event(choices)
+        return self._head + _json.encode(choices) + b"}\n\n"
 
     def usage(self, usage: Usage) -> bytes:
         return self._event([], usage_body(usage))

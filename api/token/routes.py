@@ -10,19 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from litestar import Controller, Request, Response, get, post
 from litestar.params import FromPath
-from litestar.response import Stream
 
 from api.auth import principal_of
 from api.errors import AppError
 from api.state import AppState
-from api.token.format import DONE, StreamFormatter, whole_response
+from api.token.format import StreamFormatter, whole_response
 from api.token.schemas import decode_chat, decode_completion
 from api.token.service import Run, TokenService
+from api.token.sse import RelayStream
 from market.wire import Usage
 
 log = logging.getLogger(__name__)
@@ -98,31 +97,13 @@ async def _complete(request: Request[Any, Any, Any], kind: Literal["chat", "comp
         raise
     created = int(run.started_at)
     if parsed.stream:
-        return Stream(
-            _sse(run, StreamFormatter(kind, run.job.id, run.model, created), parsed.include_usage),
-            media_type="text/event-stream",
-            headers={**headers, "cache-control": "no-cache"},
+        return RelayStream(
+            run,
+            StreamFormatter(kind, run.job.id, run.model, created),
+            parsed.include_usage,
+            {**headers, "cache-control": "no-cache"},
         )
     return await _whole(request, run, kind, created, headers)
-
-
-async def _sse(run: Run, fmt: StreamFormatter, include_usage: bool) -> AsyncIterator[bytes]:
-    try:
-        async for batch in run.batches():
-            out = b"".join(fmt.pieces(chunk.pieces) for chunk in batch if chunk.pieces)
-            if out:
-                yield out
-        usage = run.engine_usage or Usage(0, run.relayed_tokens)
-        await run.finish("completed")
-        yield fmt.usage(usage) + DONE if include_usage else DONE  # one write for the end
-    except AppError as exc:
-        await run.finish("failed")
-        yield fmt.error(exc.message, exc.code)
-        yield DONE
-    finally:
-        if not run.finished:
-            # The client went away (the response was cancelled) or the generator was closed.
-            run.service.spawn(run.cancel_and_finish())
 
 
 async def _whole(

@@ -39,6 +39,14 @@ CATALOG_TTL_S = 5.0
 INTER_CHUNK_TIMEOUT_S = 60.0
 _STALLED = object()
 """Queued by a run's watchdog when its node sent nothing for ``INTER_CHUNK_TIMEOUT_S``."""
+_CLIENT_GONE = object()
+"""Queued by ``Run.client_gone``: the client of a streamed response disconnected."""
+
+
+class ClientGone(Exception):
+    """Raised by ``Run.batches`` once the client of a streamed response has disconnected."""
+
+
 _placement_decoder = wire.decoder(wire.Placement)
 
 
@@ -232,7 +240,8 @@ class Run:
 
         Everything already queued is taken at once so the client gets one write for it (a write
         per chunk is the relay's main cost). Ends after ``end``; raises UpstreamError on a node's
-        error or loss, after yielding what arrived before it. A node silent for
+        error or loss, after yielding what arrived before it, and ClientGone after
+        ``client_gone``. A node silent for
         ``INTER_CHUNK_TIMEOUT_S`` while we wait for it is given up on: one timer per run checks
         (re-armed as needed), not a timeout scope around every wait.
         """
@@ -255,6 +264,8 @@ class Run:
             while True:
                 batch: list[wire.Chunk] = []
                 for item in pending:
+                    if item is _CLIENT_GONE:
+                        raise ClientGone
                     if item is _STALLED:
                         if len(pending) > 1:
                             continue  # output came in the same moment: the node is not silent
@@ -288,6 +299,12 @@ class Run:
                     pending.append(queue.get_nowait())
         finally:
             timer[0].cancel()
+
+    def client_gone(self) -> None:
+        """The client disconnected: ``batches`` raises ClientGone at its next item (no cancellation
+        of the streaming task needed, so no cancel scope around every write)."""
+        if self.queue is not None:
+            self.queue.put_nowait(_CLIENT_GONE)
 
     async def _cancel(self, reason: str) -> None:
         if self.node_id is not None:
