@@ -1,7 +1,7 @@
 """NATS plumbing of one api replica for the token path.
 
-* ``Inboxes``: one wildcard subscription for every job's chunks, dispatched to per-attempt queues
-  (a subscription per request would cost a server round trip each).
+* ``Inboxes``: one wildcard subscription for every job's chunks, dispatched to per-attempt
+  ``Mailbox``es (a subscription per request would cost a server round trip each).
 * ``FleetWatch``: turns the schedulers' ``node_lost`` events into a "lost" signal on the queues of
   jobs that were on that node, so they fail over (before the first token) or end (after it).
 * ``UsagePublisher``: publishes usage events to JetStream off the request path, with the request
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from typing import Any
 
 import msgspec
@@ -32,11 +33,57 @@ _chunk_decoder = wire.decoder(wire.Chunk)
 _fleet_decoder = wire.decoder(wire.FleetEvent)
 
 
+class Mailbox:
+    """One job attempt's chunks and signals: any number of writers, one reader at a time.
+
+    A relay puts and takes an item per streamed token; ``asyncio.Queue`` does more per item (an
+    unfinished-task count and its Event, a deque of getters, a running-loop lookup per wait).
+    """
+
+    __slots__ = ("_items", "_loop", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Any] = deque()
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def _wait(self) -> None:
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+
+    async def get(self) -> Any:
+        """The next item; cancelling the wait loses none."""
+        while not self._items:
+            await self._wait()
+        return self._items.popleft()
+
+    async def take(self) -> list[Any]:
+        """Every item there is, waiting for the first if there is none."""
+        while not self._items:
+            await self._wait()
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
 class Inboxes:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self.prefix = subjects.inbox_prefix("api" + ulid()[-10:].lower())
-        self.queues: dict[str, asyncio.Queue[Any]] = {}
+        self.queues: dict[str, Mailbox] = {}
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -54,9 +101,9 @@ class Inboxes:
 
         self._sub = await self.nc.subscribe(self.prefix + ".>", cb=on_chunk, pending_msgs_limit=1_000_000)
 
-    def open(self, job_id: str, attempt: int) -> tuple[str, asyncio.Queue[Any]]:
+    def open(self, job_id: str, attempt: int) -> tuple[str, Mailbox]:
         subject = f"{self.prefix}.{job_id}.{attempt}"
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        queue = Mailbox()
         self.queues[subject] = queue
         return subject, queue
 
@@ -72,7 +119,7 @@ class Inboxes:
 class FleetWatch:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
-        self.on_node: dict[str, dict[str, asyncio.Queue[Any]]] = {}
+        self.on_node: dict[str, dict[str, Mailbox]] = {}
 
     async def start(self) -> None:
         async def on_event(msg: Any) -> None:
@@ -86,7 +133,7 @@ class FleetWatch:
 
         await self.nc.subscribe(subjects.FLEET_EVENTS, cb=on_event)
 
-    def watch(self, node_id: str, subject: str, queue: asyncio.Queue[Any]) -> None:
+    def watch(self, node_id: str, subject: str, queue: Mailbox) -> None:
         self.on_node.setdefault(node_id, {})[subject] = queue
 
     def unwatch(self, node_id: str, subject: str) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from api.auth import Principal
 from api.errors import AppError, InvalidRequest, NotFound, Unavailable, UpstreamError
 from api.state import AppState
-from api.token.relay import LOST, FleetWatch, Inboxes, UsagePublisher
+from api.token.relay import LOST, FleetWatch, Inboxes, Mailbox, UsagePublisher
 from api.token.schemas import ChatCompletionRequest, CompletionRequest, estimate_tokens
 from market import subjects, wire
 from market.ids import new_id
@@ -105,7 +105,7 @@ class Run:
     node_id: str | None = None
     provider_id: str | None = None
     subject: str | None = None
-    queue: asyncio.Queue[Any] | None = None
+    queue: Mailbox | None = None
     first: wire.Chunk | None = None
     first_token_at: float | None = None
     relayed_tokens: int = 0
@@ -293,10 +293,8 @@ class Run:
                 if batch:
                     yield batch
                 waiting_since = loop.time()
-                pending = [await queue.get()]
+                pending = await queue.take()
                 waiting_since = None
-                while not queue.empty():
-                    pending.append(queue.get_nowait())
         finally:
             timer[0].cancel()
 
