@@ -53,9 +53,6 @@ class Mailbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def empty(self) -> bool:
-        return not self._items
-
     async def _wait(self) -> None:
         waiter = self._waiter = self._loop.create_future()
         try:

@@ -240,10 +240,9 @@ class Run:
 
         Everything already queued is taken at once so the client gets one write for it (a write
         per chunk is the relay's main cost). Ends after ``end``; raises UpstreamError on a node's
-        error or loss, after yielding what arrived before it, and ClientGone after
-        ``client_gone``. A node silent for
-        ``INTER_CHUNK_TIMEOUT_S`` while we wait for it is given up on: one timer per run checks
-        (re-armed as needed), not a timeout scope around every wait.
+        error or loss, after yielding what arrived before it, and ClientGone after ``client_gone``.
+        A node silent for ``INTER_CHUNK_TIMEOUT_S`` while we wait for it is given up on: one timer
+        per run checks (re-armed as needed), not a timeout scope around every wait.
         """
         queue = self.queue
         assert queue is not None

@@ -2,10 +2,11 @@
 
 Litestar's ``Stream`` runs every response in an anyio task group (a cancel scope and a disconnect
 listener) and passes each write through the app's middleware, which only looks at the response
-start (status, request id, metrics). At a write per token that overhead was a sizeable part of
-the api's CPU. Here the start goes through the middleware as usual, the body is written straight
-to the server's ``send`` (kept in the scope by ``api.app.MarketApp``), and a disconnect is noticed
-by one plain task that tells the run, which then ends the relay loop at its next item.
+start and the end (status, request id, metrics: the request's duration ends with its last body
+message). At a write per token that overhead was a sizeable part of the api's CPU. Here the start
+and the last message go through the middleware as usual, the tokens between them are written
+straight to the server's ``send`` (kept in the scope by ``api.app.MarketApp``), and a disconnect
+is noticed by one plain task that tells the run, which then ends the relay loop at its next item.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class _RelayResponse(ASGIStreamingResponse):
         run = self.stream.run
         watcher = asyncio.create_task(_watch_disconnect(receive, run))
         try:
-            await _relay(run, self.stream.fmt, self.stream.include_usage, write)
+            await _relay(run, self.stream.fmt, self.stream.include_usage, write, send)
         except ClientGone:
             pass
         finally:
@@ -95,7 +96,8 @@ class _RelayResponse(ASGIStreamingResponse):
         await self.after_response()
 
 
-async def _relay(run: Run, fmt: StreamFormatter, include_usage: bool, write: Send) -> None:
+async def _relay(run: Run, fmt: StreamFormatter, include_usage: bool, write: Send, send: Send) -> None:
+    """Tokens through ``write`` (the server's own send), the end through ``send`` (the middleware's)."""
     try:
         async for batch in run.batches():
             out = b"".join(fmt.pieces(chunk.pieces) for chunk in batch if chunk.pieces)
@@ -107,7 +109,7 @@ async def _relay(run: Run, fmt: StreamFormatter, include_usage: bool, write: Sen
     except AppError as exc:
         await run.finish("failed")
         end = fmt.error(exc.message, exc.code) + DONE
-    await write({"type": "http.response.body", "body": end, "more_body": False})
+    await send({"type": "http.response.body", "body": end, "more_body": False})
 
 
 async def _watch_disconnect(receive: Receive, run: Run) -> None:

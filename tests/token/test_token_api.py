@@ -336,3 +336,33 @@ async def test_keys_bad_revoked_and_expired_are_401(api: RunningApi, tenant: Ten
     state.services["auth"].forget(tenant.key_id)
     with pytest.raises(openai.AuthenticationError, match="expired"):
         await sdk(api, tenant.secret).models.list()
+
+
+def _streamed_seconds(metrics: str) -> float:
+    """Total request time the api's Prometheus histogram holds for successful POST /v1/completions."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if (
+            line.startswith("litestar_request_duration_seconds_sum{")
+            and 'app_name="market_api"' in line
+            and 'path="/v1/completions"' in line
+            and 'status_code="200"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_a_streamed_response_is_timed_to_its_end_in_the_metrics(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet
+) -> None:
+    """Tokens skip the middleware on their way out; the request's duration still runs to the last one."""
+    await fleet({"node_a": echo_node("node_a", words=4, delay=0.1)})
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        before = _streamed_seconds((await client.get("/metrics")).text)
+        stream = await sdk(api, tenant.secret).completions.create(
+            model="fake-model", prompt="slow", max_tokens=4, stream=True
+        )
+        texts = [part.choices[0].text async for part in stream if part.choices]
+        assert "".join(texts) == "w0 w1 w2 w3 "
+        after = _streamed_seconds((await client.get("/metrics")).text)
+    assert after - before >= 0.3
