@@ -57,6 +57,8 @@ class Result:
     ramp: list[float] = field(default_factory=list)
     """TTFTs of each run's first ``concurrency`` requests: they arrive at once on idle servers."""
     tokens: int = 0
+    events: int = 0
+    """Server-sent events with output: the chunks the relay wrote (several tokens may share one)."""
     errors: int = 0
     wall: float = 0.0
     samples: list[str] = field(default_factory=list)
@@ -65,6 +67,7 @@ class Result:
         self.ttft += other.ttft
         self.ramp += other.ramp
         self.tokens += other.tokens
+        self.events += other.events
         self.errors += other.errors
         self.wall += other.wall
         self.samples += other.samples
@@ -97,6 +100,7 @@ async def one_stream(
     started = time.perf_counter()
     first = None
     tokens = 0
+    events = 0
     try:
         async with session.post(url, json=body, headers=headers) as response:
             if response.status != 200:
@@ -115,6 +119,7 @@ async def one_stream(
                         if first is None:
                             first = time.perf_counter() - started
                         tokens += 1
+                        events += 1
                 usage = event.get("usage")
                 if usage:
                     tokens = usage["completion_tokens"]
@@ -126,6 +131,7 @@ async def one_stream(
         return
     (result.ramp if ramp else result.ttft).append(first)
     result.tokens += tokens
+    result.events += events
 
 
 async def run_load(
@@ -521,7 +527,9 @@ async def main() -> None:
             f"control plane: {control.requests / control.wall:,.0f} requests/s, "
             f"{control.tokens_per_s:,.0f} relayed tokens/s through one api process, which was busy "
             f"{api_cpu / control.wall:.0%} of the time: {control.requests / api_cpu:,.0f} requests and "
-            f"{control.tokens / api_cpu:,.0f} tokens per api CPU-second"
+            f"{control.tokens / api_cpu:,.0f} tokens per api CPU-second; "
+            f"{control.events / max(control.requests, 1):.1f} chunks per request (a write each; the agents "
+            "coalesce a stream's tokens only when they come faster than they can send them)"
         )
     finally:
         stack.close()
