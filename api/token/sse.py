@@ -87,7 +87,8 @@ class _RelayResponse(ASGIStreamingResponse):
         try:
             await _relay(run, self.stream.fmt, self.stream.include_usage, write, send)
         except ClientGone:
-            pass
+            # Nothing reaches the client any more; this ends the request for the middleware (metrics).
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watcher.cancel()
             if not run.finished:
