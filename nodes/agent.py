@@ -125,6 +125,7 @@ class NodeAgent:
         """Set when the agent has left (after stop, kill or a revoke order)."""
         self._jobs: dict[str, _Running] = {}
         self._last_load: EngineLoad | None = None
+        self._scrape: asyncio.Task[EngineLoad] | None = None
         self._last_beat_at = 0.0
         self._quick_pending = False
         self._quick_task: asyncio.Task[None] | None = None
@@ -199,6 +200,8 @@ class NodeAgent:
                 await self._heartbeat_task
         with contextlib.suppress(Exception):
             await self._publish_heartbeat()  # the last word: draining, so nobody places here
+        if self._scrape is not None:
+            self._scrape.cancel()
         await self._leave_nats(gently=True)
         await self.engine.stop()
         self.stopped.set()
@@ -208,6 +211,8 @@ class NodeAgent:
         self._killed = True
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
+        if self._scrape is not None:
+            self._scrape.cancel()
         for running in list(self._jobs.values()):
             self._abort(running, "killed")
             if running.task is not None:
@@ -242,7 +247,7 @@ class NodeAgent:
         if quick and self._last_load is not None:
             load = EngineLoad(running=len(self._jobs), waiting=0, kv_cache_usage=self._last_load.kv_cache_usage)
         else:
-            load = self._last_load = await self.engine.load()
+            load = self._last_load = await self._engine_load()
         running = max(load.running, 0)
         slots = 0
         if status == "healthy":
@@ -268,6 +273,21 @@ class NodeAgent:
             sent_at=time.time(),
             seq=self._hb_seq,
         )
+
+    async def _engine_load(self) -> EngineLoad:
+        """The engine's load, waiting at most one heartbeat interval for it.
+
+        A busy engine can be slow to answer its metrics scrape (vLLM's allows 2 s); a heartbeat
+        held back that long makes a healthy node look lost to the schedulers, which then fail its
+        jobs over. A scrape still running is left to finish, and the last known load stands in.
+        """
+        task = self._scrape
+        if task is None or task.done():
+            task = self._scrape = asyncio.create_task(self.engine.load())
+        done, _ = await asyncio.wait({task}, timeout=self._interval)
+        if task in done and not task.cancelled() and task.exception() is None:
+            return task.result()
+        return self._last_load or EngineLoad()
 
     async def _publish_heartbeat(self, *, quick: bool = False) -> None:
         if self._killed or self.nc is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -250,3 +251,26 @@ async def test_a_fleet_of_sim_nodes_on_one_connection(nc: Client, settings: Sett
     finally:
         await asyncio.gather(*(a.stop(drain=False) for a in agents))
     assert nc.is_connected  # leaving unsubscribed; the shared connection stays
+
+
+async def test_a_slow_engine_scrape_does_not_hold_heartbeats_back(nc: Client, make_agent: AgentFactory) -> None:
+    """An engine that takes 2 s to report its load (a busy vLLM's /metrics): heartbeats keep their
+    0.1 s interval with the last known load, so the schedulers never take the node for lost."""
+    agent = await make_agent()
+    engine_load = agent.engine.load
+
+    async def slow_load() -> object:
+        await asyncio.sleep(2.0)
+        return await engine_load()
+
+    agent.engine.load = slow_load  # type: ignore[method-assign]
+    arrivals: list[float] = []
+
+    async def on_beat(_msg: object) -> None:
+        arrivals.append(time.monotonic())
+
+    sub = await nc.subscribe(subjects.heartbeat(agent.node_id), cb=on_beat)
+    await asyncio.sleep(1.5)
+    await sub.unsubscribe()
+    assert len(arrivals) >= 5
+    assert max(b - a for a, b in itertools.pairwise(arrivals)) < 0.5
