@@ -8,6 +8,7 @@ import uvicorn
 
 from api.main import build_app
 from market import logs
+from market.aio import settle_heap
 from market.settings import Settings
 
 
@@ -18,8 +19,10 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings.from_env()
     logs.setup("api", settings.log_level)
+    app = build_app(settings)
+    settle_heap()
     uvicorn.run(
-        build_app(settings),
+        app,
         host=args.host or settings.http_host,
         port=args.port or settings.http_port,
         log_config=None,
