@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from nats.aio.client import Client
 
 import market.models  # noqa: F401
-from market import migrate
+from market import bus, migrate
 from market.db import Base
 from market.embedded import EmbeddedError, check_port
 from market.ids import has_prefix, new_id
@@ -130,3 +133,32 @@ def test_money_is_integer_minor_units() -> None:
     assert micros_to_minor(500_000) == 1
     assert micros_to_minor(499_999) == 0
     assert micros_to_minor(-500_000) == -1
+
+
+async def test_an_inline_subscription_delivers_in_order_and_survives_its_handler(nc: Client) -> None:
+    """The api's chunk inbox: every message, in order, past a handler that raises, never counted as
+    pending (the client would call a slow consumer and drop messages), and drained cleanly."""
+    got: list[bytes] = []
+
+    def handler(msg: object) -> None:
+        data: bytes = msg.data  # type: ignore[attr-defined]
+        if data == b"boom":
+            raise RuntimeError("a handler's bug")
+        got.append(data)
+
+    sub = await bus.subscribe_inline(nc, "test.inline.>", handler)
+    sub._pending_bytes_limit = 4096  # 3,000 messages of 100 bytes would pass it 73 times over
+    for i in range(3000):
+        await nc.publish(f"test.inline.{i % 7}", f"{i:0100d}".encode() if i != 1500 else b"boom")
+    await nc.flush()
+    for _ in range(100):
+        if len(got) == 2999:
+            break
+        await asyncio.sleep(0.02)
+    assert [int(d) for d in got] == [i for i in range(3000) if i != 1500]
+    assert sub.pending_bytes == 0
+    assert sub.pending_msgs == 0
+    await sub.drain()
+    await nc.publish("test.inline.0", b"after")
+    await nc.flush()
+    assert got[-1] != b"after"

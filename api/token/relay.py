@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from market import subjects, wire
+from market import bus, subjects, wire
 from market.ids import ulid
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Inboxes:
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
-        async def on_chunk(msg: Any) -> None:
+        def on_chunk(msg: Any) -> None:
             queue = self.queues.get(msg.subject)
             if queue is None:
                 return  # a late chunk for a finished attempt
@@ -96,7 +96,7 @@ class Inboxes:
             except msgspec.DecodeError:
                 log.warning("undecodable chunk on %s", msg.subject)
 
-        self._sub = await self.nc.subscribe(self.prefix + ".>", cb=on_chunk, pending_msgs_limit=1_000_000)
+        self._sub = await bus.subscribe_inline(self.nc, self.prefix + ".>", on_chunk)
 
     def open(self, job_id: str, attempt: int) -> tuple[str, Mailbox]:
         subject = f"{self.prefix}.{job_id}.{attempt}"
