@@ -37,11 +37,13 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import nats
+import nats.errors
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from market import db, keys, migrate, natsauth  # noqa: E402
+from market import db, keys, migrate, natsauth, subjects, wire  # noqa: E402
 from market.embedded import EmbeddedNats, EmbeddedPostgres, free_port  # noqa: E402
 from market.ids import new_id  # noqa: E402
 from market.models import ApiKey, Model, Tenant  # noqa: E402
@@ -62,10 +64,15 @@ class Result:
     errors: int = 0
     wall: float = 0.0
     samples: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    ramp_ids: list[str] = field(default_factory=list)
+    """Request ids (the api's ``x-request-id``) of the steady state and of the ramps."""
 
     def add(self, other: Result) -> None:
         self.ttft += other.ttft
         self.ramp += other.ramp
+        self.ids += other.ids
+        self.ramp_ids += other.ramp_ids
         self.tokens += other.tokens
         self.events += other.events
         self.errors += other.errors
@@ -130,6 +137,9 @@ async def one_stream(
         result.errors += 1
         return
     (result.ramp if ramp else result.ttft).append(first)
+    request_id = response.headers.get("x-request-id")
+    if request_id:
+        (result.ramp_ids if ramp else result.ids).append(request_id)
     result.tokens += tokens
     result.events += events
 
@@ -288,6 +298,45 @@ async def wait_serving(api: str, model: str, headers: dict[str, str], timeout: f
             return
         await asyncio.sleep(0.5)
     raise RuntimeError("the marketplace never served a request")
+
+
+async def ttft_split(settings: Settings, results: list[Result], timeout: float = 30.0) -> dict[str, float]:
+    """Each request's TTFT as the api measured it, minus the engine's share (as its agent measured
+    it), read from the usage events on JetStream: the marketplace's own part of each request's
+    time to first token (authentication, admission, placement, both NATS hops, the agent, the
+    relay), paired per request, so vLLM's own variance between waves does not drown it."""
+    wanted = {i for r in results for i in r.ids + r.ramp_ids}
+    nc = await nats.connect(settings.require_nats_url(), user=settings.nats_user, password=settings.nats_password)
+    split: dict[str, float] = {}
+    try:
+        sub = await nc.jetstream().subscribe(subjects.USAGE_SUBJECTS, ordered_consumer=True)
+        decoder = wire.decoder(wire.UsageEvent)
+        deadline = time.monotonic() + timeout
+        while len(split) < len(wanted) and time.monotonic() < deadline:
+            try:
+                msg = await sub.next_msg(timeout=max(0.1, deadline - time.monotonic()))
+            except nats.errors.TimeoutError:
+                break
+            event = decoder.decode(msg.data)
+            if event.request_id in wanted and event.ttft_ms is not None and event.engine_ttft_ms is not None:
+                split[event.request_id] = event.ttft_ms - event.engine_ttft_ms
+    finally:
+        await nc.close()
+    return split
+
+
+def split_pct(split: dict[str, float], ids: list[str], q: float) -> float:
+    values = sorted(split[i] for i in ids if i in split)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def split_line(split: dict[str, float], r: Result) -> str:
+    seen = sum(1 for i in r.ids + r.ramp_ids if i in split)
+    return (
+        f"steady p50 {split_pct(split, r.ids, 0.5):.1f} ms, p99 {split_pct(split, r.ids, 0.99):.1f} ms; "
+        f"ramps p50 {split_pct(split, r.ramp_ids, 0.5):.1f} ms, p99 {split_pct(split, r.ramp_ids, 0.99):.1f} ms "
+        f"({seen} of {r.requests} requests)"
+    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -488,6 +537,7 @@ async def main() -> None:
         )
         api_cpu = cpu_seconds(api_proc.pid) - api_cpu_before
         rows.append(row(f"control plane alone ({args.sim_nodes} simulated nodes)", control))
+        split = await ttft_split(settings, [market_total, control])
 
         placement = (
             f"vLLM pinned to cores {sorted(engine_cores)}, everything else to {sorted(plane_cores or [])}"
@@ -521,6 +571,10 @@ async def main() -> None:
                 f"of direct ({market_total.tokens_per_s / counted_total.tokens_per_s:.0%} of direct with usage on "
                 "every chunk)"
             )
+            print(
+                "the marketplace's own part of each request's TTFT (api arrival to first token out, minus the "
+                f"engine's time as its agent measured it), paired per request: {split_line(split, market_total)}"
+            )
             print(f"CPU (share of one core) during the direct rounds: {cpu_share(direct_cpu, direct_total.wall)}")
             print(f"CPU during the marketplace rounds: {cpu_share(market_cpu, market_total.wall)}")
         print(
@@ -531,6 +585,7 @@ async def main() -> None:
             f"{control.events / max(control.requests, 1):.1f} chunks per request (a write each; the agents "
             "coalesce a stream's tokens only when they come faster than they can send them)"
         )
+        print(f"the marketplace's own part of the TTFT with simulated nodes: {split_line(split, control)}")
     finally:
         stack.close()
 

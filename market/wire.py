@@ -103,6 +103,10 @@ class Chunk(msgspec.Struct, kw_only=True):
     ``invalid_request`` (the engine refused the body), ``engine_error``."""
     status: int | None = None
     """HTTP status the engine answered with, when it refused the request."""
+    engine_ttft_ms: float | None = None
+    """On the job's first output (``data``, or ``end`` if that comes first): the engine's own time
+    from the agent's request to its first output, so the api can tell its share of the TTFT
+    (admission, placement, both NATS hops, the agent) from the engine's."""
 
 
 class Cancel(msgspec.Struct, kw_only=True):
@@ -177,6 +181,10 @@ class UsageEvent(msgspec.Struct, kw_only=True):
     started_at: float
     ended_at: float
     ttft_ms: float | None = None
+    """From the request's arrival at the api to its first token leaving for the client (for a
+    non-streamed request, to the first token reaching the api)."""
+    engine_ttft_ms: float | None = None
+    """The part of ``ttft_ms`` the engine spent (as its node measured it); the rest is the marketplace's."""
     duration_ms: float = 0.0
     reservation_id: str | None = None
 

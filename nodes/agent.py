@@ -72,6 +72,9 @@ class _Running:
     pump: asyncio.Task[None] | None = None
     stop_reason: str | None = None
     """Why the engine stream was aborted early: ``cancelled`` or ``deadline``."""
+    engine_sent_at: float = 0.0
+    engine_first_at: float | None = None
+    """Monotonic times of the request to the engine and of its first output (the engine's TTFT)."""
 
 
 class _Done:
@@ -423,7 +426,8 @@ class NodeAgent:
             )
             return
         queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
-        running.pump = asyncio.create_task(self._pump(self.engine.generate(job), queue), name=f"pump {job.id}")
+        running.engine_sent_at = time.monotonic()
+        running.pump = asyncio.create_task(self._pump(self.engine.generate(job), queue, running), name=f"pump {job.id}")
         loop = asyncio.get_running_loop()
         deadline_timer = loop.call_at(
             loop.time() + max(0.0, job.deadline - time.time()), self._abort, running, "deadline"
@@ -467,7 +471,9 @@ class NodeAgent:
                 now = time.monotonic()
                 ends = isinstance(outcome, (_Done, _Stopped))  # the last pieces then ride in ``end``
                 if pending and not ends and (not sent_data or now - last_sent >= interval or outcome is not None):
-                    await self._publish(running, chunk("data", pieces=pending))
+                    await self._publish(
+                        running, chunk("data", pieces=pending, engine_ttft_ms=None if sent_data else _ttft(running))
+                    )
                     pending = []
                     sent_data = said_anything = True
                     last_sent = now
@@ -476,7 +482,9 @@ class NodeAgent:
 
         if isinstance(outcome, _Done):
             final = usage or Usage(job.prompt_tokens, relayed)
-            await self._publish(running, chunk("end", pieces=pending, usage=final))
+            await self._publish(
+                running, chunk("end", pieces=pending, usage=final, engine_ttft_ms=None if sent_data else _ttft(running))
+            )
         elif isinstance(outcome, _Stopped):
             # Cancelled or past its deadline: bill what was produced. The agent counted the
             # completion tokens it relayed; prompt tokens are the engine's if it said, else the api's.
@@ -487,10 +495,12 @@ class NodeAgent:
                 running, chunk("error", error=outcome.message, error_code=outcome.code, status=outcome.status)
             )
 
-    async def _pump(self, stream: AsyncIterator[Emission], queue: asyncio.Queue[_QueueItem]) -> None:
+    async def _pump(self, stream: AsyncIterator[Emission], queue: asyncio.Queue[_QueueItem], running: _Running) -> None:
         """Read the engine stream into the job's queue; cancelling this aborts the engine request."""
         try:
             async for emission in stream:
+                if running.engine_first_at is None:
+                    running.engine_first_at = time.monotonic()
                 queue.put_nowait(emission)
             queue.put_nowait(_DONE)
         except asyncio.CancelledError:
@@ -505,6 +515,11 @@ class NodeAgent:
             if aclose is not None:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await aclose()
+
+
+def _ttft(running: _Running) -> float | None:
+    first = running.engine_first_at
+    return None if first is None else round((first - running.engine_sent_at) * 1000, 3)
 
 
 def _control_action(data: bytes) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any, Literal
 
 from litestar import Controller, Request, Response, get, post
@@ -80,11 +81,12 @@ class TokenController(Controller):
 
 
 async def _complete(request: Request[Any, Any, Any], kind: Literal["chat", "completion"]) -> Response[Any]:
+    arrived = time.time()
     principal = await principal_of(request)
     body = await request.body()
     parsed = decode_chat(body) if kind == "chat" else decode_completion(body)
     service = token_service(request)
-    run = await service.prepare(principal, kind, parsed)
+    run = await service.prepare(principal, kind, parsed, arrived)
     headers = dict(getattr(run.admission, "headers", None) or {})
     headers["x-request-id"] = run.job.id
     try:

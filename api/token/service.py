@@ -108,6 +108,7 @@ class Run:
     queue: Mailbox | None = None
     first: wire.Chunk | None = None
     first_token_at: float | None = None
+    engine_ttft_ms: float | None = None
     relayed_tokens: int = 0
     engine_usage: wire.Usage | None = None
     outcome: wire.Outcome | None = None
@@ -226,6 +227,7 @@ class Run:
                 return "engine_error"
             self.first = chunk
             self.first_token_at = time.time()
+            self.engine_ttft_ms = chunk.engine_ttft_ms
             return None
 
     def _release_attempt(self) -> None:
@@ -375,6 +377,7 @@ class Run:
                 started_at=self.started_at,
                 ended_at=ended,
                 ttft_ms=round((self.first_token_at - self.started_at) * 1000, 3) if self.first_token_at else None,
+                engine_ttft_ms=self.engine_ttft_ms,
                 duration_ms=round((ended - self.started_at) * 1000, 3),
             )
         )
@@ -420,8 +423,12 @@ class TokenService:
         principal: Principal,
         kind: Literal["chat", "completion"],
         request: ChatCompletionRequest | CompletionRequest,
+        arrived: float | None = None,
     ) -> Run:
-        """Validate against the catalog, admit, and build the Job (not yet placed)."""
+        """Validate against the catalog, admit, and build the Job (not yet placed).
+
+        ``arrived`` (unix time) starts the request's clock for its TTFT and duration, so both
+        include authentication and admission; by default, now."""
         if principal.tenant_id is None:
             raise AppError("the token API needs a tenant key (sk-...)", code="invalid_api_key", status=403)
         model = await self.catalog.get(request.model)
@@ -472,7 +479,15 @@ class TokenService:
             allowed_providers=list(principal.allowed_providers) if principal.allowed_providers else None,
             max_price_minor_per_million=principal.max_price_minor_per_million,
         )
-        return Run(service=self, principal=principal, kind=kind, model=model.name, job=job, admission=admission)
+        return Run(
+            service=self,
+            principal=principal,
+            kind=kind,
+            model=model.name,
+            job=job,
+            admission=admission,
+            started_at=arrived if arrived is not None else time.time(),
+        )
 
 
 def _message(message: Any) -> dict[str, Any]:

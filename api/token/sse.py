@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -99,10 +100,14 @@ class _RelayResponse(ASGIStreamingResponse):
 
 async def _relay(run: Run, fmt: StreamFormatter, include_usage: bool, write: Send, send: Send) -> None:
     """Tokens through ``write`` (the server's own send), the end through ``send`` (the middleware's)."""
+    first = True
     try:
         async for batch in run.batches():
             out = b"".join(fmt.pieces(chunk.pieces) for chunk in batch if chunk.pieces)
             if out:
+                if first:  # the stream's TTFT ends when its first token leaves for the client
+                    run.first_token_at = time.time()
+                    first = False
                 await write({"type": "http.response.body", "body": out, "more_body": True})
         usage = run.engine_usage or Usage(0, run.relayed_tokens)
         await run.finish("completed")

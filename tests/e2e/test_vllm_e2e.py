@@ -85,6 +85,10 @@ async def test_tenant_gets_answers_from_a_real_vllm_with_usage(
         assert (event.prompt_tokens, event.completion_tokens) == (chat.usage.prompt_tokens, 12)
         assert event.relayed_completion_tokens == 12
         assert event.node_id == "node_e2e_1"
+        # the TTFT is split: the engine's part as the agent timed it, the rest the marketplace's
+        assert event.ttft_ms is not None
+        assert event.engine_ttft_ms is not None
+        assert 0 < event.engine_ttft_ms < event.ttft_ms
 
         stream = await client.completions.create(
             model=MODEL,

@@ -81,6 +81,11 @@ async def test_a_slow_first_token_is_preceded_by_accepted(nc: Client, make_agent
     assert [c.seq for c in watch.chunks] == list(range(len(watch.chunks)))
     assert end.usage is not None
     assert watch.relayed_tokens == 3 == end.usage.completion_tokens
+    # the first output says how long the engine took to it (the prefill), so the api can tell its own share
+    outputs = [c for c in watch.chunks if c.kind != "accepted"]
+    assert outputs[0].engine_ttft_ms is not None
+    assert 90 <= outputs[0].engine_ttft_ms < 2000
+    assert all(c.engine_ttft_ms is None for c in outputs[1:])
 
 
 async def test_fast_tokens_are_coalesced(nc: Client, make_agent: AgentFactory) -> None:
