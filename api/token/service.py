@@ -25,7 +25,7 @@ from sqlalchemy import select
 from api.auth import Principal
 from api.errors import AppError, InvalidRequest, NotFound, Unavailable, UpstreamError
 from api.state import AppState
-from api.token.relay import LOST, FleetWatch, Inboxes, Mailbox, UsagePublisher
+from api.token.relay import LOST, TIMED_OUT, FleetWatch, Inboxes, Mailbox, UsagePublisher
 from api.token.schemas import ChatCompletionRequest, CompletionRequest, estimate_tokens
 from market import subjects, wire
 from market.ids import new_id
@@ -199,14 +199,13 @@ class Run:
         accepted = False
         while True:
             deadline = token_deadline if accepted else accept_deadline
-            try:
-                item = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            item = await self.queue.get_within(deadline - time.monotonic())
+            if item is TIMED_OUT:
                 if not accepted:
                     return "accept_timeout"
                 await self._cancel("first_token_timeout")
                 await self.finish("failed")
-                raise UpstreamError("the engine produced no output in time", code="timeout", status=504) from None
+                raise UpstreamError("the engine produced no output in time", code="timeout", status=504)
             if item is LOST:
                 return "node_lost"
             chunk: wire.Chunk = item
@@ -318,11 +317,8 @@ class Run:
         if self.queue is not None and self.engine_usage is None:
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline:
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    break
-                if item is LOST:
+                item = await self.queue.get_within(deadline - time.monotonic())
+                if item is TIMED_OUT or item is LOST:
                     break
                 if not isinstance(item, wire.Chunk):  # the stall watchdog's marker
                     continue

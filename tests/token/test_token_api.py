@@ -7,6 +7,7 @@ paths through the real scheduler, node agent and vLLM are in tests/e2e.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -195,6 +196,40 @@ async def test_a_node_silent_mid_stream_is_given_up_on_and_cancelled(
             break
         await asyncio.sleep(0.02)
     assert f.cancels == [event.request_id]
+
+
+async def test_a_node_that_accepts_but_never_answers_is_a_504_and_a_cancel(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet
+) -> None:
+    """Accepted, then no first token within ``MARKET_FIRST_TOKEN_TIMEOUT``: the client is not left
+    hanging, and the node is told to stop."""
+    service = api.app.state.app_state.services["token"]
+    saved = service.settings
+    service.settings = dataclasses.replace(saved, first_token_timeout_s=1.0)
+
+    async def stuck(job: wire.Job, reply: str, client: Client) -> None:
+        await client.publish(reply, chunk(job, "n", 0, "accepted"))
+
+    try:
+        f = await fleet({"n": stuck})
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as caught:
+            await (
+                sdk(api, tenant.secret)
+                .with_options(max_retries=0)
+                .chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=3)
+            )
+        waited = time.monotonic() - started
+    finally:
+        service.settings = saved
+    assert caught.value.status_code == 504
+    assert caught.value.body["code"] == "timeout"  # type: ignore[index]
+    assert 1.0 <= waited < 5
+    for _ in range(50):
+        if f.cancels:
+            break
+        await asyncio.sleep(0.02)
+    assert len(f.cancels) == 1
 
 
 async def test_client_disconnect_cancels_on_the_node(
