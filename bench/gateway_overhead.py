@@ -5,7 +5,10 @@
    -> NATS -> scheduler process -> agent process -> the same vLLM), interleaved in rounds so drift
    hits both alike: TTFT p50/p99, tokens/s, and the ratios. TTFTs of the steady state and of each
    round's ramp (its first ``--concurrency`` requests, which arrive at once on idle servers) are
-   reported apart. A third side sends vLLM directly what
+   reported apart (with identical requests a closed loop runs in waves, so the steady state is
+   waves too; ``--spread`` varies the lengths, the same requests on both paths). The marketplace's
+   own part of each request's TTFT is also measured per request, from the usage events (the api's
+   TTFT minus the engine's, as its agent timed it). A third side sends vLLM directly what
    the agent sends it (usage on every chunk), to tell the engine's part of the cost from the
    relay's; and each process's CPU share is printed for the direct and the marketplace rounds.
 2. The control plane alone: the api process in front of simulated nodes (``SimEngine``, a
@@ -24,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -153,8 +157,16 @@ async def run_load(
     max_tokens: int,
     *,
     usage_every_chunk: bool = False,
+    spread: float = 0.0,
 ) -> Result:
+    """``total`` streams, ``concurrency`` at a time. With ``spread`` > 0 request ``i`` asks for a
+    length drawn from ``max_tokens * (1 +- spread)``, the same draw for every call with the same
+    ``total`` (so both paths get the same requests); identical lengths make a closed loop run in
+    waves: streams that start together end together and the next ones all arrive at once."""
     result = Result()
+    rng = random.Random(total)
+    low, high = max(1, round(max_tokens * (1 - spread))), max(1, round(max_tokens * (1 + spread)))
+    lengths = [rng.randint(low, high) for _ in range(total)]
     stream_options: dict[str, bool] = {"include_usage": True}
     if usage_every_chunk:  # what the node agent asks vLLM for (exact counts for cancelled jobs)
         stream_options["continuous_usage_stats"] = True
@@ -175,7 +187,9 @@ async def run_load(
         async def worker() -> None:
             while not queue.empty():
                 i = queue.get_nowait()
-                await one_stream(session, url, body, headers, result, ramp=i < concurrency)
+                await one_stream(
+                    session, url, {**body, "max_tokens": lengths[i]}, headers, result, ramp=i < concurrency
+                )
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -405,6 +419,13 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="per side, split over the rounds")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=0.0,
+        help="vary each request's max_tokens by up to this share (0.5: 32-96 for 64), the same "
+        "requests on both paths; 0 sends identical requests, which a closed loop runs in waves",
+    )
     parser.add_argument("--cp-requests", type=int, default=3000, help="control-plane phase requests")
     parser.add_argument("--cp-concurrency", type=int, default=64)
     parser.add_argument("--sim-nodes", type=int, default=8)
@@ -490,6 +511,7 @@ async def main() -> None:
                             per_round,
                             args.max_tokens,
                             usage_every_chunk=usage_every_chunk,
+                            spread=args.spread,
                         )
                     )
                     if not usage_every_chunk:
@@ -500,7 +522,13 @@ async def main() -> None:
                 middle = cpu_by_process(stack, names)
                 market_total.add(
                     await run_load(
-                        api + "/v1/completions", MODEL_NAME, headers, args.concurrency, per_round, args.max_tokens
+                        api + "/v1/completions",
+                        MODEL_NAME,
+                        headers,
+                        args.concurrency,
+                        per_round,
+                        args.max_tokens,
+                        spread=args.spread,
                     )
                 )
                 market_cpu = _add(market_cpu, middle, cpu_by_process(stack, names))
@@ -533,7 +561,13 @@ async def main() -> None:
         await run_load(api + "/v1/completions", SIM_MODEL_NAME, headers, args.cp_concurrency, 200, args.max_tokens)
         api_cpu_before = cpu_seconds(api_proc.pid)
         control = await run_load(
-            api + "/v1/completions", SIM_MODEL_NAME, headers, args.cp_concurrency, args.cp_requests, args.max_tokens
+            api + "/v1/completions",
+            SIM_MODEL_NAME,
+            headers,
+            args.cp_concurrency,
+            args.cp_requests,
+            args.max_tokens,
+            spread=args.spread,
         )
         api_cpu = cpu_seconds(api_proc.pid) - api_cpu_before
         rows.append(row(f"control plane alone ({args.sim_nodes} simulated nodes)", control))
@@ -545,7 +579,8 @@ async def main() -> None:
             else f"{len(cores)} cores shared by everything"
         )
         print(
-            f"\nconcurrency {args.concurrency} streams, {args.max_tokens} tokens each, "
+            f"\nconcurrency {args.concurrency} streams, {args.max_tokens} tokens each"
+            f"{f' (+-{args.spread:.0%})' if args.spread else ''}, "
             f"vLLM stream interval {args.stream_interval}; "
             f"control plane: {args.cp_concurrency} streams; one api process; {placement}\n"
         )
