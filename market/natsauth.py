@@ -5,7 +5,8 @@ its public key ever leaves the machine (sent at enrolment), and the server authe
 signed nonce. The rendered authorization block gives each node exactly:
 
 * subscribe ``node.<id>.>`` (its jobs, cancels and control orders),
-* publish ``fleet.heartbeat.<id>``,
+* publish ``fleet.heartbeat.<id>`` and ``fleet.relay.<id>.*`` (chunk batches for an api replica:
+  the api accepts a chunk from it only for a job placed on this node),
 * publish to the reply subject of a message it received (``allow_responses``), which is how its
   chunks reach the api's inbox for that job: a node cannot read other nodes' jobs, the usage
   stream or admin traffic, nor publish anywhere else.
@@ -66,7 +67,7 @@ class NodeIdentity:
 
 def node_permissions(node_id: str) -> dict[str, object]:
     return {
-        "publish": {"allow": [subjects.heartbeat(node_id)]},
+        "publish": {"allow": [subjects.heartbeat(node_id), subjects.node_relay(node_id, "*")]},
         "subscribe": {"allow": [subjects.node_all(node_id)]},
         "allow_responses": {"max": RESPONSE_MAX, "expires": RESPONSE_WINDOW},
     }

@@ -42,6 +42,17 @@ def heartbeat(node_id: str) -> str:
     return f"fleet.heartbeat.{node_id}"
 
 
+def node_relay(node_id: str, relay_id: str) -> str:
+    """Node -> one api replica: ChunkBatch messages. The node's id in the subject is what NATS
+    authorised it to publish, so the api knows which node sent each batch."""
+    return f"fleet.relay.{node_id}.{relay_id}"
+
+
+def relay_inbox(relay_id: str) -> str:
+    """What an api replica subscribes to for the batches of every node."""
+    return f"fleet.relay.*.{relay_id}"
+
+
 def usage(tenant_id: str) -> str:
     return f"usage.{tenant_id}"
 

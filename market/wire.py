@@ -53,6 +53,10 @@ class Job(msgspec.Struct, kw_only=True):
     allowed_providers: list[str] | None = None
     max_price_minor_per_million: int | None = None
     attempt: int = 1
+    relay_to: str | None = None
+    """The api replica's relay id. When set, the node may send this job's chunks together with other
+    jobs' for the same replica, as ``ChunkBatch`` messages on ``subjects.node_relay``, instead of
+    one message per chunk to ``reply``."""
 
 
 class Placement(msgspec.Struct, kw_only=True):
@@ -107,6 +111,24 @@ class Chunk(msgspec.Struct, kw_only=True):
     """On the job's first output (``data``, or ``end`` if that comes first): the engine's own time
     from the agent's request to its first output, so the api can tell its share of the TTFT
     (admission, placement, both NATS hops, the agent) from the engine's."""
+
+
+class RelayedChunk(msgspec.Struct, array_like=True):
+    """One job's chunk inside a ChunkBatch, with the job attempt's reply subject."""
+
+    reply: str
+    chunk: Chunk
+
+
+class ChunkBatch(msgspec.Struct):
+    """Chunks of several jobs for one api replica, sent by one node in one message.
+
+    vLLM steps every running sequence at once, so a node relaying 50 streams gets 50 tokens in the
+    same instant: one NATS message for them, not 50, is a fraction of the publishing, parsing and
+    waking on both sides. Each job's chunks keep their order (one sender, one subject).
+    """
+
+    items: list[RelayedChunk]
 
 
 class Cancel(msgspec.Struct, kw_only=True):

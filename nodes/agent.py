@@ -1,12 +1,14 @@
 """The provider node agent: takes jobs from NATS, relays them through its engine, heartbeats.
 
-Per job the agent publishes to the job's reply subject: ``accepted`` (seq 0) if the engine's first
-output takes longer than ``ACCEPT_GRACE_S`` (any chunk tells the api the job was taken, so a fast
-job spares the message), ``data`` chunks as the engine streams (the first at once, later tokens
-coalesced when they come faster than ``flush_interval_s``, which keeps NATS messages per second
-bounded at high token rates), and ``end`` with usage (and the last pieces, when they came with the
-end of the stream: one message fewer) or ``error``. It is the only place that knows a job's seq
-numbers, so every chunk of a job is published from the job's own task, in order.
+Per job the agent publishes ``accepted`` (seq 0) if the engine's first output takes longer than
+``ACCEPT_GRACE_S`` (any chunk tells the api the job was taken, so a fast job spares the message),
+``data`` chunks as the engine streams (the first at once, later tokens coalesced when they come
+faster than ``flush_interval_s``, which keeps NATS messages per second bounded at high token
+rates), and ``end`` with usage (and the last pieces, when they came with the end of the stream: one
+message fewer) or ``error``. It is the only place that knows a job's seq numbers, so every chunk of
+a job is published from the job's own task, in order. Chunks go to the job's reply subject or, when
+the job names its api replica (``relay_to``), into an outbox that sends the chunks of all jobs for
+that replica ready in the same moment as one ``wire.ChunkBatch``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import nats.errors
 
 from market import bus, subjects, wire
 from market.wire import Chunk, Hardware, Heartbeat, Job, Piece, ProfileInfo, Usage
@@ -38,6 +41,8 @@ QUICK_REPORT_S = 0.05
 """Least time between the extra load reports sent when jobs end."""
 ACCEPT_GRACE_S = 0.05
 """Say ``accepted`` only when no output came this soon; far below the api's accept timeout."""
+MAX_BATCH = 256
+"""Chunks per ChunkBatch message at most (well under NATS's 1 MB payload even for long pieces)."""
 
 
 @dataclass(slots=True)
@@ -54,6 +59,9 @@ class AgentConfig:
     heartbeat_interval_s: float | None = None
     """Default: ``settings.heartbeat_interval_s``."""
     flush_interval_s: float = 0.002
+    batch_chunks: bool = True
+    relay_window_s: float = 0.002
+    """Send chunks for one api replica together (``wire.ChunkBatch``) when its jobs allow it."""
     queue_share: float = 1.0
     """Jobs the node accepts beyond ``max_num_seqs``, as a share of it (they wait in the engine)."""
     drain_timeout_s: float = 300.0
@@ -137,6 +145,11 @@ class NodeAgent:
         self._stop_task: asyncio.Task[None] | None = None
         self._hb_seq = 0
         self._killed = False
+        self._outbox: dict[str, list[wire.RelayedChunk]] = {}
+        """Chunks waiting for the outbox task, by api relay id."""
+        self._outbox_task: asyncio.Task[None] | None = None
+        self._outbox_urgent = False
+        self._outbox_sleep: asyncio.Future[None] | None = None
         self._job_decoder = wire.decoder(Job)
         self._cancel_decoder = wire.decoder(wire.Cancel)
         self._interval = config.heartbeat_interval_s or config.settings.heartbeat_interval_s
@@ -201,6 +214,8 @@ class NodeAgent:
             self._heartbeat_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat_task
+        with contextlib.suppress(Exception):
+            await self._outbox_sent()
         with contextlib.suppress(Exception):
             await self._publish_heartbeat()  # the last word: draining, so nobody places here
         if self._scrape is not None:
@@ -377,6 +392,17 @@ class NodeAgent:
     async def _publish(self, running: _Running, chunk: Chunk) -> None:
         if self._killed or self.nc is None:
             return
+        relay_to = running.job.relay_to
+        if relay_to and self.config.batch_chunks:
+            self._outbox.setdefault(relay_to, []).append(wire.RelayedChunk(running.reply, chunk))
+            if chunk.kind != "data" or chunk.engine_ttft_ms is not None:
+                # A first word (accepted, the first token) or a last (end, error) goes now.
+                self._outbox_urgent = True
+                if self._outbox_sleep is not None:
+                    _wake(self._outbox_sleep)
+            if self._outbox_task is None:
+                self._outbox_task = asyncio.create_task(self._send_outbox())
+            return
         try:
             await self.nc.publish(running.reply, wire.encode(chunk))
         except Exception as exc:  # a closed connection must not kill the job's bookkeeping
@@ -495,6 +521,50 @@ class NodeAgent:
                 running, chunk("error", error=outcome.message, error_code=outcome.code, status=outcome.status)
             )
 
+    async def _send_outbox(self) -> None:
+        """Publish what the jobs put in the outbox, a message per api replica.
+
+        vLLM steps all its sequences at once, so the tokens of one step reach the agent's jobs
+        together or within a few milliseconds: after ``relay_window_s`` (at once for a job's first
+        or last chunk) one message carries what they put here. One task at a time keeps each
+        job's chunks in order.
+        """
+        try:
+            window = self.config.relay_window_s
+            if window > 0 and not self._outbox_urgent:
+                loop = asyncio.get_running_loop()
+                sleep = self._outbox_sleep = loop.create_future()
+                timer = loop.call_later(window, _wake, sleep)
+                try:
+                    await sleep
+                finally:
+                    timer.cancel()
+                    self._outbox_sleep = None
+            self._outbox_urgent = False
+            while self._outbox and not self._killed and self.nc is not None:
+                outbox, self._outbox = self._outbox, {}
+                for relay_to, items in outbox.items():
+                    subject = subjects.node_relay(self.node_id, relay_to)
+                    for start in range(0, len(items), MAX_BATCH):
+                        batch = wire.ChunkBatch(items[start : start + MAX_BATCH])
+                        try:
+                            try:
+                                await self.nc.publish(subject, wire.encode(batch))
+                            except nats.errors.MaxPayloadError:  # long pieces: each to its own inbox
+                                for item in batch.items:
+                                    await self.nc.publish(item.reply, wire.encode(item.chunk))
+                        except Exception as exc:  # a closed connection must not stop the others
+                            log.warning("cannot publish %d chunks to %s: %s", len(batch.items), relay_to, exc)
+        finally:
+            self._outbox_task = None
+            if self._outbox and not self._killed:  # put while the last publish was under way
+                self._outbox_task = asyncio.create_task(self._send_outbox())
+
+    async def _outbox_sent(self) -> None:
+        """Wait until the outbox is empty (before leaving: the last chunks must go out)."""
+        while self._outbox_task is not None:
+            await asyncio.shield(self._outbox_task)
+
     async def _pump(self, stream: AsyncIterator[Emission], queue: asyncio.Queue[_QueueItem], running: _Running) -> None:
         """Read the engine stream into the job's queue; cancelling this aborts the engine request."""
         try:
@@ -515,6 +585,11 @@ class NodeAgent:
             if aclose is not None:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await aclose()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _ttft(running: _Running) -> float | None:

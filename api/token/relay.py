@@ -32,6 +32,7 @@ TIMED_OUT = object()
 """What ``Mailbox.get_within`` returns when nothing came in time."""
 
 _chunk_decoder = wire.decoder(wire.Chunk)
+_batch_decoder = wire.decoder(wire.ChunkBatch)
 _fleet_decoder = wire.decoder(wire.FleetEvent)
 
 
@@ -103,9 +104,12 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 class Inboxes:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
-        self.prefix = subjects.inbox_prefix("api" + ulid()[-10:].lower())
+        self.relay_id = "api" + ulid()[-10:].lower()
+        """This replica's name for nodes' chunk batches (``Job.relay_to``)."""
+        self.prefix = subjects.inbox_prefix(self.relay_id)
         self.queues: dict[str, Mailbox] = {}
         self._sub: Subscription | None = None
+        self._batch_sub: Subscription | None = None
 
     async def start(self) -> None:
         def on_chunk(msg: Any) -> None:
@@ -120,7 +124,24 @@ class Inboxes:
             except msgspec.DecodeError:
                 log.warning("undecodable chunk on %s", msg.subject)
 
+        def on_batch(msg: Any) -> None:
+            node_id = msg.subject.split(".")[2]  # the node NATS let publish here
+            try:
+                batch = _batch_decoder.decode(msg.data)
+            except msgspec.DecodeError:
+                log.warning("undecodable chunk batch from node %s", node_id)
+                return
+            for item in batch.items:
+                chunk = item.chunk
+                if chunk.node_id != node_id:
+                    log.warning("node %s sent a chunk in another node's name (%s)", node_id, chunk.node_id)
+                    continue
+                queue = self.queues.get(item.reply)
+                if queue is not None:  # else a late chunk for a finished attempt
+                    queue.put_nowait(chunk)
+
         self._sub = await bus.subscribe_inline(self.nc, self.prefix + ".>", on_chunk)
+        self._batch_sub = await bus.subscribe_inline(self.nc, subjects.relay_inbox(self.relay_id), on_batch)
 
     def open(self, job_id: str, attempt: int) -> tuple[str, Mailbox]:
         subject = f"{self.prefix}.{job_id}.{attempt}"
@@ -132,9 +153,10 @@ class Inboxes:
         self.queues.pop(subject, None)
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        for sub in (self._sub, self._batch_sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
 
 class FleetWatch:

@@ -123,6 +123,7 @@ class Run:
             self.job.attempt = attempt
             self.subject, self.queue = self.service.inboxes.open(self.job.id, attempt)
             self.job.reply = self.subject
+            self.job.relay_to = self.service.inboxes.relay_id
             try:
                 placement = await self._place()
                 if placement.error:
@@ -209,6 +210,8 @@ class Run:
             if item is LOST:
                 return "node_lost"
             chunk: wire.Chunk = item
+            if chunk.node_id != self.node_id:
+                continue  # only the node the job was placed on speaks for it (see Inboxes)
             if chunk.kind == "accepted":
                 accepted = True
                 continue
@@ -260,6 +263,7 @@ class Run:
 
         timer = [loop.call_later(INTER_CHUNK_TIMEOUT_S, watch)]
         pending: list[Any] = [self.first]
+        node_id = self.node_id
         try:
             while True:
                 batch: list[wire.Chunk] = []
@@ -276,6 +280,8 @@ class Run:
                             yield batch
                         raise UpstreamError("the provider node serving this request was lost", code="node_lost")
                     chunk: wire.Chunk = item
+                    if chunk.node_id != node_id:
+                        continue  # only the node the job was placed on speaks for it (see Inboxes)
                     if chunk.kind == "data" or chunk.kind == "end":
                         for piece in chunk.pieces:
                             self.relayed_tokens += piece.tokens

@@ -118,10 +118,24 @@ async def test_a_node_can_use_only_its_own_subjects_and_revocation_cuts_it_off(
         await node.subscribe(subjects.node_jobs(node_a), cb=on_job)
         await node.subscribe(subjects.node_jobs(node_b))  # another node's jobs
         await node.subscribe(subjects.USAGE_SUBJECTS)  # the usage stream
+        relayed: list[str] = []
+
+        async def on_relay(msg: Any) -> None:
+            relayed.append(msg.subject)
+
+        await nc.subscribe("fleet.relay.>", cb=on_relay)
+        await nc.flush()
         await node.publish(subjects.heartbeat(node_b), b"forged")
         await node.publish(subjects.JOBS_SUBMIT, b"forged")
-        await node.flush()
-        await asyncio.sleep(0.3)
+        await node.publish(subjects.node_relay(node_b, "api1"), b"forged")  # in another node's name
+        for _ in range(25):  # its own chunk batches (again while the server may still be reloading)
+            await node.publish(subjects.node_relay(node_a, "api1"), b"batch")
+            await node.flush()
+            await asyncio.sleep(0.2)
+            if relayed:
+                break
+        assert set(relayed) == {subjects.node_relay(node_a, "api1")}, errors
+        assert any(f'publish to "{subjects.node_relay(node_b, "api1")}"' in e for e in errors)
         assert any(f'subscription to "{subjects.node_jobs(node_b)}"' in e for e in errors)
         assert any('subscription to "usage.>"' in e for e in errors)
         assert any(f'publish to "{subjects.heartbeat(node_b)}"' in e for e in errors)

@@ -7,12 +7,13 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
 import msgspec
 import pytest
 from nats.aio.client import Client
 
-from market import subjects
+from market import subjects, wire
 from market.ids import new_id
 from market.settings import Settings
 from market.wire import Hardware, ProfileInfo
@@ -279,3 +280,47 @@ async def test_a_slow_engine_scrape_does_not_hold_heartbeats_back(nc: Client, ma
     await sub.unsubscribe()
     assert len(arrivals) >= 5
     assert max(b - a for a, b in itertools.pairwise(arrivals)) < 0.5
+
+
+async def test_jobs_for_one_api_replica_share_chunk_batches(nc: Client, make_agent: AgentFactory) -> None:
+    """Jobs naming their api replica (``relay_to``): the tokens of one engine step travel together
+    on the node's relay subject, each job's chunks complete and in order, nothing to the inboxes."""
+    agent = await make_agent(speedup=5.0)
+    batches: list[wire.ChunkBatch] = []
+    direct: list[str] = []
+
+    async def on_batch(msg: Any) -> None:
+        batches.append(wire.decoder(wire.ChunkBatch).decode(msg.data))
+
+    async def on_direct(msg: Any) -> None:
+        if not msg.data and (msg.headers or {}).get("Status") == "503":
+            # "No responders": the server had not yet seen the new agent's subscription (as in JobWatch)
+            job = next(j for j in jobs if j.reply == msg.subject)
+            await nc.publish(subjects.node_jobs(agent.node_id), wire.encode(job), reply=job.reply)
+            return
+        direct.append(msg.subject)
+
+    await nc.subscribe(subjects.node_relay(agent.node_id, "apitest"), cb=on_batch)
+    await nc.subscribe("_INBOX.test.>", cb=on_direct)
+    jobs = [msgspec.structs.replace(make_job(MODEL, max_tokens=20), relay_to="apitest") for _ in range(8)]
+    for job in jobs:
+        await nc.publish(subjects.node_jobs(agent.node_id), wire.encode(job), reply=job.reply)
+    await nc.flush()
+
+    def ended() -> int:
+        return sum(1 for b in batches for item in b.items if item.chunk.kind == "end")
+
+    for _ in range(300):
+        if ended() == len(jobs):
+            break
+        await asyncio.sleep(0.02)
+    assert ended() == len(jobs)
+    assert direct == []
+    for job in jobs:
+        chunks = [item.chunk for b in batches for item in b.items if item.reply == job.reply]
+        assert all(c.job_id == job.id and c.node_id == agent.node_id for c in chunks)
+        assert [c.seq for c in chunks] == list(range(len(chunks)))
+        assert sum(p.tokens for c in chunks for p in c.pieces) == 20
+        assert chunks[-1].kind == "end"
+    chunk_count = sum(len(b.items) for b in batches)
+    assert len(batches) * 3 <= chunk_count  # eight streams decode in lockstep: a message per step, not per chunk

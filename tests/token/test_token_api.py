@@ -232,6 +232,39 @@ async def test_a_node_that_accepts_but_never_answers_is_a_504_and_a_cancel(
     assert len(f.cancels) == 1
 
 
+async def test_chunk_batches_reach_their_jobs_and_no_node_speaks_for_another(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client
+) -> None:
+    """Chunks in batches (``fleet.relay.<node>.<api>``) are relayed, but a chunk counts only from
+    the node the job was placed on: not one sent in another node's name, nor one a node sends for
+    a job it was not given (NATS lets a node publish only under its own id)."""
+
+    def item(job: wire.Job, reply: str, node: str, seq: int, kind: str, **kw: Any) -> wire.RelayedChunk:
+        return wire.RelayedChunk(reply, wire.Chunk(job_id=job.id, node_id=node, seq=seq, kind=kind, **kw))
+
+    async def honest(job: wire.Job, reply: str, client: Client) -> None:
+        assert job.relay_to
+        forged = wire.Piece(0, "FORGED ", 1)
+        for sender, claimed in (("rogue", "honest"), ("rogue", "rogue")):
+            batch = wire.ChunkBatch([item(job, reply, claimed, 0, "data", pieces=[forged])])
+            await client.publish(subjects.node_relay(sender, job.relay_to), wire.encode(batch))
+        await client.flush()
+        await asyncio.sleep(0.05)
+        batch = wire.ChunkBatch(
+            [
+                item(job, reply, "honest", 0, "data", pieces=[wire.Piece(0, "ok ", 1)]),
+                item(job, reply, "honest", 1, "end", pieces=[wire.Piece(0, "fine", 1, "stop")], usage=wire.Usage(3, 2)),
+            ]
+        )
+        await client.publish(subjects.node_relay("honest", job.relay_to), wire.encode(batch))
+
+    await fleet({"honest": honest})
+    result = await sdk(api, tenant.secret).completions.create(model="fake-model", prompt="x", max_tokens=5)
+    assert result.choices[0].text == "ok fine"
+    event, _ = await usage_event(nc, tenant.tenant_id)
+    assert (event.completion_tokens, event.relayed_completion_tokens) == (2, 2)
+
+
 async def test_client_disconnect_cancels_on_the_node(
     api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client
 ) -> None:
