@@ -122,8 +122,15 @@ async def subscribe_inline(nc: Client, subject: str, handler: Callable[[Msg], No
 
     ``handler`` must not block or await: it runs inside the connection's reader. Uses nats-py's
     subscription internals (``_pending_queue``, ``_pending_size``, checked by the tests that stream
-    through it); other subscriptions keep the documented callback path.
+    through it); a client without them gets the documented callback path instead.
     """
     sub = await nc.subscribe(subject)  # no callback: no per-subscription task is started
-    sub._pending_queue = _Inline(sub, handler)
-    return sub
+    if isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue) and hasattr(sub, "_pending_size"):
+        sub._pending_queue = _Inline(sub, handler)
+        return sub
+    await sub.unsubscribe()
+
+    async def callback(msg: Msg) -> None:
+        handler(msg)
+
+    return await nc.subscribe(subject, cb=callback)

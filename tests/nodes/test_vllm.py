@@ -108,11 +108,14 @@ async def test_cancel_aborts_the_request_in_vllm(nc: Client, launched: NodeAgent
     generated_before = generated_tokens(url)
     watch = await JobWatch(nc, make_job(MODEL_NAME, max_tokens=1900)).submit(launched.node_id)
     await asyncio.wait_for(watch.first_data.wait(), 60)
-    # vLLM's gauges can trail its first streamed token by a step: wait for it to show the request
-    deadline = time.monotonic() + 5
-    while (await launched.engine.load()).running != 1 and time.monotonic() < deadline:
+    # vLLM's gauges can trail its first streamed token by a step, and on a loaded machine its
+    # /metrics can miss the scrape timeout for seconds (a full-suite CI run once saw no running
+    # request for 5 s): wait for the gauge while the request streams, then cancel it anyway. What
+    # matters is below: vLLM's own generated-token count stops growing.
+    deadline = time.monotonic() + 10
+    while (await launched.engine.load()).running != 1 and time.monotonic() < deadline and not watch.finished.is_set():
         await asyncio.sleep(0.05)
-    assert (await launched.engine.load()).running == 1
+    assert not watch.finished.is_set(), "the request ended before it could be cancelled"
     await watch.cancel(launched.node_id)
     end = await watch.done(30)
 
