@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ QUICK_REPORT_S = 0.05
 """Least time between the extra load reports sent when jobs end."""
 ACCEPT_GRACE_S = 0.05
 """Say ``accepted`` only when no output came this soon; far below the api's accept timeout."""
+FOREIGN_SCRAPES = 3
 MAX_BATCH = 256
 """Chunks per ChunkBatch message at most (well under NATS's 1 MB payload even for long pieces)."""
 
@@ -136,7 +138,11 @@ class NodeAgent:
         """Set when the agent has left (after stop, kill or a revoke order)."""
         self._jobs: dict[str, _Running] = {}
         self._last_load: EngineLoad | None = None
-        self._scrape: asyncio.Task[EngineLoad] | None = None
+        self._scrape: asyncio.Task[tuple[EngineLoad, int]] | None = None
+        self._foreign = 0
+        """Requests in the engine that are not this agent's jobs (other clients of a shared engine):
+        the least excess of its gauges over our job count in the last ``FOREIGN_SCRAPES`` scrapes."""
+        self._excess: deque[int] = deque(maxlen=FOREIGN_SCRAPES)
         self._last_beat_at = 0.0
         self._quick_pending = False
         self._quick_task: asyncio.Task[None] | None = None
@@ -265,15 +271,22 @@ class NodeAgent:
         if quick and self._last_load is not None:
             load = EngineLoad(running=len(self._jobs), waiting=0, kv_cache_usage=self._last_load.kv_cache_usage)
         else:
-            load = self._last_load = await self._engine_load()
+            load, excess = await self._engine_load()
+            if excess is not None:
+                self._excess.append(excess)
+                self._foreign = min(self._excess)
+            self._last_load = load
         running = max(load.running, 0)
         slots = 0
         if status == "healthy":
             # The engine batches max_num_seqs and queues the rest itself; letting a short queue
             # form there (queue_share of max_num_seqs) keeps it saturated between our reports,
             # while the schedulers' load score still prefers idle nodes first.
+            # Our own jobs count as they are now; the engine's gauges only add what is not ours.
+            # Gauges lag: counting jobs that had ended as busy slots left schedulers refusing work
+            # for a whole heartbeat interval after a wave of requests ended and the next came in.
             limit = self.engine.max_num_seqs + int(self.engine.max_num_seqs * cfg.queue_share)
-            slots = max(0, limit - max(running + load.waiting, len(self._jobs)))
+            slots = max(0, limit - len(self._jobs) - self._foreign)
         self._hb_seq += 1
         return Heartbeat(
             node_id=cfg.node_id,
@@ -292,7 +305,7 @@ class NodeAgent:
             seq=self._hb_seq,
         )
 
-    async def _engine_load(self) -> EngineLoad:
+    async def _engine_load(self) -> tuple[EngineLoad, int | None]:
         """The engine's load, waiting at most one heartbeat interval for it.
 
         A busy engine can be slow to answer its metrics scrape (vLLM's allows 2 s); a heartbeat
@@ -301,11 +314,19 @@ class NodeAgent:
         """
         task = self._scrape
         if task is None or task.done():
-            task = self._scrape = asyncio.create_task(self.engine.load())
+            task = self._scrape = asyncio.create_task(self._scrape_load())
         done, _ = await asyncio.wait({task}, timeout=self._interval)
         if task in done and not task.cancelled() and task.exception() is None:
             return task.result()
-        return self._last_load or EngineLoad()
+        return self._last_load or EngineLoad(), None
+
+    async def _scrape_load(self) -> tuple[EngineLoad, int]:
+        """The engine's load, and how many more requests it counts than this agent has jobs (the
+        most it had while the scrape ran). Gauges lag: a wave of jobs that just ended can still be
+        counted, so one scrape's excess is not taken for other clients' load (see ``_foreign``)."""
+        before = len(self._jobs)
+        load = await self.engine.load()
+        return load, max(0, load.running + load.waiting - max(before, len(self._jobs)))
 
     async def _publish_heartbeat(self, *, quick: bool = False) -> None:
         if self._killed or self.nc is None:

@@ -19,6 +19,7 @@ from market.settings import Settings
 from market.wire import Hardware, ProfileInfo
 from nodes.agent import AGENT_VERSION, AgentConfig, NodeAgent
 from nodes.engines import SimConfig, SimEngine
+from nodes.engines.base import EngineLoad
 from tests.nodes.helpers import HeartbeatWatch, JobWatch, make_job
 
 MODEL = "sim-llama-3-8b"
@@ -324,3 +325,26 @@ async def test_jobs_for_one_api_replica_share_chunk_batches(nc: Client, make_age
         assert chunks[-1].kind == "end"
     chunk_count = sum(len(b.items) for b in batches)
     assert len(batches) * 3 <= chunk_count  # eight streams decode in lockstep: a message per step, not per chunk
+
+
+async def test_free_slots_count_our_jobs_now_and_only_lasting_foreign_load(
+    nc: Client, make_agent: AgentFactory
+) -> None:
+    """Engine gauges lag: a wave of requests that just ended can still show. The node's free slots
+    (what schedulers place against) count its own jobs as they are now, and other clients' load on
+    a shared engine only when its gauges show it in several scrapes running."""
+    agent = await make_agent(max_num_seqs=8)  # 16 slots: 8 running and as many queued in the engine
+    gauge = {"running": 0}
+
+    async def load() -> EngineLoad:
+        return EngineLoad(running=gauge["running"], waiting=0, kv_cache_usage=0.0)
+
+    agent.engine.load = load  # type: ignore[method-assign]
+    await asyncio.sleep(0.4)
+    gauge["running"] = 10  # a finished wave, still in the gauges: not ours any more, not anyone's
+    assert (await agent.heartbeat()).slots == 16
+    gauge["running"] = 5  # another client of the same engine, for good
+    await asyncio.sleep(0.5)  # a few heartbeats (0.1 s) scrape it
+    assert (await agent.heartbeat()).slots == 11
+    gauge["running"] = 0
+    assert (await agent.heartbeat()).slots == 16
