@@ -25,6 +25,12 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
+def wake(future: asyncio.Future[None]) -> None:
+    """Resolve a bare wake-up future unless something already did (a timer's callback)."""
+    if not future.done():
+        future.set_result(None)
+
+
 def settle_heap(young_threshold: int = 50_000) -> None:
     """Move everything built so far out of the cyclic collector's reach and collect the young less often.
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import nats.errors
 
-from market import bus, subjects, wire
+from market import aio, bus, subjects, wire
 from market.wire import Chunk, Hardware, Heartbeat, Job, Piece, ProfileInfo, Usage
 from nodes.engines.base import Emission, Engine, EngineError, EngineLoad
 
@@ -425,7 +425,7 @@ class NodeAgent:
                 # A first word (accepted, the first token) or a last (end, error) goes now.
                 self._outbox_urgent = True
                 if self._outbox_sleep is not None:
-                    _wake(self._outbox_sleep)
+                    aio.wake(self._outbox_sleep)
             if self._outbox_task is None:
                 self._outbox_task = asyncio.create_task(self._send_outbox())
             return
@@ -560,7 +560,7 @@ class NodeAgent:
             if window > 0 and not self._outbox_urgent:
                 loop = asyncio.get_running_loop()
                 sleep = self._outbox_sleep = loop.create_future()
-                timer = loop.call_later(window, _wake, sleep)
+                timer = loop.call_later(window, aio.wake, sleep)
                 try:
                     await sleep
                 finally:
@@ -611,11 +611,6 @@ class NodeAgent:
             if aclose is not None:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await aclose()
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _ttft(running: _Running) -> float | None:

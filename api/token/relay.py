@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from market import bus, subjects, wire
+from market import aio, bus, subjects, wire
 from market.ids import ulid
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,17 @@ class Mailbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self) -> None:
+    async def _wait(self, timeout: float | None = None) -> None:
+        """Until an item is put, or ``timeout`` seconds pass: a timer wakes the same waiter
+        (``asyncio.wait_for`` would wrap the wait in a task of its own on Python 3.11, two more
+        turns of a busy loop on the way to a request's first token)."""
         waiter = self._waiter = self._loop.create_future()
+        timer = None if timeout is None else self._loop.call_later(max(0.0, timeout), aio.wake, waiter)
         try:
             await waiter
         finally:
+            if timer is not None:
+                timer.cancel()
             if self._waiter is waiter:
                 self._waiter = None
 
@@ -71,20 +77,9 @@ class Mailbox:
         return self._items.popleft()
 
     async def get_within(self, timeout: float) -> Any:
-        """The next item, or ``TIMED_OUT`` after ``timeout`` seconds; cancelling the wait loses none.
-
-        A timer wakes the same waiter: ``asyncio.wait_for`` would wrap the wait in a task of its
-        own (Python 3.11), two more turns of a busy loop on the way to a request's first token.
-        """
+        """The next item, or ``TIMED_OUT`` after ``timeout`` seconds; cancelling the wait loses none."""
         if not self._items:
-            waiter = self._waiter = self._loop.create_future()
-            timer = self._loop.call_later(max(0.0, timeout), _wake, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                if self._waiter is waiter:
-                    self._waiter = None
+            await self._wait(timeout)
         return self._items.popleft() if self._items else TIMED_OUT
 
     async def take(self) -> list[Any]:
@@ -94,11 +89,6 @@ class Mailbox:
         items = list(self._items)
         self._items.clear()
         return items
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class Inboxes:
