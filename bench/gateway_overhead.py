@@ -57,6 +57,14 @@ from nodes.profiles import cpu_profile, launch_plan  # noqa: E402
 from nodes.tiny_model import MODEL_NAME, build_tiny_llama  # noqa: E402
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank below), NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 @dataclass
 class Result:
     ttft: list[float] = field(default_factory=list)
@@ -86,10 +94,7 @@ class Result:
     def pct(self, q: float, which: str = "steady") -> float:
         """Percentile in ms of the steady-state TTFTs (``which="steady"``), the ramps' or all."""
         values = {"steady": self.ttft, "ramp": self.ramp, "all": self.ttft + self.ramp}[which]
-        if not values:
-            return float("nan")
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+        return percentile(values, q) * 1000
 
     @property
     def tokens_per_s(self) -> float:
@@ -340,8 +345,7 @@ async def ttft_split(settings: Settings, results: list[Result], timeout: float =
 
 
 def split_pct(split: dict[str, float], ids: list[str], q: float) -> float:
-    values = sorted(split[i] for i in ids if i in split)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+    return percentile([split[i] for i in ids if i in split], q)
 
 
 def split_line(split: dict[str, float], r: Result) -> str:

@@ -151,6 +151,17 @@ class RunningApi:
             await asyncio.sleep(0.025)
         raise RuntimeError("api did not start")
 
+    @contextlib.contextmanager
+    def token_settings(self, **changes: Any) -> Iterator[None]:
+        """The token service with some settings changed (a production value, a short timeout)."""
+        service = self.app.state.app_state.services["token"]
+        saved = service.settings
+        service.settings = replace(saved, **changes)
+        try:
+            yield
+        finally:
+            service.settings = saved
+
     async def stop(self) -> None:
         self.server.should_exit = True
         if self.task is not None:

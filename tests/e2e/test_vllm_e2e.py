@@ -8,7 +8,6 @@ assertions are what a tenant would notice.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import signal
 import time
@@ -214,11 +213,8 @@ def patient_queue(api: RunningApi) -> Iterator[None]:
     shared by both nodes (so each node reports the other's load as its own) can take longer than
     0.5 s to free a slot, and a request that waits for one is not a lost request.
     """
-    service = api.app.state.app_state.services["token"]
-    saved = service.settings
-    service.settings = dataclasses.replace(saved, queue_timeout_s=10.0)
-    yield
-    service.settings = saved
+    with api.token_settings(queue_timeout_s=10.0):
+        yield
 
 
 def _assert_nothing_unstarted_was_lost(records: list[dict[str, Any]], crashed_at: float) -> None:

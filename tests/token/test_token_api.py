@@ -7,7 +7,6 @@ paths through the real scheduler, node agent and vLLM are in tests/e2e.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -203,14 +202,11 @@ async def test_a_node_that_accepts_but_never_answers_is_a_504_and_a_cancel(
 ) -> None:
     """Accepted, then no first token within ``MARKET_FIRST_TOKEN_TIMEOUT``: the client is not left
     hanging, and the node is told to stop."""
-    service = api.app.state.app_state.services["token"]
-    saved = service.settings
-    service.settings = dataclasses.replace(saved, first_token_timeout_s=1.0)
 
     async def stuck(job: wire.Job, reply: str, client: Client) -> None:
         await client.publish(reply, chunk(job, "n", 0, "accepted"))
 
-    try:
+    with api.token_settings(first_token_timeout_s=1.0):
         f = await fleet({"n": stuck})
         started = time.monotonic()
         with pytest.raises(openai.APIStatusError) as caught:
@@ -220,8 +216,6 @@ async def test_a_node_that_accepts_but_never_answers_is_a_504_and_a_cancel(
                 .chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=3)
             )
         waited = time.monotonic() - started
-    finally:
-        service.settings = saved
     assert caught.value.status_code == 504
     assert caught.value.body["code"] == "timeout"  # type: ignore[index]
     assert 1.0 <= waited < 5
