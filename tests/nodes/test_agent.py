@@ -31,7 +31,9 @@ async def make_agent(settings: Settings) -> AsyncIterator[AgentFactory]:
     """Start agents with a SimEngine; whatever a test leaves running is stopped afterwards."""
     agents: list[NodeAgent] = []
 
-    async def factory(speedup: float = 20.0, flush_interval_s: float = 0.002, **sim: object) -> NodeAgent:
+    async def factory(
+        speedup: float = 20.0, flush_interval_s: float = 0.002, relay_window_s: float = 0.002, **sim: object
+    ) -> NodeAgent:
         engine = SimEngine(SimConfig(speedup=speedup, **sim))  # type: ignore[arg-type]
         config = AgentConfig(
             node_id=new_id("node"),
@@ -41,6 +43,7 @@ async def make_agent(settings: Settings) -> AsyncIterator[AgentFactory]:
             profile=ProfileInfo(mode="unified", max_num_seqs=engine.max_num_seqs),
             hardware=Hardware(accelerator="H100", memory_gib=80.0),
             flush_interval_s=flush_interval_s,
+            relay_window_s=relay_window_s,
         )
         agent = NodeAgent(config, engine)
         await agent.start()
@@ -348,3 +351,33 @@ async def test_free_slots_count_our_jobs_now_and_only_lasting_foreign_load(
     assert (await agent.heartbeat()).slots == 11
     gauge["running"] = 0
     assert (await agent.heartbeat()).slots == 16
+
+
+async def test_a_batch_window_never_holds_a_first_token_back(nc: Client, make_agent: AgentFactory) -> None:
+    """Batched chunks wait ``relay_window_s`` for company, but not a job's first token."""
+    agent = await make_agent(speedup=1.0, relay_window_s=0.5)
+    arrivals: list[tuple[float, wire.ChunkBatch]] = []
+
+    async def on_batch(msg: Any) -> None:
+        arrivals.append((time.monotonic(), wire.decoder(wire.ChunkBatch).decode(msg.data)))
+
+    job = msgspec.structs.replace(make_job(MODEL, max_tokens=150), relay_to="apitest")
+
+    async def on_no_responders(msg: Any) -> None:  # the new agent's subscription not seen yet (as in JobWatch)
+        await nc.publish(subjects.node_jobs(agent.node_id), wire.encode(job), reply=job.reply)
+
+    await nc.subscribe(subjects.node_relay(agent.node_id, "apitest"), cb=on_batch)
+    await nc.subscribe(job.reply, cb=on_no_responders)
+    await nc.flush()
+    started = time.monotonic()
+    await nc.publish(subjects.node_jobs(agent.node_id), wire.encode(job), reply=job.reply)
+    for _ in range(250):
+        if any(item.chunk.kind == "end" for _, b in arrivals for item in b.items):
+            break
+        await asyncio.sleep(0.02)
+    first_at = next(t for t, b in arrivals if any(item.chunk.kind == "data" for item in b.items))
+    assert first_at - started < 0.3  # not after the 0.5 s window
+    chunks = [item.chunk for _, b in arrivals for item in b.items]
+    assert chunks[-1].kind == "end"
+    assert sum(p.tokens for c in chunks for p in c.pieces) == 150
+    assert len(arrivals) <= 6  # ~0.9 s of 6 ms tokens: the first at once, then a message per window
