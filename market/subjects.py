@@ -5,6 +5,8 @@ from __future__ import annotations
 JOBS_SUBMIT = "jobs.submit"
 """Request/reply: api -> scheduler queue group ``SCHEDULERS_QUEUE``; payload Job, reply Placement."""
 SCHEDULERS_QUEUE = "schedulers"
+JOBS_WITHDRAW = "jobs.withdraw"
+"""Api -> every scheduler replica: Cancel for a job that waits for a slot and is no longer wanted."""
 
 HEARTBEATS = "fleet.heartbeat.*"
 FLEET_EVENTS = "fleet.events"

@@ -5,7 +5,8 @@ field is documented and changes must stay backward compatible (add fields with d
 
 Data path of one request::
 
-    api --request jobs.submit (Job)--> scheduler --reply Placement--> api
+    api --request jobs.submit (Job)--> scheduler --reply Placement--> api   (at once, or when a slot frees)
+    api --publish jobs.withdraw (Cancel)--> schedulers          (gave up while the job waited for a slot)
     scheduler --publish node.<id>.jobs (Job, reply=Job.reply)--> node agent
     node --publish Job.reply (Chunk: [accepted], data..., end | error)--> api
     api --publish node.<id>.cancel (Cancel)--> node          (client went away)
@@ -53,6 +54,10 @@ class Job(msgspec.Struct, kw_only=True):
     allowed_providers: list[str] | None = None
     max_price_minor_per_million: int | None = None
     attempt: int = 1
+    wait_s: float = 0.0
+    """How long the job may wait at the scheduler for a free slot when every node serving its
+    model is busy (reserved before burst before on_demand, first come first served within a class);
+    0 asks for ``no_capacity`` at once. The scheduler answers when it places the job."""
     relay_to: str | None = None
     """The api replica's relay id. When set, the node may send this job's chunks together with other
     jobs' for the same replica, as ``ChunkBatch`` messages on ``subjects.node_relay``, instead of
@@ -132,7 +137,8 @@ class ChunkBatch(msgspec.Struct):
 
 
 class Cancel(msgspec.Struct, kw_only=True):
-    """The api no longer wants a job (client disconnect, deadline)."""
+    """The api no longer wants a job (client disconnect, deadline): to its node on
+    ``node.<id>.cancel``, or to every scheduler on ``jobs.withdraw`` while it waits for a slot."""
 
     job_id: str
     reason: str = "client_disconnected"

@@ -203,6 +203,11 @@ class FleetView:
         else:
             offers[model] = price_minor_per_million
 
+    def has_free_slot(self, model: str, now: float) -> bool:
+        """Whether some healthy node serving ``model`` has a slot left, headroom included."""
+        timeout = self.heartbeat_timeout_s
+        return any(node.free_slots > 0 and node.healthy(now, timeout) for node in self.candidates(model))
+
     def commit(self, node: NodeState) -> None:
         """Count a placement against the node until its next heartbeat reports it."""
         node.in_flight += 1

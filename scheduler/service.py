@@ -1,9 +1,11 @@
 """The scheduler replica: NATS plumbing around the pure policy, plus fleet state in PostgreSQL.
 
 Every replica hears every heartbeat (plain subscription) and so holds the whole fleet; jobs come
-through a queue group, so each job is placed by exactly one replica. Placement never touches the
-database: the ``nodes`` rows are written behind, in one batched statement every couple of seconds,
-and a database outage only delays those writes.
+through a queue group, so each job is placed by exactly one replica. A job that finds every node
+busy may wait at the replica that took it (``scheduler.waiting``) and is placed, and only then
+answered, as soon as a heartbeat shows a free slot. Placement never touches the database: the
+``nodes`` rows are written behind, in one batched statement every couple of seconds, and a
+database outage only delays those writes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sqlalchemy import text
 
 from market import bus, db, subjects, wire
 from scheduler.policy import DEFAULT_POLICY, FleetView, NodeState, PolicyConfig, place
+from scheduler.waiting import Waiting, WaitQueue
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -34,6 +37,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EventKind = Literal["node_lost", "node_draining", "node_revoked"]
+
+MAX_MISSES = 8
+"""Waiting jobs a dispatch may fail to place (their own limits: excluded nodes, providers, price)
+before it stops until the next heartbeat: bounds the work a heartbeat does behind a long queue."""
 
 # One statement for the whole batch: the rows travel as one JSON array (PostgreSQL turns JSON
 # arrays into ``text[]`` columns itself). Unknown ids match nothing: enrolment creates rows, not us.
@@ -81,7 +88,11 @@ class SchedulerService:
         """Jobs this replica placed, by node id."""
         self.counters: Counter[str] = Counter()
         """``placed``, ``unknown_model``, ``no_capacity``, ``expired``, ``invalid``, ``heartbeats``,
+        ``queued`` (jobs that waited for a slot), ``withdrawn`` (given up by the api while waiting),
         ``node_lost``/``node_draining``/``node_revoked`` (events sent), ``db_flushes``, ``db_errors``."""
+        self.waiting = WaitQueue()
+        """Jobs waiting here for a free slot."""
+        self._answers: set[asyncio.Task[None]] = set()
         self._own_nc = nc is None
         self._subs: list[Subscription] = []
         self.revoked: set[str] = set()
@@ -91,6 +102,7 @@ class SchedulerService:
         self._dirty: set[str] = set()
         self._engine: AsyncEngine | None = None
         self._job_decoder = wire.decoder(wire.Job)
+        self._cancel_decoder = wire.decoder(wire.Cancel)
         self._heartbeat_decoder = wire.decoder(wire.Heartbeat)
 
     async def start(self) -> None:
@@ -99,6 +111,7 @@ class SchedulerService:
         nc = self.nc
         self._subs.append(await nc.subscribe(subjects.HEARTBEATS, cb=self._on_heartbeat))
         self._subs.append(await nc.subscribe(subjects.FLEET_EVENTS, cb=self._on_fleet_event))
+        self._subs.append(await nc.subscribe(subjects.JOBS_WITHDRAW, cb=self._on_withdraw))
         await nc.flush()
         if self.warmup_s > 0:
             await asyncio.sleep(self.warmup_s)
@@ -111,11 +124,18 @@ class SchedulerService:
         log.info("scheduler started", extra={"replica": self.name})
 
     async def stop(self) -> None:
-        """Stop taking jobs (finishing the ones already delivered), then write the fleet one last time."""
+        """Stop taking jobs (finishing the ones already delivered), send the jobs waiting here back
+        (``no_capacity`` with no pause: the api submits them again, to another replica), then write
+        the fleet one last time."""
         for sub in reversed(self._subs):
             with contextlib.suppress(Exception):
                 await sub.drain()  # type: ignore[no-untyped-call]
         self._subs.clear()
+        for entry in self.waiting.drain():
+            entry.timer.cancel()
+            self._answer(entry, wire.Placement(job_id=entry.job.id, error="no_capacity", retry_after_s=0.0))
+        if self._answers:
+            await asyncio.wait(list(self._answers), timeout=5)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -149,10 +169,11 @@ class SchedulerService:
         except Exception:
             log.exception("placing a job failed")
             placement = wire.Placement(job_id="", error="scheduler_error")
-        if msg.reply:
+        if msg.reply and placement is not None:
             await msg.respond(wire.encode(placement))
 
-    async def _handle_job(self, msg: Msg) -> wire.Placement:
+    async def _handle_job(self, msg: Msg) -> wire.Placement | None:
+        """The job's placement, or None when it waits here for a slot (answered later)."""
         try:
             job = self._job_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
@@ -168,16 +189,89 @@ class SchedulerService:
             if not self.fleet.serves(job.model):
                 self.counters["unknown_model"] += 1
                 return wire.Placement(job_id=job.id, error="unknown_model")
+            wait = min(job.wait_s, job.deadline - time.time())
+            if wait > 0 and msg.reply:
+                self._park(job, msg, wait)
+                return None
             self.counters["no_capacity"] += 1
             # Capacity news arrives with heartbeats: asking again before the next one is pointless.
-            return wire.Placement(job_id=job.id, error="no_capacity", retry_after_s=self.settings.heartbeat_interval_s)
+            return self._no_capacity(job)
         self.fleet.commit(node)
+        return await self._forward(node, job, msg.data)
+
+    async def _forward(self, node: NodeState, job: wire.Job, data: bytes) -> wire.Placement:
+        """Send a placed job to its node: the bytes as they came; the node answers straight to the
+        api's inbox."""
         assert self.nc is not None
-        # Forward the bytes as they came; the node answers straight to the api's inbox.
-        await self.nc.publish(subjects.node_jobs(node.node_id), msg.data, reply=job.reply)
+        await self.nc.publish(subjects.node_jobs(node.node_id), data, reply=job.reply)
         self.placements[node.node_id] += 1
         self.counters["placed"] += 1
         return wire.Placement(job_id=job.id, node_id=node.node_id, provider_id=node.provider_id)
+
+    def _no_capacity(self, job: wire.Job) -> wire.Placement:
+        return wire.Placement(job_id=job.id, error="no_capacity", retry_after_s=self.settings.heartbeat_interval_s)
+
+    # --- jobs waiting for a slot -----------------------------------------------------------------
+
+    def _park(self, job: wire.Job, msg: Msg, wait: float) -> None:
+        old = self.waiting.remove(job.id)
+        if old is not None:
+            old.timer.cancel()  # its requester sent it again, so nobody waits for the old answer
+        entry = Waiting(job, msg.data, msg, time.monotonic() + wait)
+        entry.timer = asyncio.get_running_loop().call_later(wait, self._expire, job.id)
+        self.waiting.add(entry)
+        self.counters["queued"] += 1
+
+    def _expire(self, job_id: str) -> None:
+        entry = self.waiting.remove(job_id)
+        if entry is not None:
+            self.counters["no_capacity"] += 1
+            self._answer(entry, self._no_capacity(entry.job))
+
+    def _answer(self, entry: Waiting, placement: wire.Placement) -> None:
+        task = asyncio.get_running_loop().create_task(entry.reply.respond(wire.encode(placement)))
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
+
+    async def _on_withdraw(self, msg: Msg) -> None:
+        """The api gave up on a job that waits for a slot (its client left): never place it."""
+        try:
+            cancel = self._cancel_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        entry = self.waiting.remove(cancel.job_id)
+        if entry is not None:
+            entry.timer.cancel()
+            self.counters["withdrawn"] += 1
+
+    async def _dispatch(self, models: tuple[str, ...]) -> None:
+        """Place waiting jobs of ``models`` on the free slots the fleet view now shows, in order.
+
+        The choice is made without awaiting (so no job is added or placed twice meanwhile); the
+        sends and answers follow."""
+        now = time.monotonic()
+        chosen: list[tuple[Waiting, NodeState]] = []
+        for model in models:
+            if not self.waiting.has(model):
+                continue
+            misses = 0
+            for entry in self.waiting.ordered(model):
+                node = place(entry.job, self.fleet, now)
+                if node is None:
+                    misses += 1
+                    if misses >= MAX_MISSES or not self.fleet.has_free_slot(model, now):
+                        break
+                    continue
+                self.fleet.commit(node)
+                self.waiting.remove(entry.job.id)
+                entry.timer.cancel()
+                chosen.append((entry, node))
+        for entry, node in chosen:
+            try:
+                placement = await self._forward(node, entry.job, entry.data)
+                await entry.reply.respond(wire.encode(placement))
+            except Exception:
+                log.exception("placing a waiting job failed", extra={"job": entry.job.id})
 
     # --- fleet --------------------------------------------------------------------------------
 
@@ -196,6 +290,8 @@ class SchedulerService:
         self.counters["heartbeats"] += 1
         node = self.fleet.observe(hb, time.monotonic(), time.time())
         self._dirty.add(node.node_id)
+        if self.waiting and node.free_slots > 0 and node.status == "healthy":
+            await self._dispatch(node.models)
         if hb.status in ("draining", "revoked") and node.announced != hb.status:
             node.announced = hb.status
             await self._publish_event("node_draining" if hb.status == "draining" else "node_revoked", node)

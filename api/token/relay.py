@@ -1,7 +1,8 @@
 """NATS plumbing of one api replica for the token path.
 
 * ``Inboxes``: one wildcard subscription for every job's chunks, dispatched to per-attempt
-  ``Mailbox``es (a subscription per request would cost a server round trip each).
+  ``Mailbox``es (a subscription per request would cost a server round trip each). Output for an
+  attempt nobody waits for (a job placed just as its client left) is cancelled on its node.
 * ``FleetWatch``: turns the schedulers' ``node_lost`` events into a "lost" signal on the queues of
   jobs that were on that node, so they fail over (before the first token) or end (after it).
 * ``UsagePublisher``: publishes usage events to JetStream off the request path, with the request
@@ -34,6 +35,8 @@ TIMED_OUT = object()
 _chunk_decoder = wire.decoder(wire.Chunk)
 _batch_decoder = wire.decoder(wire.ChunkBatch)
 _fleet_decoder = wire.decoder(wire.FleetEvent)
+ORPHANS_KEPT = 1024
+"""Orphaned jobs remembered, so each is cancelled once rather than once per chunk."""
 
 
 class Mailbox:
@@ -100,19 +103,38 @@ class Inboxes:
         self.queues: dict[str, Mailbox] = {}
         self._sub: Subscription | None = None
         self._batch_sub: Subscription | None = None
+        self._orphans: dict[str, None] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _orphan(self, node_id: str, chunk: wire.Chunk) -> None:
+        """A node sends output for a job attempt that has no mailbox here (finished, failed over,
+        or placed by a scheduler just as the api withdrew it): cancel it there, once."""
+        if chunk.kind in ("end", "error") or chunk.job_id in self._orphans:
+            return  # an ending job needs no cancel; late chunks after a cancel are normal
+        self._orphans[chunk.job_id] = None
+        if len(self._orphans) > ORPHANS_KEPT:
+            del self._orphans[next(iter(self._orphans))]
+        cancel = wire.encode(wire.Cancel(job_id=chunk.job_id, reason="orphaned"))
+        task = asyncio.get_running_loop().create_task(self.nc.publish(subjects.node_cancel(node_id), cancel))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
         def on_chunk(msg: Any) -> None:
             queue = self.queues.get(msg.subject)
-            if queue is None:
-                return  # a late chunk for a finished attempt
             if not msg.data and (msg.headers or {}).get("Status") == "503":
-                queue.put_nowait(LOST)  # "no responders": the node is not subscribed any more
+                if queue is not None:
+                    queue.put_nowait(LOST)  # "no responders": the node is not subscribed any more
                 return
             try:
-                queue.put_nowait(_chunk_decoder.decode(msg.data))
+                chunk = _chunk_decoder.decode(msg.data)
             except msgspec.DecodeError:
                 log.warning("undecodable chunk on %s", msg.subject)
+                return
+            if queue is None:
+                self._orphan(chunk.node_id, chunk)
+            else:
+                queue.put_nowait(chunk)
 
         def on_batch(msg: Any) -> None:
             node_id = msg.subject.split(".")[2]  # the node NATS let publish here
@@ -127,7 +149,9 @@ class Inboxes:
                     log.warning("node %s sent a chunk in another node's name (%s)", node_id, chunk.node_id)
                     continue
                 queue = self.queues.get(item.reply)
-                if queue is not None:  # else a late chunk for a finished attempt
+                if queue is None:
+                    self._orphan(node_id, chunk)
+                else:
                     queue.put_nowait(chunk)
 
         self._sub = await bus.subscribe_inline(self.nc, self.prefix + ".>", on_chunk)

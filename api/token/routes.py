@@ -21,7 +21,7 @@ from api.errors import AppError
 from api.state import AppState
 from api.token.format import StreamFormatter, whole_response
 from api.token.schemas import decode_chat, decode_completion
-from api.token.service import Run, TokenService
+from api.token.service import ClientGone, Run, TokenService
 from api.token.sse import RelayStream
 from market.wire import Usage
 
@@ -90,7 +90,11 @@ async def _complete(request: Request[Any, Any, Any], kind: Literal["chat", "comp
     headers = dict(getattr(run.admission, "headers", None) or {})
     headers["x-request-id"] = run.job.id
     try:
-        await run.begin()
+        await run.begin(lambda: _wait_disconnect(request))
+    except ClientGone:
+        # The client left while its request waited for a slot: it was withdrawn, nothing ran.
+        run.service.spawn(run.cancel_and_finish())
+        return Response(b"", status_code=499)
     except asyncio.CancelledError:
         run.service.spawn(run.cancel_and_finish())
         raise

@@ -14,9 +14,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 import nats.errors
@@ -32,6 +32,7 @@ from market.ids import new_id
 from market.models import Model
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_ATTEMPTS = 3
 RETRYABLE = {"engine_unavailable", "draining", "engine_error", "node_lost", "accept_timeout"}
@@ -114,10 +115,16 @@ class Run:
     outcome: wire.Outcome | None = None
     finished: bool = False
     """Set by ``finish``: the quota is settled and the usage event submitted."""
+    placing: bool = False
+    """A scheduler has the job and has not answered yet (it may be waiting for a slot)."""
 
     # ---- placement -------------------------------------------------------------------------
-    async def begin(self) -> None:
-        """Place the job and wait for its first output; raise an AppError if that never comes."""
+    async def begin(self, client_left: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Place the job and wait for its first output; raise an AppError if that never comes.
+
+        ``client_left`` returns when the client disconnects: it is watched while the job waits
+        for a free slot (and only then, as it costs a task), and ends the wait with ClientGone.
+        """
         last_error = "no node could serve the request"
         for attempt in range(1, MAX_ATTEMPTS + 1):
             self.job.attempt = attempt
@@ -125,7 +132,7 @@ class Run:
             self.job.reply = self.subject
             self.job.relay_to = self.service.inboxes.relay_id
             try:
-                placement = await self._place()
+                placement = await self._place(client_left)
                 if placement.error:
                     self._release_attempt()
                     raise Unavailable(
@@ -155,31 +162,51 @@ class Run:
         await self.finish("failed")
         raise Unavailable(f"{last_error}; retry shortly", code="no_capacity", headers={"Retry-After": "1"})
 
-    async def _place(self) -> wire.Placement:
+    async def _place(self, client_left: Callable[[], Awaitable[object]] | None) -> wire.Placement:
         """Submit, and while every node that serves the model is busy, wait for a free slot.
 
-        A short wait at the gateway (``queue_timeout_s``) beats a 503 for a burst that lasts
-        milliseconds; a model that no node serves at all is answered at once.
+        A short wait (``queue_timeout_s``) beats a 503 for a burst that lasts milliseconds. The
+        first submission asks for an answer at once (the usual case: a slot is free). If none is,
+        the job goes again with ``Job.wait_s``: the scheduler keeps it, in order, and answers when
+        it places it, while the api watches for the client leaving (then the job is withdrawn).
+        Asking again after a growing pause is only for a scheduler that answered ``no_capacity``
+        before the time was up (a replica stopping, or one that does not keep jobs). A model that
+        no node serves at all is answered at once.
         """
         deadline = time.monotonic() + self.service.settings.queue_timeout_s
+        self.job.wait_s = 0.0
+        placement = await self._submit()
+        if placement.error != "no_capacity":
+            return placement
+        watcher = asyncio.ensure_future(client_left()) if client_left is not None else None
         pause = 0.01
-        while True:
-            placement = await self._submit()
-            if placement.error != "no_capacity" or time.monotonic() + pause > deadline:
-                return placement
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.2)
+        try:
+            while placement.error == "no_capacity":
+                self.job.wait_s = deadline - time.monotonic()
+                if self.job.wait_s <= 0:
+                    break
+                placement = await _unless(self._submit(), watcher)
+                if placement.error == "no_capacity" and time.monotonic() + pause < deadline:
+                    await _unless(asyncio.sleep(pause), watcher)
+                    pause = min(pause * 2, 0.2)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        return placement
 
     async def _submit(self) -> wire.Placement:
         """Ask a scheduler; a replica restarting (no responders for a moment) is retried briefly."""
+        timeout = self.service.settings.accept_timeout_s * 2 + self.job.wait_s
         for pause in (0.1, 0.3, None):
+            self.placing = True
             try:
-                reply = await self.service.state.nc.request(
-                    subjects.JOBS_SUBMIT, wire.encode(self.job), timeout=self.service.settings.accept_timeout_s * 2
-                )
+                job = wire.encode(self.job)
+                reply = await self.service.state.nc.request(subjects.JOBS_SUBMIT, job, timeout=timeout)
+                self.placing = False
                 return _placement_decoder.decode(reply.data)
             except nats.errors.NoRespondersError:
                 # Nobody received it, so sending it again cannot place it twice.
+                self.placing = False
                 if pause is None:
                     break
                 await asyncio.sleep(pause)
@@ -311,16 +338,22 @@ class Run:
             self.queue.put_nowait(_CLIENT_GONE)
 
     async def _cancel(self, reason: str) -> None:
-        if self.node_id is not None:
+        """Tell the node to abort the job; if a scheduler still holds it waiting for a slot, tell
+        the schedulers to drop it (should it have been placed meanwhile, its node's first chunk
+        finds no inbox and the api cancels it there: see ``Inboxes``)."""
+        subject = subjects.node_cancel(self.node_id) if self.node_id is not None else None
+        if subject is None and self.placing:
+            subject = subjects.JOBS_WITHDRAW
+        if subject is not None:
             with contextlib.suppress(Exception):
                 await self.service.state.nc.publish(
-                    subjects.node_cancel(self.node_id), wire.encode(wire.Cancel(job_id=self.job.id, reason=reason))
+                    subject, wire.encode(wire.Cancel(job_id=self.job.id, reason=reason))
                 )
 
     async def cancel_and_finish(self) -> None:
         """The client went away: abort on the node, wait briefly for its final count, then bill."""
         await self._cancel("client_disconnected")
-        if self.queue is not None and self.engine_usage is None:
+        if self.node_id is not None and self.queue is not None and self.engine_usage is None:
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline:
                 item = await self.queue.get_within(deadline - time.monotonic())
@@ -490,6 +523,20 @@ class TokenService:
             admission=admission,
             started_at=arrived if arrived is not None else time.time(),
         )
+
+
+async def _unless(work: Awaitable[T], watcher: asyncio.Future[object] | None) -> T:
+    """``work``'s result, unless ``watcher`` (the client leaving) finishes first: then ClientGone."""
+    if watcher is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientGone
 
 
 def _message(message: Any) -> dict[str, Any]:

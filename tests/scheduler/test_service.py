@@ -355,3 +355,73 @@ async def test_a_revoked_node_gets_no_more_jobs_even_if_it_says_it_is_healthy(
     assert rogue.status == "healthy"
     after = await asyncio.gather(*(submit(nc, make_job(f"req_s{i}")) for i in range(5)))
     assert {p.node_id for p in after} == {"node_good"}
+
+
+async def request_placement(nc: Client, job: wire.Job, timeout: float = 10.0) -> wire.Placement:
+    reply = await nc.request(subjects.JOBS_SUBMIT, wire.encode(job), timeout=timeout)
+    return _placement_decoder.decode(reply.data)
+
+
+async def test_jobs_wait_for_a_free_slot_reserved_first_then_in_arrival_order(
+    nc: Client, settings: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    """Every node busy: jobs that may wait are answered when a heartbeat shows a slot, one per
+    free slot, reserved before on_demand and first come first served within a class. (8 running
+    and 1 free make a capacity of 9, too small for the reserved headroom to hold the slot back.)"""
+    node = await start_node(nodes, nc, settings, "node_full", models=["llama-8b"], running=8, slots=0)
+    service = await start_replica(replicas, settings)
+    order = ["req_a", "req_b", "req_reserved"]
+    waits = {}
+    for job_id in order:
+        cls = "reserved" if job_id == "req_reserved" else "on_demand"
+        waits[job_id] = asyncio.create_task(request_placement(nc, make_job(job_id, wait_s=30.0, admission_class=cls)))
+        await eventually(lambda: service.counters["queued"] == len(waits))
+    await asyncio.sleep(0.2)
+    assert not any(task.done() for task in waits.values())
+
+    node.slots = 1  # from the next heartbeat on, each one shows one free slot
+    await eventually(lambda: len(node.jobs) == len(order))
+    assert node.job_ids() == ["req_reserved", "req_a", "req_b"]
+    for job_id in order:
+        placement = await waits[job_id]
+        assert placement.node_id == "node_full"
+        assert placement.error is None
+    assert service.counters["placed"] == 3
+    assert service.counters["no_capacity"] == 0
+
+
+async def test_a_waiting_job_is_refused_when_its_wait_ends_or_its_replica_stops(
+    nc: Client, settings: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    await start_node(nodes, nc, settings, "node_full", models=["llama-8b"], running=8, slots=0)
+    service = await start_replica(replicas, settings)
+    started = time.monotonic()
+    short = await request_placement(nc, make_job("req_short", wait_s=0.3))
+    assert short.error == "no_capacity"
+    assert time.monotonic() - started >= 0.3
+    assert service.counters["queued"] == service.counters["no_capacity"] == 1
+
+    patient = asyncio.create_task(request_placement(nc, make_job("req_patient", wait_s=30.0)))
+    await eventually(lambda: service.counters["queued"] == 2)
+    await service.stop()
+    replicas.remove(service)
+    answer = await patient
+    assert answer.error == "no_capacity"
+    assert answer.retry_after_s == 0.0  # ask again at once: another replica may take it
+
+
+async def test_a_withdrawn_job_is_never_placed(
+    nc: Client, settings: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    node = await start_node(nodes, nc, settings, "node_full", models=["llama-8b"], running=8, slots=0)
+    service = await start_replica(replicas, settings)
+    gone = asyncio.create_task(request_placement(nc, make_job("req_gone", wait_s=30.0)))
+    await eventually(lambda: service.counters["queued"] == 1)
+    await nc.publish(subjects.JOBS_WITHDRAW, wire.encode(wire.Cancel(job_id="req_gone")))
+    await eventually(lambda: service.counters["withdrawn"] == 1)
+    gone.cancel()
+
+    node.slots = 1
+    stays = await request_placement(nc, make_job("req_next", wait_s=30.0))
+    assert stays.node_id == "node_full"
+    assert node.job_ids() == ["req_next"]

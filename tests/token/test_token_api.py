@@ -428,3 +428,42 @@ async def test_a_streamed_response_is_timed_to_its_end_in_the_metrics(
         assert "".join(texts) == "w0 w1 w2 w3 "
         after = _streamed_seconds((await client.get("/metrics")).text)
     assert after - before >= 0.3
+
+
+async def test_output_nobody_waits_for_is_cancelled_on_its_node_once(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client
+) -> None:
+    """A node still sending a job's output after the api let the attempt go (here: more output
+    after the request ended; in production, a job a scheduler placed as the api withdrew it) is
+    told to cancel it, once however many chunks come, and not for a late ``end``."""
+    reasons: list[tuple[str, str]] = []
+
+    async def on_cancel(msg: Any) -> None:
+        cancel = wire.decoder(wire.Cancel).decode(msg.data)
+        reasons.append((cancel.job_id, cancel.reason))
+
+    sub = await nc.subscribe(subjects.node_cancel("stray"), cb=on_cancel)
+    answered = echo_node("stray", words=2)
+    strays: list[str] = []
+
+    async def behave(job: wire.Job, reply: str, client: Client) -> None:
+        await answered(job, reply, client)
+        await asyncio.sleep(0.3)  # the request is over by now
+        strays.append(job.id)
+        assert job.relay_to
+        for seq in range(3, 6):
+            kind = "end" if seq == 5 else "data"
+            stray = wire.Chunk(job_id=job.id, node_id="stray", seq=seq, kind=kind, pieces=[wire.Piece(0, "x")])
+            batch = wire.ChunkBatch([wire.RelayedChunk(reply, stray)])
+            await client.publish(subjects.node_relay("stray", job.relay_to), wire.encode(batch))
+
+    await fleet({"stray": behave})
+    result = await sdk(api, tenant.secret).completions.create(model="fake-model", prompt="x", max_tokens=2)
+    assert result.choices[0].text == "w0 w1 "
+    for _ in range(100):
+        if reasons:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    await sub.unsubscribe()
+    assert reasons == [(strays[0], "orphaned")]

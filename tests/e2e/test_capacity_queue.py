@@ -1,0 +1,109 @@
+"""Requests beyond a fleet's capacity wait at the scheduler and start in arrival order as slots
+free up, through every real part: the openai SDK -> api -> scheduler -> node agent (simulated
+engine with room for one sequence at a time)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import openai
+import pytest
+from nats.aio.client import Client
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from api.admin.quota import quota_of
+from market import subjects
+from market.db import session_factory
+from market.settings import Settings
+from market.wire import ProfileInfo
+from nodes.agent import AgentConfig, NodeAgent
+from nodes.engines.sim import SimConfig, SimEngine
+from scheduler.service import SchedulerService
+from tests.conftest import RunningApi, wait_healthy
+from tests.token.conftest import make_tenant
+
+MODEL = "sim-llama-3-8b"
+
+
+@pytest.fixture
+async def one_slot_node(settings: Settings, scheduler: SchedulerService) -> AsyncIterator[NodeAgent]:
+    agent = NodeAgent(
+        AgentConfig(
+            node_id="node_one_slot",
+            provider_id="prov_queue",
+            settings=settings,
+            models=[MODEL],
+            profile=ProfileInfo(max_num_seqs=1, max_model_len=8192),
+            queue_share=0.0,  # no queue in the engine: a second request has to wait for the slot
+        ),
+        SimEngine(SimConfig(max_num_seqs=1, speedup=1.0)),
+    )
+    await agent.start()
+    await wait_healthy(scheduler, ["node_one_slot"], timeout=30)
+    yield agent
+    await agent.stop(drain=False)
+
+
+async def test_requests_over_capacity_wait_and_start_in_arrival_order(
+    api: RunningApi, engine: AsyncEngine, scheduler: SchedulerService, one_slot_node: NodeAgent
+) -> None:
+    tenant = await make_tenant(engine, "queued", models=((MODEL, 8192),))
+    client = openai.AsyncOpenAI(api_key=tenant.secret, base_url=f"{api.url}/v1", max_retries=0)
+    first_token_at: dict[int, float] = {}
+
+    async def ask(i: int) -> str:
+        stream = await client.completions.create(model=MODEL, prompt=f"request {i}", max_tokens=64, stream=True)
+        text = []
+        async for event in stream:
+            if event.choices and event.choices[0].text:
+                first_token_at.setdefault(i, time.monotonic())
+                text.append(event.choices[0].text)
+        return "".join(text)
+
+    with api.token_settings(queue_timeout_s=30.0):
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.create_task(ask(i)))
+            await asyncio.sleep(0.1)  # arrival order: 0, 1, 2, 3
+        texts = await asyncio.gather(*tasks)
+
+    assert all(texts), "every request got its answer"
+    assert sorted(first_token_at, key=first_token_at.__getitem__) == [0, 1, 2, 3]
+    assert scheduler.counters["queued"] >= 3  # the later three each waited for the one slot
+
+
+async def test_a_client_that_leaves_while_queued_gives_up_its_place(
+    api: RunningApi, engine: AsyncEngine, scheduler: SchedulerService, one_slot_node: NodeAgent, nc: Client
+) -> None:
+    """The waiting job is withdrawn from the scheduler: the node never runs it, nothing is billed
+    and the quota hold is released."""
+    tenant = await make_tenant(engine, "impatient", models=((MODEL, 8192),))
+    client = openai.AsyncOpenAI(api_key=tenant.secret, base_url=f"{api.url}/v1", max_retries=0)
+    impatient = openai.AsyncOpenAI(api_key=tenant.secret, base_url=f"{api.url}/v1", max_retries=0, timeout=0.5)
+    with api.token_settings(queue_timeout_s=30.0):
+        busy = asyncio.create_task(client.completions.create(model=MODEL, prompt="long", max_tokens=200))
+        await asyncio.sleep(0.2)
+        with pytest.raises(openai.APITimeoutError):
+            await impatient.completions.create(model=MODEL, prompt="short", max_tokens=5)
+        for _ in range(100):
+            if scheduler.counters["withdrawn"]:
+                break
+            await asyncio.sleep(0.02)
+        assert scheduler.counters["withdrawn"] == 1
+        await busy
+        after = await client.completions.create(model=MODEL, prompt="next", max_tokens=5)
+    assert after.choices[0].text
+    assert scheduler.counters["placed"] == 2  # the busy request and the one after: never the withdrawn one
+    async with session_factory(engine)() as session:
+        assert (await quota_of(session, tenant.tenant_id)).held == 0
+    usage = subjects.usage(tenant.tenant_id)
+    for _ in range(100):
+        info = await nc.jetstream().stream_info(subjects.USAGE_STREAM, subjects_filter=usage)
+        if (info.state.subjects or {}).get(usage) == 2:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    info = await nc.jetstream().stream_info(subjects.USAGE_STREAM, subjects_filter=usage)
+    assert (info.state.subjects or {}).get(usage) == 2  # no usage event for the request that never ran
