@@ -17,7 +17,7 @@ from market import subjects, wire
 from market.ids import new_id
 from market.settings import Settings
 from market.wire import Hardware, ProfileInfo
-from nodes.agent import AGENT_VERSION, AgentConfig, NodeAgent
+from nodes.agent import AGENT_VERSION, QUICK_REPORT_FULL_S, QUICK_REPORT_S, AgentConfig, NodeAgent
 from nodes.engines import SimConfig, SimEngine
 from nodes.engines.base import EngineLoad
 from tests.nodes.helpers import HeartbeatWatch, JobWatch, make_job
@@ -381,3 +381,22 @@ async def test_a_batch_window_never_holds_a_first_token_back(nc: Client, make_ag
     assert chunks[-1].kind == "end"
     assert sum(p.tokens for c in chunks for p in c.pieces) == 150
     assert len(arrivals) <= 6  # ~0.9 s of 6 ms tokens: the first at once, then a message per window
+
+
+async def test_a_job_end_is_reported_at_once_while_schedulers_take_the_node_for_full(
+    make_agent: AgentFactory,
+) -> None:
+    """Extra load reports after job ends are spaced ``QUICK_REPORT_S`` apart, except while the
+    schedulers have placed as many jobs as the last report offered slots: then a freed slot is
+    reported within ``QUICK_REPORT_FULL_S``, since jobs waiting at a scheduler need exactly it
+    (and a report already pending for later is brought forward)."""
+    agent = await make_agent()
+    # As just after a report that offered 4 slots, 3 of them taken since: not full.
+    agent._last_beat_at = time.monotonic()
+    agent._reported_slots, agent._jobs_since_beat = 4, 3
+    agent._load_changed()
+    assert agent._quick_at is not None
+    assert agent._quick_at - agent._last_beat_at == pytest.approx(QUICK_REPORT_S, abs=1e-3)
+    agent._jobs_since_beat = 4  # the fourth job came: schedulers see no room here any more
+    agent._load_changed()
+    assert agent._quick_at - agent._last_beat_at == pytest.approx(QUICK_REPORT_FULL_S, abs=1e-3)
