@@ -1,7 +1,7 @@
 """Run node agents for a benchmark in their own process (so they do not share the api's core).
 
     python bench/_agents.py vllm --url URL --model NAME --node-id ID
-    python bench/_agents.py sim --count N --speedup X
+    python bench/_agents.py sim --count N --speedup X [--max-num-seqs N] [--queue-share F]
 
 NATS URL and credentials come from the environment (``Settings.from_env``). Stops on SIGTERM.
 """
@@ -30,6 +30,9 @@ async def main() -> None:
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--speedup", type=float, default=1.0)
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument(
+        "--queue-share", type=float, default=1.0, help="of max_num_seqs the engine may queue (AgentConfig)"
+    )
     args = parser.parse_args()
     settings = Settings.from_env()
     logs.setup("bench-agents", "WARNING")
@@ -49,6 +52,7 @@ async def main() -> None:
             models=[args.model],
             profile=profile,
             hardware=Hardware(accelerator="cpu" if args.engine == "vllm" else "H100"),
+            queue_share=args.queue_share,
         )
         agent = NodeAgent(config, engine)
         await agent.start()
