@@ -11,7 +11,8 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,21 @@ def attached_agent(settings: Settings, server: VllmServer, node_id: str) -> Node
         hardware=Hardware(accelerator="cpu"),
     )
     return NodeAgent(config, engine)
+
+
+@pytest.fixture
+async def scheduler(settings: Settings) -> AsyncIterator[SchedulerService]:
+    """The suite's scheduler, slower to call a node lost (4 s of silence, not 1.5 s).
+
+    Here the api, the scheduler, both agents and the load generator share the test process's event
+    loop while a CPU vLLM takes the other core; on a slow day that loop lagged long enough for the
+    surviving node's heartbeats to miss 1.5 s, so it too was declared lost, its unstarted requests
+    had no node left and ended with 503. A killed node is still found within the queue timeout.
+    """
+    service = SchedulerService(replace(settings, heartbeat_timeout_s=4.0))
+    await service.start()
+    yield service
+    await service.stop()
 
 
 @pytest.fixture
@@ -207,13 +223,17 @@ async def _load_then(client: openai.AsyncOpenAI, n: int, at: float, crash: Any) 
 
 @pytest.fixture
 def patient_queue(api: RunningApi) -> Iterator[None]:
-    """Wait for capacity as production does (``MARKET_QUEUE_TIMEOUT``, 10 s), not 0.5 s.
+    """Wait for capacity as production does (``MARKET_QUEUE_TIMEOUT``, 10 s), not 0.5 s, and give
+    a node 5 s to take a job (``MARKET_ACCEPT_TIMEOUT``; production's default is 2 s), not 1 s.
 
     The suite's short queue timeout keeps the 503 tests quick, but after a node dies a CPU vLLM
     shared by both nodes (so each node reports the other's load as its own) can take longer than
-    0.5 s to free a slot, and a request that waits for one is not a lost request.
+    0.5 s to free a slot, and a request that waits for one is not a lost request. The api, both
+    agents and the 16-24 streaming clients share the test process's event loop: on a slow day
+    that loop lagged past 1 s under the load, healthy nodes' acceptances came "late", requests
+    failed over from both nodes and had none left.
     """
-    with api.token_settings(queue_timeout_s=10.0):
+    with api.token_settings(queue_timeout_s=10.0, accept_timeout_s=5.0):
         yield
 
 
