@@ -41,10 +41,14 @@ AGENT_VERSION = "0.1.0"
 QUICK_REPORT_S = 0.05
 """Least time between the extra load reports sent when jobs end."""
 QUICK_REPORT_FULL_S = 0.005
-"""The same while the schedulers take this node for full (they placed as many jobs here as its last
-report offered slots): a freed slot is then capacity that jobs waiting at a scheduler cannot use
-until it is reported (with 100 ms jobs, 50 ms of such lag cost a quarter of the fleet's capacity in
-``bench/capacity_queue.py``). A few ms still gather the ends of one engine step into one report."""
+"""The same while the schedulers take this node for (nearly) full: a freed slot is then capacity
+that jobs waiting at a scheduler cannot use until it is reported (with 100 ms jobs, 50 ms of such
+lag cost a quarter of the fleet's capacity in ``bench/capacity_queue.py``). A few ms still gather
+the ends of one engine step into one report."""
+NEAR_FULL_SHARE = 0.1
+"""Of the slots a report offered, the share below which the node counts as full: schedulers keep
+that much of a node (their default ``reserved_headroom_share``) for reserved traffic, so burst and
+on-demand jobs wait before the last slot is taken."""
 ACCEPT_GRACE_S = 0.05
 """Say ``accepted`` only when no output came this soon; far below the api's accept timeout."""
 FOREIGN_SCRAPES = 3
@@ -235,6 +239,8 @@ class NodeAgent:
             self._heartbeat_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat_task
+        if self._quick_timer is not None:
+            self._quick_timer.cancel()
         with contextlib.suppress(Exception):
             await self._outbox_sent()
         with contextlib.suppress(Exception):
@@ -250,6 +256,8 @@ class NodeAgent:
         self._killed = True
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
+        if self._quick_timer is not None:
+            self._quick_timer.cancel()
         if self._scrape is not None:
             self._scrape.cancel()
         for running in list(self._jobs.values()):
@@ -353,12 +361,14 @@ class NodeAgent:
             await self.nc.publish(subjects.heartbeat(self.node_id), wire.encode(beat))
 
     def _load_changed(self) -> None:
-        """A job ended: tell the schedulers soon (at most every ``QUICK_REPORT_S``, or
-        ``QUICK_REPORT_FULL_S`` while they take the node for full), so their view of free slots
-        does not lag a whole heartbeat interval behind under load."""
+        """A job ended (or came while a report is pending): tell the schedulers soon (at most every
+        ``QUICK_REPORT_S``, or
+        ``QUICK_REPORT_FULL_S`` while they take the node for full: the jobs placed since the last
+        report took all but ``NEAR_FULL_SHARE`` of the slots it offered), so their view of free
+        slots does not lag a whole heartbeat interval behind under load."""
         if self._killed or self.nc is None:
             return
-        full = self._jobs_since_beat >= self._reported_slots
+        full = self._reported_slots - self._jobs_since_beat <= self._reported_slots * NEAR_FULL_SHARE
         due = max(time.monotonic(), self._last_beat_at + (QUICK_REPORT_FULL_S if full else QUICK_REPORT_S))
         if self._quick_at is not None and self._quick_at <= due:
             return  # a report is already due no later
@@ -433,6 +443,8 @@ class NodeAgent:
         running = _Running(job, reply)
         self._jobs[job.id] = running
         self._jobs_since_beat += 1
+        if self._quick_at is not None:
+            self._load_changed()  # a report due later may have to come sooner now
         running.task = asyncio.create_task(self._run(running), name=f"job {job.id}")
 
     async def _publish(self, running: _Running, chunk: Chunk) -> None:

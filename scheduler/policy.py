@@ -203,10 +203,15 @@ class FleetView:
         else:
             offers[model] = price_minor_per_million
 
-    def has_free_slot(self, model: str, now: float) -> bool:
-        """Whether some healthy node serving ``model`` has a slot left, headroom included."""
+    def has_free_slot(self, model: str, now: float, reserved: bool) -> bool:
+        """Whether some healthy node serving ``model`` has a slot left that a job of this kind may
+        take (a reserved job the headroom too, see ``place``), whatever the job's own limits."""
         timeout = self.heartbeat_timeout_s
-        return any(node.free_slots > 0 and node.healthy(now, timeout) for node in self.candidates(model))
+        for node in self.candidates(model):
+            free = node.slots - node.in_flight
+            if free > (0 if reserved else node.headroom) and node.healthy(now, timeout):
+                return True
+        return False
 
     def commit(self, node: NodeState) -> None:
         """Count a placement against the node until its next heartbeat reports it."""

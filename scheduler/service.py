@@ -38,9 +38,12 @@ log = logging.getLogger(__name__)
 
 EventKind = Literal["node_lost", "node_draining", "node_revoked"]
 
-MAX_MISSES = 8
-"""Waiting jobs a dispatch may fail to place (their own limits: excluded nodes, providers, price)
-before it stops until the next heartbeat: bounds the work a heartbeat does behind a long queue."""
+MAX_MISSES = 64
+"""Waiting jobs a dispatch may pass over because of their own limits (excluded nodes, providers,
+price) while free slots remain, before it stops until the next heartbeat: bounds the work a
+heartbeat does behind a long queue. A job passed over for want of any slot ends the scan at once."""
+WITHDRAWN_KEPT = 4096
+"""Withdrawn job ids remembered, for a withdrawal that overtakes its job (see ``_on_withdraw``)."""
 
 # One statement for the whole batch: the rows travel as one JSON array (PostgreSQL turns JSON
 # arrays into ``text[]`` columns itself). Unknown ids match nothing: enrolment creates rows, not us.
@@ -92,6 +95,8 @@ class SchedulerService:
         ``node_lost``/``node_draining``/``node_revoked`` (events sent), ``db_flushes``, ``db_errors``."""
         self.waiting = WaitQueue()
         """Jobs waiting here for a free slot."""
+        self._withdrawn: dict[str, float] = {}
+        """Job id -> monotonic time until which a submission of it is refused (withdrawn)."""
         self._answers: set[asyncio.Task[None]] = set()
         self._own_nc = nc is None
         self._subs: list[Subscription] = []
@@ -184,6 +189,8 @@ class SchedulerService:
             # Nobody waits for it any more: do not spend a node's capacity on it.
             self.counters["expired"] += 1
             return wire.Placement(job_id=job.id, error="expired")
+        if self._withdrawn and self._withdrawn.get(job.id, 0.0) > time.monotonic():
+            return None  # its api gave up on it before it got here: nobody listens for an answer
         node = place(job, self.fleet, time.monotonic())
         if node is None:
             if not self.fleet.serves(job.model):
@@ -217,7 +224,7 @@ class SchedulerService:
         old = self.waiting.remove(job.id)
         if old is not None:
             old.timer.cancel()  # its requester sent it again, so nobody waits for the old answer
-        entry = Waiting(job, msg.data, msg, time.monotonic() + wait)
+        entry = Waiting(job, msg.data, msg)
         entry.timer = asyncio.get_running_loop().call_later(wait, self._expire, job.id)
         self.waiting.add(entry)
         self.counters["queued"] += 1
@@ -234,7 +241,11 @@ class SchedulerService:
         task.add_done_callback(self._answers.discard)
 
     async def _on_withdraw(self, msg: Msg) -> None:
-        """The api gave up on a job that waits for a slot (its client left): never place it."""
+        """The api gave up on a job that waits for a slot (its client left): never place it.
+
+        Withdrawals and submissions come through different subscriptions, so a withdrawal can be
+        handled before the submission it withdraws: its id is kept for a while (the longest a job
+        may wait), and a submission of it that arrives later is dropped unanswered."""
         try:
             cancel = self._cancel_decoder.decode(msg.data)
         except msgspec.DecodeError:
@@ -243,6 +254,13 @@ class SchedulerService:
         if entry is not None:
             entry.timer.cancel()
             self.counters["withdrawn"] += 1
+            return
+        now = time.monotonic()
+        if len(self._withdrawn) >= WITHDRAWN_KEPT:
+            self._withdrawn = {job_id: until for job_id, until in self._withdrawn.items() if until > now}
+            while len(self._withdrawn) >= WITHDRAWN_KEPT:
+                del self._withdrawn[next(iter(self._withdrawn))]
+        self._withdrawn[cancel.job_id] = now + self.settings.queue_timeout_s + self.settings.accept_timeout_s
 
     async def _dispatch(self, models: tuple[str, ...]) -> None:
         """Place waiting jobs of ``models`` on the free slots the fleet view now shows, in order.
@@ -257,21 +275,26 @@ class SchedulerService:
             misses = 0
             for entry in self.waiting.ordered(model):
                 node = place(entry.job, self.fleet, now)
-                if node is None:
-                    misses += 1
-                    if misses >= MAX_MISSES or not self.fleet.has_free_slot(model, now):
-                        break
+                if node is not None:
+                    self.fleet.commit(node)
+                    chosen.append((entry, node))
                     continue
-                self.fleet.commit(node)
-                self.waiting.remove(entry.job.id)
-                entry.timer.cancel()
-                chosen.append((entry, node))
+                if not self.fleet.has_free_slot(model, now, entry.job.admission_class == "reserved"):
+                    break  # no slot for this class, nor for the classes after it
+                misses += 1  # the job's own limits rule the free slots out: the next may fit
+                if misses >= MAX_MISSES:
+                    break
+        for entry, _node in chosen:
+            self.waiting.remove(entry.job.id)
+            entry.timer.cancel()
         for entry, node in chosen:
             try:
                 placement = await self._forward(node, entry.job, entry.data)
-                await entry.reply.respond(wire.encode(placement))
             except Exception:
-                log.exception("placing a waiting job failed", extra={"job": entry.job.id})
+                log.exception("sending a waiting job to its node failed", extra={"job": entry.job.id})
+                placement = wire.Placement(job_id=entry.job.id, error="scheduler_error")
+            with contextlib.suppress(Exception):
+                await entry.reply.respond(wire.encode(placement))
 
     # --- fleet --------------------------------------------------------------------------------
 

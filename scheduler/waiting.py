@@ -9,7 +9,6 @@ tenants pay for whether they use it or not; first come first served within a cla
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,69 +27,60 @@ class Waiting:
     data: bytes
     reply: Any
     """What the service answers through (the NATS request message)."""
-    deadline: float
-    """Monotonic time after which the job is answered ``no_capacity``."""
     timer: Any = None
     """The expiry timer, cancelled when the job leaves the queue another way."""
-    gone: bool = False
-    """Left the queue (placed, expired or withdrawn); skipped where it still sits in a deque."""
 
 
 class WaitQueue:
-    """Parked jobs per model and admission class. Removal by id is O(1): entries are marked gone
-    and dropped when iteration reaches them."""
+    """Parked jobs per model and admission class, each class in arrival order (an insertion-ordered
+    dict, so taking a job out anywhere in the queue is O(1))."""
 
     def __init__(self) -> None:
-        self._by_model: dict[str, tuple[deque[Waiting], ...]] = {}
-        self._by_id: dict[str, Waiting] = {}
+        self._by_model: dict[str, tuple[dict[str, Waiting], ...]] = {}
+        self._models_of: dict[str, str] = {}
+        """Job id -> model, to find a job's queue."""
 
     def __len__(self) -> int:
-        return len(self._by_id)
+        return len(self._models_of)
 
     def __contains__(self, job_id: str) -> bool:
-        return job_id in self._by_id
+        return job_id in self._models_of
 
     def add(self, entry: Waiting) -> None:
-        queues = self._by_model.get(entry.job.model)
+        job = entry.job
+        queues = self._by_model.get(job.model)
         if queues is None:
-            queues = self._by_model[entry.job.model] = tuple(deque() for _ in CLASS_ORDER)
-        queues[_RANK.get(entry.job.admission_class, len(CLASS_ORDER) - 1)].append(entry)
-        self._by_id[entry.job.id] = entry
+            queues = self._by_model[job.model] = tuple({} for _ in CLASS_ORDER)
+        queues[_RANK.get(job.admission_class, len(CLASS_ORDER) - 1)][job.id] = entry
+        self._models_of[job.id] = job.model
 
     def remove(self, job_id: str) -> Waiting | None:
         """Take a job out (placed, expired or withdrawn); None if it is not waiting here."""
-        entry = self._by_id.pop(job_id, None)
-        if entry is not None:
-            entry.gone = True
+        model = self._models_of.pop(job_id, None)
+        if model is None:
+            return None
+        queues = self._by_model[model]
+        entry = None
+        for queue in queues:
+            entry = queue.pop(job_id, None)
+            if entry is not None:
+                break
+        if not any(queues):
+            del self._by_model[model]
         return entry
 
     def has(self, model: str) -> bool:
-        queues = self._by_model.get(model)
-        if queues is None:
-            return False
-        for queue in queues:
-            while queue and queue[0].gone:
-                queue.popleft()
-            if queue:
-                return True
-        del self._by_model[model]
-        return False
+        return model in self._by_model
 
     def ordered(self, model: str) -> Iterator[Waiting]:
-        """The model's waiting jobs in the order they should be served. The caller may ``remove``
-        entries as it goes, but must not ``add`` before it is done (no awaits in between)."""
+        """The model's waiting jobs in the order they should be served. Nothing may be added or
+        removed until the iteration is over (collect, then ``remove``)."""
         for queue in self._by_model.get(model, ()):
-            while queue and queue[0].gone:
-                queue.popleft()
-            for entry in queue:
-                if not entry.gone:
-                    yield entry
+            yield from queue.values()
 
     def drain(self) -> list[Waiting]:
         """Every waiting job, removed (a replica stopping answers them all)."""
-        entries = list(self._by_id.values())
-        for entry in entries:
-            entry.gone = True
-        self._by_id.clear()
+        entries = [entry for queues in self._by_model.values() for queue in queues for entry in queue.values()]
         self._by_model.clear()
+        self._models_of.clear()
         return entries

@@ -103,15 +103,16 @@ class Inboxes:
         self.queues: dict[str, Mailbox] = {}
         self._sub: Subscription | None = None
         self._batch_sub: Subscription | None = None
-        self._orphans: dict[str, None] = {}
+        self._orphans: dict[tuple[str, str], None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _orphan(self, node_id: str, chunk: wire.Chunk) -> None:
         """A node sends output for a job attempt that has no mailbox here (finished, failed over,
         or placed by a scheduler just as the api withdrew it): cancel it there, once."""
-        if chunk.kind in ("end", "error") or chunk.job_id in self._orphans:
+        key = (node_id, chunk.job_id)
+        if chunk.kind in ("end", "error") or key in self._orphans:
             return  # an ending job needs no cancel; late chunks after a cancel are normal
-        self._orphans[chunk.job_id] = None
+        self._orphans[key] = None
         if len(self._orphans) > ORPHANS_KEPT:
             del self._orphans[next(iter(self._orphans))]
         cancel = wire.encode(wire.Cancel(job_id=chunk.job_id, reason="orphaned"))
@@ -122,19 +123,17 @@ class Inboxes:
     async def start(self) -> None:
         def on_chunk(msg: Any) -> None:
             queue = self.queues.get(msg.subject)
+            if queue is None:
+                # A late chunk for a finished attempt. Orphaned output is cancelled only from
+                # batches, whose sender NATS vouches for; here the node id is the body's word.
+                return
             if not msg.data and (msg.headers or {}).get("Status") == "503":
-                if queue is not None:
-                    queue.put_nowait(LOST)  # "no responders": the node is not subscribed any more
+                queue.put_nowait(LOST)  # "no responders": the node is not subscribed any more
                 return
             try:
-                chunk = _chunk_decoder.decode(msg.data)
+                queue.put_nowait(_chunk_decoder.decode(msg.data))
             except msgspec.DecodeError:
                 log.warning("undecodable chunk on %s", msg.subject)
-                return
-            if queue is None:
-                self._orphan(chunk.node_id, chunk)
-            else:
-                queue.put_nowait(chunk)
 
         def on_batch(msg: Any) -> None:
             node_id = msg.subject.split(".")[2]  # the node NATS let publish here

@@ -116,7 +116,8 @@ class Run:
     finished: bool = False
     """Set by ``finish``: the quota is settled and the usage event submitted."""
     placing: bool = False
-    """A scheduler has the job and has not answered yet (it may be waiting for a slot)."""
+    """The job was sent to the schedulers and no answer came back (one may hold it, waiting for a
+    slot, or its answer was lost): a cancel then withdraws it there."""
 
     # ---- placement -------------------------------------------------------------------------
     async def begin(self, client_left: Callable[[], Awaitable[object]] | None = None) -> None:
@@ -186,8 +187,9 @@ class Run:
                 if self.job.wait_s <= 0:
                     break
                 placement = await _unless(self._submit(), watcher)
-                if placement.error == "no_capacity" and time.monotonic() + pause < deadline:
-                    await _unless(asyncio.sleep(pause), watcher)
+                if placement.error == "no_capacity" and placement.retry_after_s > 0:
+                    # Answered before the time was up by a scheduler that does not keep jobs.
+                    await _unless(asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic()))), watcher)
                     pause = min(pause * 2, 0.2)
         finally:
             if watcher is not None:
@@ -530,7 +532,11 @@ async def _unless(work: Awaitable[T], watcher: asyncio.Future[object] | None) ->
     if watcher is None:
         return await work
     task = asyncio.ensure_future(work)
-    await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # our caller was cancelled: so is the work
+        task.cancel()
+        raise
     if task.done():
         return task.result()
     task.cancel()

@@ -387,16 +387,17 @@ async def test_a_job_end_is_reported_at_once_while_schedulers_take_the_node_for_
     make_agent: AgentFactory,
 ) -> None:
     """Extra load reports after job ends are spaced ``QUICK_REPORT_S`` apart, except while the
-    schedulers have placed as many jobs as the last report offered slots: then a freed slot is
-    reported within ``QUICK_REPORT_FULL_S``, since jobs waiting at a scheduler need exactly it
-    (and a report already pending for later is brought forward)."""
+    schedulers take the node for full (the jobs placed since the last report took all but their
+    reserved headroom of the slots it offered): then a freed slot is reported within
+    ``QUICK_REPORT_FULL_S``, since jobs waiting at a scheduler need exactly it (and a report
+    already pending for later is brought forward)."""
     agent = await make_agent()
-    # As just after a report that offered 4 slots, 3 of them taken since: not full.
+    # As just after a report that offered 20 slots, 10 of them taken since: room left.
     agent._last_beat_at = time.monotonic()
-    agent._reported_slots, agent._jobs_since_beat = 4, 3
+    agent._reported_slots, agent._jobs_since_beat = 20, 10
     agent._load_changed()
     assert agent._quick_at is not None
     assert agent._quick_at - agent._last_beat_at == pytest.approx(QUICK_REPORT_S, abs=1e-3)
-    agent._jobs_since_beat = 4  # the fourth job came: schedulers see no room here any more
+    agent._jobs_since_beat = 18  # what is left is the headroom schedulers keep for reserved jobs
     agent._load_changed()
     assert agent._quick_at - agent._last_beat_at == pytest.approx(QUICK_REPORT_FULL_S, abs=1e-3)

@@ -358,7 +358,12 @@ async def test_a_revoked_node_gets_no_more_jobs_even_if_it_says_it_is_healthy(
 
 
 async def request_placement(nc: Client, job: wire.Job, timeout: float = 10.0) -> wire.Placement:
-    reply = await nc.request(subjects.JOBS_SUBMIT, wire.encode(job), timeout=timeout)
+    """``submit`` for jobs that may wait: a longer timeout, the same retry of a rare "no responders"."""
+    try:
+        reply = await nc.request(subjects.JOBS_SUBMIT, wire.encode(job), timeout=timeout)
+    except NoRespondersError:
+        await asyncio.sleep(0.2)
+        reply = await nc.request(subjects.JOBS_SUBMIT, wire.encode(job), timeout=timeout)
     return _placement_decoder.decode(reply.data)
 
 
@@ -425,3 +430,41 @@ async def test_a_withdrawn_job_is_never_placed(
     stays = await request_placement(nc, make_job("req_next", wait_s=30.0))
     assert stays.node_id == "node_full"
     assert node.job_ids() == ["req_next"]
+
+
+async def test_a_withdrawal_that_overtakes_its_job_still_keeps_it_off_the_nodes(
+    nc: Client, settings: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    """Withdrawals and submissions travel on different subscriptions: one can be handled first."""
+    node = await start_node(nodes, nc, settings, "node_full", models=["llama-8b"], running=8, slots=0)
+    service = await start_replica(replicas, settings)
+    await nc.publish(subjects.JOBS_WITHDRAW, wire.encode(wire.Cancel(job_id="req_late")))
+    await nc.flush()
+    late = asyncio.create_task(request_placement(nc, make_job("req_late", wait_s=30.0)))
+    await asyncio.sleep(0.3)
+    node.slots = 1
+    placed = await request_placement(nc, make_job("req_next", wait_s=30.0))
+    assert placed.node_id == "node_full"
+    assert node.job_ids() == ["req_next"]
+    assert not late.done()  # nobody listens for its answer any more
+    late.cancel()
+    assert service.counters["queued"] <= 1
+
+
+async def test_a_waiting_job_that_no_free_slot_suits_does_not_hold_up_those_behind_it(
+    nc: Client, settings: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    """First come first served among the jobs that can use a slot: one that excludes the node
+    with the free slot (it failed there before) stays waiting, the next one takes the slot."""
+    node = await start_node(nodes, nc, settings, "node_full", models=["llama-8b"], running=8, slots=0)
+    await start_node(nodes, nc, settings, "node_busy", models=["llama-8b"], running=8, slots=0)
+    service = await start_replica(replicas, settings)
+    picky = asyncio.create_task(request_placement(nc, make_job("req_picky", wait_s=30.0, exclude_nodes=["node_full"])))
+    await eventually(lambda: service.counters["queued"] == 1)
+    plain = asyncio.create_task(request_placement(nc, make_job("req_plain", wait_s=30.0)))
+    await eventually(lambda: service.counters["queued"] == 2)
+    node.slots = 1
+    assert (await plain).node_id == "node_full"
+    assert "req_picky" in service.waiting
+    assert not picky.done()
+    picky.cancel()
