@@ -160,7 +160,8 @@ class NodeAgent:
         self._last_beat_at = 0.0
         self._reported_slots = 0
         self._jobs_since_beat = 0
-        """Jobs received since the last report: when they reach its slots, schedulers see no room."""
+        """Jobs received since the last report: once they take all but ``NEAR_FULL_SHARE`` of the
+        slots it offered, schedulers see no room for burst and on-demand jobs."""
         self._quick_at: float | None = None
         """When the pending extra report is due (monotonic), if one is."""
         self._quick_timer: asyncio.TimerHandle | None = None
@@ -361,11 +362,10 @@ class NodeAgent:
             await self.nc.publish(subjects.heartbeat(self.node_id), wire.encode(beat))
 
     def _load_changed(self) -> None:
-        """A job ended (or came while a report is pending): tell the schedulers soon (at most every
-        ``QUICK_REPORT_S``, or
-        ``QUICK_REPORT_FULL_S`` while they take the node for full: the jobs placed since the last
-        report took all but ``NEAR_FULL_SHARE`` of the slots it offered), so their view of free
-        slots does not lag a whole heartbeat interval behind under load."""
+        """A job ended (or came while a report is pending): tell the schedulers soon, at most every
+        ``QUICK_REPORT_S``, or ``QUICK_REPORT_FULL_S`` while they take the node for full (the jobs
+        placed since the last report took all but ``NEAR_FULL_SHARE`` of the slots it offered), so
+        their view of free slots does not lag a whole heartbeat interval behind under load."""
         if self._killed or self.nc is None:
             return
         full = self._reported_slots - self._jobs_since_beat <= self._reported_slots * NEAR_FULL_SHARE
