@@ -85,10 +85,10 @@ WITH ev AS (
     SELECT * FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
         $9::text[], $10::int4[], $11::int4[], $12::int4[], $13::float8[], $14::float8[], $15::float8[],
-        $16::float8[]
+        $16::float8[], $18::float8[]
     ) AS e(request_id, tenant_id, key_id, model, admission_class, node_id, provider_id, reservation_id,
            outcome, prompt_tokens, completion_tokens, relayed_completion_tokens, started_s, ended_s,
-           ttft_ms, duration_ms)
+           ttft_ms, duration_ms, engine_ttft_ms)
 ),
 src AS (
     SELECT ev.*, to_timestamp(started_s) AS started_at, to_timestamp(ended_s) AS ended_at,
@@ -102,11 +102,11 @@ changed AS (
     INSERT INTO usage_records (
         request_id, tenant_id, key_id, model, admission_class, node_id, provider_id, reservation_id, outcome,
         prompt_tokens, completion_tokens, relayed_completion_tokens, billed_completion_tokens,
-        started_at, ended_at, ttft_ms, duration_ms, currency, price_book_id,
+        started_at, ended_at, ttft_ms, engine_ttft_ms, duration_ms, currency, price_book_id,
         tenant_micros, provider_micros, platform_micros)
     SELECT s.request_id, s.tenant_id, s.key_id, s.model, s.admission_class, s.node_id, s.provider_id,
            s.reservation_id, s.outcome, s.prompt_tokens, s.completion_tokens, s.relayed_completion_tokens,
-           s.billed_completion_tokens, s.started_at, s.ended_at, s.ttft_ms, s.duration_ms, $17,
+           s.billed_completion_tokens, s.started_at, s.ended_at, s.ttft_ms, s.engine_ttft_ms, s.duration_ms, $17,
            s.price_book_id, s.tenant_micros, s.provider_micros, s.tenant_micros - s.provider_micros
     FROM rated s
     ORDER BY s.request_id
@@ -160,7 +160,8 @@ class BatchResult:
 
 
 def columns(events: Sequence[UsageEvent]) -> list[list[object]]:
-    """The batch as one list per column, in the order ``INGEST_SQL`` unnests them."""
+    """The batch as one list per column, in the order ``INGEST_SQL`` unnests them ($1 to $16; $17
+    is the currency and $18 the engine's TTFT, added later)."""
     cols: list[list[object]] = [[] for _ in range(16)]
     (
         request_id,
@@ -214,7 +215,7 @@ async def store_batch(conn: asyncpg.Connection, events: Sequence[UsageEvent], cu
     if not batch:
         return BatchResult(len(events), 0, 0)
     async with conn.transaction():
-        row = await conn.fetchrow(INGEST_SQL, *columns(batch), currency)
+        row = await conn.fetchrow(INGEST_SQL, *columns(batch), currency, [e.engine_ttft_ms for e in batch])
     assert row is not None
     return BatchResult(len(events), int(row["recorded"]), int(row["unrated"]))
 

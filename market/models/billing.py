@@ -181,6 +181,8 @@ class UsageRecord(Base):
     started_at: Mapped[datetime]
     ended_at: Mapped[datetime]
     ttft_ms: Mapped[float | None] = mapped_column(Float)
+    engine_ttft_ms: Mapped[float | None] = mapped_column(Float)
+    """The engine's part of ``ttft_ms``, as the node timed it; the rest is the marketplace's."""
     duration_ms: Mapped[float] = mapped_column(Float)
     currency: Mapped[str] = mapped_column(String(3))
     price_book_id: Mapped[str | None] = mapped_column(String(40))

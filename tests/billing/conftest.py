@@ -144,6 +144,7 @@ def usage_event(
         started_at=at - 1.5,
         ended_at=at,
         ttft_ms=120.0,
+        engine_ttft_ms=95.5,
         duration_ms=1500.0,
     )
 

@@ -19,6 +19,7 @@ from market.settings import Settings
 from tests.billing.conftest import (
     consumer_drained,
     eventually,
+    fetch,
     fetchval,
     make_prices,
     make_provider,
@@ -81,6 +82,14 @@ async def test_duplicated_and_redelivered_events_bill_once(
     assert await owed(settings, tenant) == expected
     assert worker.stats.recorded == 30
     assert worker.stats.duplicates == 10
+
+    # Each record keeps the request's timings, the engine's part of the TTFT included.
+    timings = await fetch(
+        settings,
+        "SELECT ttft_ms, engine_ttft_ms, duration_ms FROM usage_records WHERE request_id = $1",
+        events[0].request_id,
+    )
+    assert tuple(timings[0]) == (120.0, 95.5, 1500.0)
 
     # The same events stored again by hand (another worker, a replay) change nothing either.
     again = await store(settings, events)
