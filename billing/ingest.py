@@ -85,7 +85,7 @@ WITH ev AS (
     SELECT * FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
         $9::text[], $10::int4[], $11::int4[], $12::int4[], $13::float8[], $14::float8[], $15::float8[],
-        $16::float8[], $18::float8[]
+        $16::float8[], $17::float8[]
     ) AS e(request_id, tenant_id, key_id, model, admission_class, node_id, provider_id, reservation_id,
            outcome, prompt_tokens, completion_tokens, relayed_completion_tokens, started_s, ended_s,
            ttft_ms, duration_ms, engine_ttft_ms)
@@ -96,7 +96,7 @@ src AS (
                 ELSE least(completion_tokens, relayed_completion_tokens) END AS billed_completion_tokens
     FROM ev
 ),""",
-        _RATING.format(currency="$17"),
+        _RATING.format(currency="$18"),
         """,
 changed AS (
     INSERT INTO usage_records (
@@ -106,14 +106,14 @@ changed AS (
         tenant_micros, provider_micros, platform_micros)
     SELECT s.request_id, s.tenant_id, s.key_id, s.model, s.admission_class, s.node_id, s.provider_id,
            s.reservation_id, s.outcome, s.prompt_tokens, s.completion_tokens, s.relayed_completion_tokens,
-           s.billed_completion_tokens, s.started_at, s.ended_at, s.ttft_ms, s.engine_ttft_ms, s.duration_ms, $17,
+           s.billed_completion_tokens, s.started_at, s.ended_at, s.ttft_ms, s.engine_ttft_ms, s.duration_ms, $18,
            s.price_book_id, s.tenant_micros, s.provider_micros, s.tenant_micros - s.provider_micros
     FROM rated s
     ORDER BY s.request_id
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id, tenant_id, provider_id, model, ended_at, tenant_micros, provider_micros, platform_micros
 ),""",
-        _POSTING.format(currency="$17"),
+        _POSTING.format(currency="$18"),
         """
 SELECT count(*) AS recorded, count(*) FILTER (WHERE tenant_micros IS NULL) AS unrated FROM changed
 """,
@@ -160,9 +160,9 @@ class BatchResult:
 
 
 def columns(events: Sequence[UsageEvent]) -> list[list[object]]:
-    """The batch as one list per column, in the order ``INGEST_SQL`` unnests them ($1 to $16; $17
-    is the currency and $18 the engine's TTFT, added later)."""
-    cols: list[list[object]] = [[] for _ in range(16)]
+    """The batch as one list per column, in the order ``INGEST_SQL`` unnests them ($1 to $17; $18
+    is the currency)."""
+    cols: list[list[object]] = [[] for _ in range(17)]
     (
         request_id,
         tenant_id,
@@ -180,6 +180,7 @@ def columns(events: Sequence[UsageEvent]) -> list[list[object]]:
         ended,
         ttft,
         duration,
+        engine_ttft,
     ) = (c.append for c in cols)
     for e in events:
         request_id(e.request_id)
@@ -198,6 +199,7 @@ def columns(events: Sequence[UsageEvent]) -> list[list[object]]:
         ended(e.ended_at)
         ttft(e.ttft_ms)
         duration(e.duration_ms)
+        engine_ttft(e.engine_ttft_ms)
     return cols
 
 
@@ -215,7 +217,7 @@ async def store_batch(conn: asyncpg.Connection, events: Sequence[UsageEvent], cu
     if not batch:
         return BatchResult(len(events), 0, 0)
     async with conn.transaction():
-        row = await conn.fetchrow(INGEST_SQL, *columns(batch), currency, [e.engine_ttft_ms for e in batch])
+        row = await conn.fetchrow(INGEST_SQL, *columns(batch), currency)
     assert row is not None
     return BatchResult(len(events), int(row["recorded"]), int(row["unrated"]))
 

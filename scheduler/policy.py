@@ -208,8 +208,7 @@ class FleetView:
         take (a reserved job the headroom too, see ``place``), whatever the job's own limits."""
         timeout = self.heartbeat_timeout_s
         for node in self.candidates(model):
-            free = node.slots - node.in_flight
-            if free > (0 if reserved else node.headroom) and node.healthy(now, timeout):
+            if node.free_slots > (0 if reserved else node.headroom) and node.healthy(now, timeout):
                 return True
         return False
 

@@ -138,7 +138,7 @@ class SchedulerService:
         self._subs.clear()
         for entry in self.waiting.drain():
             entry.timer.cancel()
-            self._answer(entry, wire.Placement(job_id=entry.job.id, error="no_capacity", retry_after_s=0.0))
+            self._answer(entry, self._no_capacity(entry.job, retry_after_s=0.0))
         if self._answers:
             await asyncio.wait(list(self._answers), timeout=5)
         for task in self._tasks:
@@ -215,8 +215,10 @@ class SchedulerService:
         self.counters["placed"] += 1
         return wire.Placement(job_id=job.id, node_id=node.node_id, provider_id=node.provider_id)
 
-    def _no_capacity(self, job: wire.Job) -> wire.Placement:
-        return wire.Placement(job_id=job.id, error="no_capacity", retry_after_s=self.settings.heartbeat_interval_s)
+    def _no_capacity(self, job: wire.Job, retry_after_s: float | None = None) -> wire.Placement:
+        """By default, ask again after a heartbeat interval, when capacity news can have come."""
+        retry = self.settings.heartbeat_interval_s if retry_after_s is None else retry_after_s
+        return wire.Placement(job_id=job.id, error="no_capacity", retry_after_s=retry)
 
     # --- jobs waiting for a slot -----------------------------------------------------------------
 
