@@ -38,6 +38,8 @@ MAX_ATTEMPTS = 3
 RETRYABLE = {"engine_unavailable", "draining", "engine_error", "node_lost", "accept_timeout"}
 CATALOG_TTL_S = 5.0
 INTER_CHUNK_TIMEOUT_S = 60.0
+LOST_GRACE_S = 2.0
+"""How long a node reported lost mid-stream may stay silent before its stream is given up on."""
 _STALLED = object()
 """Queued by a run's watchdog when its node sent nothing for ``INTER_CHUNK_TIMEOUT_S``."""
 _CLIENT_GONE = object()
@@ -276,19 +278,31 @@ class Run:
         error or loss, after yielding what arrived before it, and ClientGone after ``client_gone``.
         A node silent for ``INTER_CHUNK_TIMEOUT_S`` while we wait for it is given up on: one timer
         per run checks (re-armed as needed), not a timeout scope around every wait.
+
+        A scheduler's word that the node was lost is a judgement from missed heartbeats, which a
+        loaded machine can also miss; the stream itself is better evidence. So the node is given
+        up on only once it has also sent nothing for ``LOST_GRACE_S`` (a dead node has, as its
+        heartbeats stopped well before); output after the report clears it.
         """
         queue = self.queue
         assert queue is not None
         assert self.first is not None
         loop = asyncio.get_running_loop()
         waiting_since: float | None = None
+        last_output = loop.time()
+        lost = False
 
         def watch() -> None:
-            since = waiting_since
-            if since is not None and loop.time() - since >= INTER_CHUNK_TIMEOUT_S:
+            since, now = waiting_since, loop.time()
+            if since is not None and (
+                now - since >= INTER_CHUNK_TIMEOUT_S or (lost and now - last_output >= LOST_GRACE_S)
+            ):
                 queue.put_nowait(_STALLED)
             else:
-                timer[0] = loop.call_at((since or loop.time()) + INTER_CHUNK_TIMEOUT_S, watch)
+                at = (since or now) + INTER_CHUNK_TIMEOUT_S
+                if lost and since is not None:
+                    at = min(at, last_output + LOST_GRACE_S)
+                timer[0] = loop.call_at(at, watch)
 
         timer = [loop.call_later(INTER_CHUNK_TIMEOUT_S, watch)]
         pending: list[Any] = [self.first]
@@ -302,16 +316,18 @@ class Run:
                     if item is _STALLED:
                         if len(pending) > 1:
                             continue  # output came in the same moment: the node is not silent
+                        if lost:
+                            raise await self._node_lost()
                         await self._cancel("timeout")
                         raise UpstreamError("the engine stopped sending output", code="timeout")
                     if item is LOST:
-                        if batch:
-                            yield batch
-                        raise UpstreamError("the provider node serving this request was lost", code="node_lost")
+                        lost = True
+                        continue
                     chunk: wire.Chunk = item
                     if chunk.node_id != node_id:
                         continue  # only the node the job was placed on speaks for it (see Inboxes)
                     if chunk.kind == "data" or chunk.kind == "end":
+                        lost, last_output = False, loop.time()
                         for piece in chunk.pieces:
                             self.relayed_tokens += piece.tokens
                         batch.append(chunk)
@@ -327,11 +343,21 @@ class Run:
                         )
                 if batch:
                     yield batch
+                if lost:
+                    if loop.time() - last_output >= LOST_GRACE_S:
+                        raise await self._node_lost()
+                    timer[0].cancel()
+                    timer[0] = loop.call_at(last_output + LOST_GRACE_S, watch)
                 waiting_since = loop.time()
                 pending = await queue.take()
                 waiting_since = None
         finally:
             timer[0].cancel()
+
+    async def _node_lost(self) -> UpstreamError:
+        """Give up on a node reported lost and silent since (cancelled there, should it be alive)."""
+        await self._cancel("node_lost")
+        return UpstreamError("the provider node serving this request was lost", code="node_lost")
 
     def client_gone(self) -> None:
         """The client disconnected: ``batches`` raises ClientGone at its next item (no cancellation

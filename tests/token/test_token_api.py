@@ -197,6 +197,67 @@ async def test_a_node_silent_mid_stream_is_given_up_on_and_cancelled(
     assert f.cancels == [event.request_id]
 
 
+def node_lost(node: str) -> bytes:
+    return wire.encode(wire.FleetEvent(kind="node_lost", node_id=node, at=time.time()))
+
+
+async def test_a_node_reported_lost_that_keeps_streaming_finishes_its_stream(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduler that missed a busy node's heartbeats does not cut off the streams it is serving."""
+    monkeypatch.setattr("api.token.service.LOST_GRACE_S", 0.5)
+
+    async def slow_heartbeats(job: wire.Job, reply: str, client: Client) -> None:
+        await client.publish(reply, chunk(job, "n", 0, "accepted"))
+        await client.publish(reply, chunk(job, "n", 1, "data", pieces=[wire.Piece(0, "a", 1)]))
+        await client.publish(subjects.FLEET_EVENTS, node_lost("n"))
+        await asyncio.sleep(0.3)  # within the grace: the output proves the node alive
+        await client.publish(reply, chunk(job, "n", 2, "data", pieces=[wire.Piece(0, "b", 1)]))
+        await asyncio.sleep(0.7)  # longer than the grace, but the report was answered already
+        await client.publish(reply, chunk(job, "n", 3, "data", pieces=[wire.Piece(0, "c", 1, "length")]))
+        await client.publish(reply, chunk(job, "n", 4, "end", usage=wire.Usage(7, 3)))
+
+    await fleet({"n": slow_heartbeats})
+    stream = await sdk(api, tenant.secret).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=3, stream=True
+    )
+    received = [c.delta.content async for event in stream for c in event.choices]
+    assert "".join(x for x in received if x) == "abc"
+    event, _ = await usage_event(nc, tenant.tenant_id)
+    assert (event.outcome, event.completion_tokens) == ("completed", 3)
+
+
+async def test_a_node_reported_lost_and_silent_ends_the_stream_with_an_error(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lost and silent: the client learns within the grace, long before the stall timeout."""
+    monkeypatch.setattr("api.token.service.LOST_GRACE_S", 0.5)
+
+    async def dies(job: wire.Job, reply: str, client: Client) -> None:
+        await client.publish(reply, chunk(job, "n", 0, "accepted"))
+        await client.publish(reply, chunk(job, "n", 1, "data", pieces=[wire.Piece(0, "a", 1)]))
+        await client.publish(subjects.FLEET_EVENTS, node_lost("n"))
+
+    f = await fleet({"n": dies})
+    stream = await sdk(api, tenant.secret).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=10, stream=True
+    )
+    received = []
+    started = time.monotonic()
+    with pytest.raises(openai.APIError, match="was lost"):
+        async for event in stream:
+            received.extend(c.delta.content for c in event.choices)
+    assert "".join(received) == "a"
+    assert time.monotonic() - started < 5  # not the 60 s stall timeout
+    event, _ = await usage_event(nc, tenant.tenant_id)
+    assert (event.outcome, event.relayed_completion_tokens) == ("failed", 1)
+    for _ in range(50):
+        if f.cancels:
+            break
+        await asyncio.sleep(0.02)
+    assert f.cancels == [event.request_id]
+
+
 async def test_a_node_that_accepts_but_never_answers_is_a_504_and_a_cancel(
     api: RunningApi, tenant: TenantKey, fleet: Fleet
 ) -> None:
