@@ -333,9 +333,22 @@ class SchedulerService:
             self.fleet.forget(event.node_id)
 
     async def _watch(self) -> None:
+        """Declare nodes lost whose heartbeats stopped.
+
+        A replica that was itself frozen (a long GC, a virtual CPU the host did not run) wakes to
+        old heartbeat times while the heartbeats sent meanwhile are still unread in its socket: a
+        round that woke that late is skipped once, so they are read before anyone is judged.
+        """
         period = min(self.settings.heartbeat_interval_s, self.settings.heartbeat_timeout_s / 4)
+        loop = asyncio.get_running_loop()
+        skipped = False
         while True:
+            slept_at = loop.time()
             await asyncio.sleep(period)
+            if loop.time() - slept_at > 2 * period and not skipped:
+                skipped = True
+                continue
+            skipped = False
             try:
                 for node in self.fleet.expire(time.monotonic()):
                     self._dirty.add(node.node_id)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -230,6 +232,46 @@ async def test_a_silent_node_is_announced_lost_once_and_gets_no_more_jobs(
     assert [(e.kind, e.node_id) for e in events] == [("node_lost", "node_doomed")]
     assert service.stats()["healthy"] == 1
     assert steady.status == "healthy"
+
+
+async def test_a_replica_that_was_frozen_does_not_call_live_nodes_lost(
+    nc: Client, fast: Settings, replicas: list[SchedulerService]
+) -> None:
+    """The replica's own process stops for longer than the heartbeat timeout (a long GC, a virtual
+    CPU the host did not run) while the node, elsewhere, goes on beating: no node_lost on waking."""
+    events: list[wire.FleetEvent] = []
+
+    async def on_event(msg: Msg) -> None:
+        events.append(_event_decoder.decode(msg.data))
+
+    await nc.subscribe(subjects.FLEET_EVENTS, cb=on_event)
+    service = await start_replica(replicas, fast)
+    stop = threading.Event()
+
+    def elsewhere() -> None:
+        """A node in another thread, with its own event loop and connection (another process)."""
+
+        async def beat() -> None:
+            other = await nats.connect(fast.require_nats_url(), user=fast.nats_user, password=fast.nats_password or "")
+            node = FakeNode(other, fast, "node_alive", models=["llama-8b"])
+            while not stop.is_set():
+                await node.heartbeat()
+                await asyncio.sleep(fast.heartbeat_interval_s)
+            await other.close()
+
+        asyncio.run(beat())
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    try:
+        await eventually(lambda: service.stats()["healthy"] == 1)
+        time.sleep(fast.heartbeat_timeout_s * 1.5)  # the freeze under test: the loop stops
+        await asyncio.sleep(fast.heartbeat_timeout_s)
+        assert [(e.kind, e.node_id) for e in events] == []
+        assert service.stats()["healthy"] == 1
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join)
 
 
 async def test_a_draining_node_is_announced_once_and_gets_no_new_jobs(
