@@ -120,7 +120,11 @@ def build_tiny_llama(directory: str | os.PathLike[str]) -> Path:
             return target
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            subprocess.run([sys.executable, "-m", "nodes.tiny_model", str(work)], check=True)
+            # The child finds this package where the caller found it (a source checkout included).
+            root = str(Path(__file__).resolve().parent.parent)
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+            argv = [sys.executable, "-m", "nodes.tiny_model", str(work)]
+            subprocess.run(argv, check=True, env={**os.environ, "PYTHONPATH": path})
             if target.exists():  # a half-built leftover from a crashed build
                 shutil.rmtree(target)
             work.rename(target)
