@@ -45,6 +45,29 @@ async def usage_event(nc: Client, tenant_id: str, timeout: float = 5.0) -> tuple
             await asyncio.sleep(0.05)
 
 
+async def stream_until_error(api: RunningApi, tenant: TenantKey, error: str) -> tuple[str, float]:
+    """A streamed chat that must end in an APIError matching ``error``: the text received before
+    it, and the seconds it took."""
+    stream = await sdk(api, tenant.secret).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=10, stream=True
+    )
+    received: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(openai.APIError, match=error):
+        async for event in stream:
+            received.extend(c.delta.content or "" for c in event.choices)
+    return "".join(received), time.monotonic() - started
+
+
+async def cancels_sent(fleet: FakeFleet) -> list[str]:
+    """The job ids the nodes were told to cancel, once the first has arrived (or after 1 s)."""
+    for _ in range(50):
+        if fleet.cancels:
+            break
+        await asyncio.sleep(0.02)
+    return fleet.cancels
+
+
 async def test_chat_completion_and_usage_event(api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client) -> None:
     await fleet({"node_a": echo_node("node_a")})
     result = await sdk(api, tenant.secret).chat.completions.create(
@@ -178,23 +201,12 @@ async def test_a_node_silent_mid_stream_is_given_up_on_and_cancelled(
         await client.publish(reply, chunk(job, "n", 2, "data", pieces=[wire.Piece(0, "b", 1)]))
 
     f = await fleet({"n": hangs})
-    stream = await sdk(api, tenant.secret).chat.completions.create(
-        model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=10, stream=True
-    )
-    received = []
-    started = time.monotonic()
-    with pytest.raises(openai.APIError, match="stopped sending"):
-        async for event in stream:
-            received.extend(c.delta.content for c in event.choices)
-    assert "".join(received) == "ab"
-    assert 1.0 <= time.monotonic() - started < 6
+    received, took = await stream_until_error(api, tenant, "stopped sending")
+    assert received == "ab"
+    assert 1.0 <= took < 6
     event, _ = await usage_event(nc, tenant.tenant_id)
     assert (event.outcome, event.relayed_completion_tokens) == ("failed", 2)
-    for _ in range(50):
-        if f.cancels:
-            break
-        await asyncio.sleep(0.02)
-    assert f.cancels == [event.request_id]
+    assert await cancels_sent(f) == [event.request_id]
 
 
 def node_lost(node: str) -> bytes:
@@ -239,23 +251,12 @@ async def test_a_node_reported_lost_and_silent_ends_the_stream_with_an_error(
         await client.publish(subjects.FLEET_EVENTS, node_lost("n"))
 
     f = await fleet({"n": dies})
-    stream = await sdk(api, tenant.secret).chat.completions.create(
-        model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=10, stream=True
-    )
-    received = []
-    started = time.monotonic()
-    with pytest.raises(openai.APIError, match="was lost"):
-        async for event in stream:
-            received.extend(c.delta.content for c in event.choices)
-    assert "".join(received) == "a"
-    assert time.monotonic() - started < 5  # not the 60 s stall timeout
+    received, took = await stream_until_error(api, tenant, "was lost")
+    assert received == "a"
+    assert took < 5  # not the 60 s stall timeout
     event, _ = await usage_event(nc, tenant.tenant_id)
     assert (event.outcome, event.relayed_completion_tokens) == ("failed", 1)
-    for _ in range(50):
-        if f.cancels:
-            break
-        await asyncio.sleep(0.02)
-    assert f.cancels == [event.request_id]
+    assert await cancels_sent(f) == [event.request_id]
 
 
 async def test_a_node_that_accepts_but_never_answers_is_a_504_and_a_cancel(
@@ -280,11 +281,7 @@ async def test_a_node_that_accepts_but_never_answers_is_a_504_and_a_cancel(
     assert caught.value.status_code == 504
     assert caught.value.body["code"] == "timeout"  # type: ignore[index]
     assert 1.0 <= waited < 5
-    for _ in range(50):
-        if f.cancels:
-            break
-        await asyncio.sleep(0.02)
-    assert len(f.cancels) == 1
+    assert len(await cancels_sent(f)) == 1
 
 
 async def test_chunk_batches_reach_their_jobs_and_no_node_speaks_for_another(
