@@ -209,8 +209,12 @@ async def test_a_node_silent_mid_stream_is_given_up_on_and_cancelled(
     assert await cancels_sent(f) == [event.request_id]
 
 
-def node_lost(node: str) -> bytes:
-    return wire.encode(wire.FleetEvent(kind="node_lost", node_id=node, at=time.time()))
+async def first_token_then_reported_lost(job: wire.Job, reply: str, client: Client) -> None:
+    """Node ``n`` sends its first token ``a``; then a scheduler announces ``n`` lost."""
+    await client.publish(reply, chunk(job, "n", 0, "accepted"))
+    await client.publish(reply, chunk(job, "n", 1, "data", pieces=[wire.Piece(0, "a", 1)]))
+    lost = wire.FleetEvent(kind="node_lost", node_id="n", at=time.time())
+    await client.publish(subjects.FLEET_EVENTS, wire.encode(lost))
 
 
 async def test_a_node_reported_lost_that_keeps_streaming_finishes_its_stream(
@@ -220,9 +224,7 @@ async def test_a_node_reported_lost_that_keeps_streaming_finishes_its_stream(
     monkeypatch.setattr("api.token.service.LOST_GRACE_S", 0.5)
 
     async def slow_heartbeats(job: wire.Job, reply: str, client: Client) -> None:
-        await client.publish(reply, chunk(job, "n", 0, "accepted"))
-        await client.publish(reply, chunk(job, "n", 1, "data", pieces=[wire.Piece(0, "a", 1)]))
-        await client.publish(subjects.FLEET_EVENTS, node_lost("n"))
+        await first_token_then_reported_lost(job, reply, client)
         await asyncio.sleep(0.3)  # within the grace: the output proves the node alive
         await client.publish(reply, chunk(job, "n", 2, "data", pieces=[wire.Piece(0, "b", 1)]))
         await asyncio.sleep(0.7)  # longer than the grace, but the report was answered already
@@ -245,12 +247,7 @@ async def test_a_node_reported_lost_and_silent_ends_the_stream_with_an_error(
     """Lost and silent: the client learns within the grace, long before the stall timeout."""
     monkeypatch.setattr("api.token.service.LOST_GRACE_S", 0.5)
 
-    async def dies(job: wire.Job, reply: str, client: Client) -> None:
-        await client.publish(reply, chunk(job, "n", 0, "accepted"))
-        await client.publish(reply, chunk(job, "n", 1, "data", pieces=[wire.Piece(0, "a", 1)]))
-        await client.publish(subjects.FLEET_EVENTS, node_lost("n"))
-
-    f = await fleet({"n": dies})
+    f = await fleet({"n": first_token_then_reported_lost})  # and silent from then on
     received, took = await stream_until_error(api, tenant, "was lost")
     assert received == "a"
     assert took < 5  # not the 60 s stall timeout
