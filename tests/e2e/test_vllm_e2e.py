@@ -147,6 +147,7 @@ async def _stream_and_leave(api: RunningApi, tenant: TenantKey, nc: Client) -> w
     """Start a long greedy stream, leave after its first event; the usage event of that request."""
     # A 503 with Retry-After is the api's answer when the only node is briefly declared lost
     # (missed heartbeats on this loaded 2-core machine); a client retries, and so does this.
+    request_id = None
     for attempt in range(2):
         async with (
             httpx.AsyncClient(base_url=api.url, timeout=60) as client,
@@ -167,6 +168,7 @@ async def _stream_and_leave(api: RunningApi, tenant: TenantKey, nc: Client) -> w
                     request_id = "req_" + json.loads(line.removeprefix("data: "))["id"].removeprefix("cmpl-")
                     break
             break
+    assert request_id is not None, "the stream ended before its first event"
     deadline = time.monotonic() + 10
     while True:
         event, _ = await usage_event(nc, tenant.tenant_id)
