@@ -343,9 +343,7 @@ class Run:
                         )
                 if batch:
                     yield batch
-                if lost:
-                    if loop.time() - last_output >= LOST_GRACE_S:
-                        raise await self._node_lost()
+                if lost:  # the watchdog looks again when the grace ends (at once if it has)
                     timer[0].cancel()
                     timer[0] = loop.call_at(last_output + LOST_GRACE_S, watch)
                 waiting_since = loop.time()

@@ -31,14 +31,19 @@ def sdk(api: RunningApi, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=api.url + "/v1", api_key=key, max_retries=0, timeout=30)
 
 
-async def usage_event(nc: Client, tenant_id: str, timeout: float = 5.0) -> tuple[wire.UsageEvent, dict[str, str]]:
-    """The newest usage event the api published for ``tenant_id`` on JetStream."""
+async def usage_event(
+    nc: Client, tenant_id: str, timeout: float = 5.0, request_id: str | None = None
+) -> tuple[wire.UsageEvent, dict[str, str]]:
+    """The newest usage event the api published for ``tenant_id`` on JetStream; with
+    ``request_id``, waits until the newest is that request's."""
     js = nc.jetstream()
     deadline = time.monotonic() + timeout
     while True:
         try:
             msg = await js.get_last_msg(subjects.USAGE_STREAM, subjects.usage(tenant_id))
-            return wire.decoder(wire.UsageEvent).decode(msg.data or b""), dict(msg.headers or {})
+            event = wire.decoder(wire.UsageEvent).decode(msg.data or b"")
+            assert request_id in (None, event.request_id), f"no usage event for {request_id}"
+            return event, dict(msg.headers or {})
         except Exception:
             if time.monotonic() > deadline:
                 raise
