@@ -25,7 +25,7 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-def wake(future: asyncio.Future[None]) -> None:
+def wake(future: asyncio.Future[Any]) -> None:
     """Resolve a bare wake-up future unless something already did (a timer's callback)."""
     if not future.done():
         future.set_result(None)

@@ -1,8 +1,9 @@
 """NATS plumbing of one api replica for the token path.
 
 * ``Inboxes``: one wildcard subscription for every job's chunks, dispatched to per-attempt
-  ``Mailbox``es (a subscription per request would cost a server round trip each). Output for an
-  attempt nobody waits for (a job placed just as its client left) is cancelled on its node.
+  ``Mailbox``es (a subscription per request would cost a server round trip each), and for the
+  schedulers' answers to submissions (``Inboxes.request``). Output for an attempt nobody waits
+  for (a job placed just as its client left) is cancelled on its node.
 * ``FleetWatch``: turns the schedulers' ``node_lost`` events into a "lost" signal on the queues of
   jobs that were on that node, so they fail over (before the first token) or end (after it).
 * ``UsagePublisher``: publishes usage events to JetStream off the request path, with the request
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
 from typing import Any
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
@@ -105,6 +109,30 @@ class Inboxes:
         self._batch_sub: Subscription | None = None
         self._orphans: dict[tuple[str, str], None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._answers: dict[str, asyncio.Future[Msg | None]] = {}
+        self._numbers = itertools.count()
+
+    async def request(self, subject: str, payload: bytes, timeout: float) -> Msg:
+        """``nc.request`` answered on this replica's wildcard inbox: nats-py's own request makes a
+        random token, an inbox string and a response-map entry per call and dispatches the answer
+        through a callback of its own, a few percent of the api's CPU at one request per job.
+        Raises ``nats.errors.NoRespondersError`` and ``nats.errors.TimeoutError`` as it does."""
+        reply = f"{self.prefix}.a.{next(self._numbers)}"
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Msg | None] = loop.create_future()
+        self._answers[reply] = answer
+        timer = loop.call_later(timeout, aio.wake, answer)
+        try:
+            await self.nc.publish(subject, payload, reply=reply)
+            msg = await answer
+        finally:
+            timer.cancel()
+            self._answers.pop(reply, None)
+        if msg is None:
+            raise nats.errors.TimeoutError
+        if not msg.data and (msg.headers or {}).get("Status") == "503":
+            raise nats.errors.NoRespondersError
+        return msg
 
     def _orphan(self, node_id: str, chunk: wire.Chunk) -> None:
         """A node sends output for a job attempt that has no mailbox here (finished, failed over,
@@ -124,6 +152,10 @@ class Inboxes:
         def on_chunk(msg: Any) -> None:
             queue = self.queues.get(msg.subject)
             if queue is None:
+                answer = self._answers.get(msg.subject)
+                if answer is not None and not answer.done():
+                    answer.set_result(msg)
+                    return
                 # A late chunk for a finished attempt. Orphaned output is cancelled only from
                 # batches, whose sender NATS vouches for; here the node id is the body's word.
                 return

@@ -205,7 +205,7 @@ class Run:
             self.placing = True
             try:
                 job = wire.encode(self.job)
-                reply = await self.service.state.nc.request(subjects.JOBS_SUBMIT, job, timeout=timeout)
+                reply = await self.service.inboxes.request(subjects.JOBS_SUBMIT, job, timeout)
                 self.placing = False
                 return _placement_decoder.decode(reply.data)
             except nats.errors.NoRespondersError:
