@@ -17,6 +17,7 @@ from litestar.plugins.prometheus import PrometheusController
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
+from api.bodies import strict_json_body
 from api.errors import EXCEPTION_HANDLERS
 from api.health import HealthController
 from api.state import AppState
@@ -181,6 +182,7 @@ def create_app(
         dependencies={"app_state": Provide(provide_state, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[observe_middleware],
+        before_request=strict_json_body,
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(
             title="Compute Market",

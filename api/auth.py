@@ -85,9 +85,10 @@ class Authenticator:
         await self.state.nc.publish(subjects.KEYS_REVOKED, msgspec.json.encode(KeyRevoked(key_id=key_id)))
 
     async def authenticate(self, authorization: str | None) -> Principal:
-        if not authorization or not authorization.startswith("Bearer "):
+        scheme, _, secret = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer":  # schemes are case-insensitive (RFC 9110, section 11.1)
             raise Unauthorized("missing API key: send 'Authorization: Bearer sk-...'")
-        secret = authorization[7:].strip()
+        secret = secret.strip()
         if not secret or len(secret) > 200:
             raise Unauthorized("invalid API key")
         digest = keys.digest(secret)

@@ -30,8 +30,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.admin import quota as quota_service
 from api.auth import Principal, principal_of, require_admin, require_platform_admin, require_provider, require_tenant
-from api.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from api.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unavailable
 from api.state import AppState
 from market.ids import new_id
 from market.models import (
@@ -321,7 +322,7 @@ def _csv(rows: Sequence[msgspec.Struct], filename: str) -> Response[str]:
         writer.writerow([getattr(row, f) for f in fields])
     return Response(
         out.getvalue(),
-        media_type="text/csv; charset=utf-8",
+        media_type="text/csv",  # Litestar adds the charset
         headers={"content-disposition": f'attachment; filename="{filename}"'},
     )
 
@@ -625,21 +626,29 @@ class AdminBillingController(Controller):
             ):
                 raise NotFound(f"no tenant {tenant_id}")
             if data.kind == "top_up" and principal.role != "platform_admin":
-                raise InvalidRequest("only the platform records top-ups (money received)", code="forbidden")
+                raise Forbidden("only the platform records top-ups (money received)")
             transaction_id = (
                 f"credit:{tenant_id}:{data.idempotency_key}" if data.idempotency_key else new_id("transaction")
             )
+            kind: Literal["credit_grant", "top_up"] = "credit_grant" if data.kind == "grant" else "top_up"
             created = await grant_credit(
                 session,
                 transaction_id=transaction_id,
                 tenant_id=tenant_id,
                 amount_minor=data.amount_minor,
-                kind="credit_grant" if data.kind == "grant" else "top_up",
+                kind=kind,
                 currency=currency,
                 incubator_id=tenant.incubator_id,
                 occurred_at=datetime.now(UTC),
                 memo=data.memo or f"{data.kind} by {principal.key_id}",
             )
+            if not created:
+                await _same_credit(session, transaction_id, kind, tenant_id, data.amount_minor)
+            elif kind == "credit_grant" and tenant.incubator_id is not None:
+                # The grant comes out of the incubator's pool (the ledger's source account says so):
+                # never more than the pool has left this period; a refusal rolls the posting back.
+                period = await quota_service.current_period(session)
+                await quota_service.draw_from_pool(session, tenant.incubator_id, period, 0, data.amount_minor)
             remaining = -await _balance(session, credit_account(tenant_id))
         return CreditOut(
             transaction_id=transaction_id,
@@ -649,6 +658,20 @@ class AdminBillingController(Controller):
             currency=currency,
             created=created,
             prepaid_credit_minor=remaining // MICROS_PER_MINOR,
+        )
+
+
+async def _same_credit(
+    session: AsyncSession, transaction_id: str, kind: str, tenant_id: str, amount_minor: int
+) -> None:
+    """A repeated idempotency key must name the same credit: 409 rather than report the new request as done."""
+    stored = await session.get(LedgerTransaction, transaction_id)
+    leg = await session.get(LedgerEntry, (credit_account(tenant_id), transaction_id))
+    if stored is None or leg is None or stored.kind != kind or -leg.amount_micros != amount_minor * MICROS_PER_MINOR:
+        raise Conflict(
+            "this idempotency key was already used for a different credit; use a new key",
+            code="idempotency_key_reused",
+            param="idempotency_key",
         )
 
 

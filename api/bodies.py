@@ -1,14 +1,18 @@
 """Request bodies decoded with msgspec, every failure a 400 that names the field.
 
 The token routes and the fleet routes read raw bodies (the token path for speed, both to keep
-the error in their own format); they share this one decoder so the messages match.
+the error in their own format); the other routes' ``JSONBody`` is checked by ``strict_json_body``
+first. All share this one decoder so the messages match.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
+from litestar import Request
+from litestar.enums import RequestEncodingType
+from litestar.params import BodyKwarg
 
 from api.errors import InvalidRequest
 
@@ -29,3 +33,34 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T], *, empty: bytes |
         raise InvalidRequest(f"invalid request: {message}", param=param) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # msgspec's own depth limit is far above what any of our bodies nests
+        raise InvalidRequest("request body is nested too deeply") from None
+
+
+_STRICT: dict[Any, msgspec.json.Decoder[Any] | None] = {}
+
+
+async def strict_json_body(request: Request[Any, Any, Any]) -> None:
+    """Decode a route's JSON body (``data: JSONBody[T]``) strictly before Litestar does.
+
+    Litestar converts the whole signature with ``msgspec.convert(strict=False)``, as query strings
+    need, which also takes ``"5"``, ``"1e3"`` or ``1.0`` for an integer field of a body (a money
+    amount among them) and ``"0"`` for a boolean. The body is read once (Litestar keeps it), so
+    the handler still gets its typed ``data``; what the strict decoder refuses is a 400 naming
+    the field, in the same words as the routes that decode their bodies themselves.
+    """
+    handler = request.route_handler
+    if handler not in _STRICT:
+        field = handler.parsed_data_field
+        _STRICT[handler] = (
+            msgspec.json.Decoder(field.annotation)
+            if field is not None
+            and isinstance(field.kwarg_definition, BodyKwarg)
+            and field.kwarg_definition.media_type == RequestEncodingType.JSON
+            else None
+        )
+    decoder = _STRICT[handler]
+    if decoder is not None:
+        body = await request.body()
+        if body:  # an empty body is Litestar's to refuse (or to read as None where that is allowed)
+            decode_body(body, decoder)

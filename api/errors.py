@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from sqlalchemy import exc as sa_exc
 
 from market.ids import ulid
 from market.logs import request_id_var
@@ -203,8 +205,59 @@ def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
     return _response(request, HTTP_500_INTERNAL_SERVER_ERROR, body)
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, the driver error SQLAlchemy wraps (``orig``) and their causes, outermost first."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop(0)
+        if item is None or any(item is s for s in seen):
+            continue
+        seen.append(item)
+        todo += [getattr(item, "orig", None), item.__cause__]
+    return seen
+
+
+_DATABASE_AWAY = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+)
+
+
+def database_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """What the database refused because of the request's values is the client's to fix (400); a
+    concurrent request that took the same unique name first is a 409; a database (or another
+    service) out of reach is a 503 to retry. Anything else stays an internal error."""
+    chain = _chain(exc)
+    error: AppError | None = None
+    if data := next((e for e in chain if isinstance(e, asyncpg.DataError)), None):
+        error = InvalidRequest(f"a value in the request cannot be stored: {data}", code="invalid_value")
+    elif isinstance(exc, OverflowError) or any(isinstance(e, OverflowError) for e in chain):
+        error = InvalidRequest("a number or date in the request is out of range", code="invalid_value")
+    elif any(isinstance(e, asyncpg.UniqueViolationError) for e in chain):
+        error = Conflict("a record with the same name or key was created at the same time", code="conflict")
+    elif any(isinstance(e, _DATABASE_AWAY) for e in chain):
+        error = Unavailable("a service this request needs is unavailable; retry shortly", code="unavailable")
+        error.headers["Retry-After"] = "1"
+    if error is None:
+        return internal_error_handler(request, exc)
+    log.warning("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+    return app_error_handler(request, error)
+
+
 EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
     AppError: app_error_handler,
     HTTPException: http_error_handler,
+    sa_exc.SQLAlchemyError: database_error_handler,
+    asyncpg.PostgresError: database_error_handler,
+    asyncpg.InterfaceError: database_error_handler,
+    OSError: database_error_handler,
+    OverflowError: database_error_handler,
     Exception: internal_error_handler,
 }

@@ -78,7 +78,7 @@ async def set_pool(session: AsyncSession, incubator_id: str, tokens: int, credit
     return pool
 
 
-async def _draw_from_pool(session: AsyncSession, incubator_id: str, period: date, tokens: int, credits: int) -> None:
+async def draw_from_pool(session: AsyncSession, incubator_id: str, period: date, tokens: int, credits: int) -> None:
     """Move ``tokens``/``credits`` (may be negative: a give-back) between the pool and its grants."""
     stmt = (
         update(IncubatorPool)
@@ -150,7 +150,7 @@ async def create_grant(
 ) -> Grant:
     period = await current_period(session)
     if tenant.incubator_id is not None:
-        await _draw_from_pool(session, tenant.incubator_id, period, tokens, credits)
+        await draw_from_pool(session, tenant.incubator_id, period, tokens, credits)
     await _change_granted(session, tenant.id, period, tokens, credits)
     grant = Grant(
         id=new_id("grant"),
@@ -189,7 +189,7 @@ async def resize_grant(
     new_credits = grant.credits_minor if credits is None else credits
     d_tokens, d_credits = tokens - grant.tokens, new_credits - grant.credits_minor
     if grant.incubator_id is not None:
-        await _draw_from_pool(session, grant.incubator_id, grant.period, d_tokens, d_credits)
+        await draw_from_pool(session, grant.incubator_id, grant.period, d_tokens, d_credits)
     await _change_granted(session, tenant.id, grant.period, d_tokens, d_credits)
     before = (grant.tokens, grant.credits_minor)
     grant.tokens, grant.credits_minor = tokens, new_credits
@@ -218,7 +218,7 @@ async def revoke_grant(session: AsyncSession, tenant: Tenant, grant_id: str, act
     take_tokens = min(grant.tokens, unspent)
     take_credits = grant.credits_minor
     if grant.incubator_id is not None:
-        await _draw_from_pool(session, grant.incubator_id, grant.period, -take_tokens, -take_credits)
+        await draw_from_pool(session, grant.incubator_id, grant.period, -take_tokens, -take_credits)
     await _change_granted(session, tenant.id, grant.period, -take_tokens, -take_credits)
     before = (grant.tokens, grant.credits_minor)
     grant.tokens -= take_tokens

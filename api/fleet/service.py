@@ -75,7 +75,7 @@ class FleetService:
                     id=key_id,
                     role="provider",
                     provider_id=provider.id,
-                    name=f"{name} provider key",
+                    name=f"{name[:186]} provider key",  # a provider name may take the key name's 200
                     prefix=prefix,
                     secret_hash=digest,
                     scopes=["provider"],

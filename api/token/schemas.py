@@ -18,6 +18,8 @@ TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=8)]
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+"""OpenAI's seed is a 64-bit signed integer."""
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)] | None
 
 
@@ -46,14 +48,15 @@ class ChatMessage(msgspec.Struct):
 class _Sampling(msgspec.Struct, kw_only=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     max_tokens: PositiveInt | None = None
-    stream: bool = False
+    stream: bool | None = False
+    """``null`` (which the SDK sends for ``stream=None``) means the default, as for ``n``."""
     stream_options: StreamOptions | None = None
     stop: Stop = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
-    n: ChoiceCount = 1
+    n: ChoiceCount | None = 1
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
 
@@ -64,9 +67,17 @@ class _Sampling(msgspec.Struct, kw_only=True):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
-        if self.n != 1:
-            out["n"] = self.n
+        if self.choices != 1:
+            out["n"] = self.choices
         return out
+
+    def __post_init__(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true - at `$.stream_options`")
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
     @property
     def include_usage(self) -> bool:
@@ -86,7 +97,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
-    echo: bool = False
+    echo: bool | None = False
 
     def requested_max_tokens(self) -> int | None:
         # The completions API defaults to 16 tokens when max_tokens is absent.

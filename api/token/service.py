@@ -117,6 +117,9 @@ class Run:
     outcome: wire.Outcome | None = None
     finished: bool = False
     """Set by ``finish``: the quota is settled and the usage event submitted."""
+    tried: tuple[str | None, str | None] | None = None
+    """The node (and its provider) of the last attempt that failed before its first token: a
+    request that ends without output anywhere still gets its (zero-token) usage event."""
     placing: bool = False
     """The job was sent to the schedulers and no answer came back (one may hold it, waiting for a
     slot, or its answer was lost): a cancel then withdraws it there."""
@@ -161,6 +164,7 @@ class Run:
             if self.node_id and self.node_id not in self.job.exclude_nodes:
                 self.job.exclude_nodes.append(self.node_id)
             self._release_attempt()
+            self.tried = (self.node_id, self.provider_id)
             self.node_id = self.provider_id = None
         await self.finish("failed")
         raise Unavailable(f"{last_error}; retry shortly", code="no_capacity", headers={"Retry-After": "1"})
@@ -420,8 +424,10 @@ class Run:
                 await self.service.limiter.settle(self.admission, used)
             except Exception:
                 log.exception("quota settle failed", extra={"job": self.job.id})
+        if self.node_id is None and self.tried is not None:
+            self.node_id, self.provider_id = self.tried
         if self.node_id is None and usage is None and self.relayed_tokens == 0:
-            return  # never ran anywhere: nothing was consumed, nothing to bill
+            return  # never reached a node: nothing was consumed, nothing to record
         self.service.usage.submit(
             wire.UsageEvent(
                 request_id=self.job.id,
@@ -517,7 +523,7 @@ class TokenService:
         max_tokens = min(max_tokens, model.context_length)
         admission = None
         if self.limiter is not None:
-            admission = await self.limiter.admit(principal, model.name, prompt_tokens, max_tokens * request.n)
+            admission = await self.limiter.admit(principal, model.name, prompt_tokens, max_tokens * request.choices)
         body: dict[str, Any] = {"model": model.name, **request.sampling()}
         if isinstance(request, ChatCompletionRequest):
             body["messages"] = [_message(m) for m in request.messages]

@@ -121,20 +121,34 @@ async def test_credit_grants_and_balance(
     await store(settings, [usage_event(tenant, prompt=1_000_000, completion=0, relayed=0, at=time.time() - 60)])
 
     async with httpx.AsyncClient(base_url=billing_api.url) as client:
+        credit = f"/api/admin/tenants/{tenant}/credits"
+        no_pool = await client.post(credit, json={"amount_minor": 500}, headers=bearer(incubator_admin))
+        assert (no_pool.status_code, no_pool.json()["code"]) == (409, "no_pool")
+        pool = await client.put(
+            f"/api/admin/incubators/{incubator}/pool", json={"tokens": 0, "credits": 600}, headers=bearer(admin)
+        )
+        assert pool.status_code == 200, pool.text
         granted = await client.post(
-            f"/api/admin/tenants/{tenant}/credits",
-            json={"amount_minor": 500, "idempotency_key": "welcome"},
-            headers=bearer(incubator_admin),
+            credit, json={"amount_minor": 500, "idempotency_key": "welcome"}, headers=bearer(incubator_admin)
         )
         assert granted.status_code == 201, granted.text
         assert granted.json()["created"] is True
         repeat = await client.post(
-            f"/api/admin/tenants/{tenant}/credits",
-            json={"amount_minor": 500, "idempotency_key": "welcome"},
-            headers=bearer(incubator_admin),
+            credit, json={"amount_minor": 500, "idempotency_key": "welcome"}, headers=bearer(incubator_admin)
         )
         assert repeat.json()["created"] is False
         assert repeat.json()["prepaid_credit_minor"] == 500
+        # A replay draws nothing more from the pool: 100 of its 600 are left, not 101.
+        over_pool = await client.post(credit, json={"amount_minor": 101}, headers=bearer(incubator_admin))
+        assert (over_pool.status_code, over_pool.json()["code"]) == (409, "pool_exhausted")
+        assert "100 credits left" in over_pool.json()["detail"]
+        other_amount = await client.post(
+            credit, json={"amount_minor": 900, "idempotency_key": "welcome"}, headers=bearer(incubator_admin)
+        )
+        assert (other_amount.status_code, other_amount.json()["code"]) == (409, "idempotency_key_reused")
+        as_text = await client.post(credit, json={"amount_minor": "100"}, headers=bearer(incubator_admin))
+        assert (as_text.status_code, as_text.json()["code"]) == (400, "invalid_request")
+        assert "amount_minor" in as_text.json()["detail"]
         topped = await client.post(
             f"/api/admin/tenants/{tenant}/credits",
             json={"amount_minor": 250, "kind": "top_up"},
@@ -151,7 +165,7 @@ async def test_credit_grants_and_balance(
             json={"amount_minor": 1, "kind": "top_up"},
             headers=bearer(incubator_admin),
         )
-        assert no_top_up.status_code == 400
+        assert no_top_up.status_code == 403
         negative = await client.post(
             f"/api/admin/tenants/{tenant}/credits", json={"amount_minor": -5}, headers=bearer(admin)
         )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from tests.conftest import RunningApi
 from tests.tenancy.conftest import client, make_world, ok
@@ -57,6 +59,14 @@ BAD_BODIES: list[tuple[str, str, Any, str]] = [
     ("PATCH", "/api/admin/models/{model}", {"active": "yes"}, "active"),
     ("POST", "/api/tenant/keys", {"requests_per_minute": -3}, "requests_per_minute"),
     ("POST", "/api/tenant/keys", b"name=x", "json"),
+    # Strict types: Litestar alone would take "5", 1e3 or "0" for an integer or a boolean.
+    ("PUT", "/api/admin/incubators/{incubator}/pool", {"tokens": "1000000"}, "tokens"),
+    ("POST", "/api/admin/tenants/{tenant}/grants", {"tokens": 1e3}, "tokens"),
+    ("PATCH", "/api/admin/models/{model}", {"active": "0"}, "active"),
+    # What only the database refuses: a NUL character, a time past year 9999 in UTC.
+    ("POST", "/api/admin/tenants", {"name": "a\u0000b"}, "value"),
+    ("POST", "/api/admin/incubators", {"name": "a\u0000b"}, "value"),
+    ("POST", "/api/admin/tenants/{tenant}/keys", {"expires_at": "9999-12-31T23:59:59-12:00"}, "range"),
 ]
 
 BAD_QUERIES = [
@@ -106,6 +116,12 @@ async def test_malformed_queries_and_unknown_ids(
         r = await admin.get("/api/admin/tenants", params=params)
         assert r.status_code == 400, (params, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")
+    for params in ({"q": "a\u0000b"}, {"after": "a\u0000"}):
+        r = await admin.get("/api/admin/tenants", params=params)
+        assert r.status_code == 400, (params, r.text)
+    r = await admin.get("/api/admin/tenants/ab%00c")
+    assert r.status_code in (400, 404), r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
     for path in (
         "/api/admin/tenants/ten_nope",
         "/api/admin/tenants/" + "x" * 5000,
@@ -115,3 +131,41 @@ async def test_malformed_queries_and_unknown_ids(
         r = await admin.get(path) if "grt_" not in path else await admin.delete(path)
         assert r.status_code == 404, (path, r.text)
         assert r.json()["status"] == 404
+
+
+async def test_one_name_created_at_once_is_one_201_and_409s(api: RunningApi, admin: httpx.AsyncClient) -> None:
+    """Two requests can both find a name free; the database's unique key decides, and the loser
+    hears a 409, not a 500."""
+    answers = await asyncio.gather(
+        *(admin.post("/api/admin/models", json={"name": "race/m", "context_length": 10}) for _ in range(8))
+    )
+    assert sorted(r.status_code for r in answers) == [201] + [409] * 7, [r.text for r in answers]
+    assert all(r.json()["status"] == 409 for r in answers if r.status_code == 409)
+
+
+async def test_a_provider_name_of_the_longest_allowed_length_is_accepted(admin: httpx.AsyncClient) -> None:
+    created = await admin.post("/api/admin/providers", json={"name": "p" * 200})
+    assert created.status_code == 201, created.text
+
+
+async def test_a_database_out_of_reach_is_a_503_to_retry(api: RunningApi, admin: httpx.AsyncClient) -> None:
+    """Key look-ups and admin reads that cannot reach PostgreSQL answer 503 with Retry-After, in
+    each API's error format."""
+    assert (await admin.get("/api/admin/tenants")).status_code == 200  # the admin key is now cached
+    state = api.app.state.app_state
+    sessions = state.sessions
+    dead = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:9/nothing", connect_args={"timeout": 2})
+    state.sessions = async_sessionmaker(dead, expire_on_commit=False)
+    try:
+        listed = await admin.get("/api/admin/tenants")
+        assert listed.status_code == 503, listed.text
+        assert listed.headers["retry-after"] == "1"
+        assert listed.json()["status"] == 503
+        async with httpx.AsyncClient(base_url=api.url) as anyone:
+            models = await anyone.get("/v1/models", headers={"Authorization": "Bearer sk-not-cached-anywhere"})
+        assert models.status_code == 503, models.text
+        assert models.headers["retry-after"] == "1"
+        assert models.json()["error"]["type"] == "server_error"
+    finally:
+        state.sessions = sessions
+        await dead.dispose()

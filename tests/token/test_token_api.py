@@ -22,7 +22,7 @@ from market import subjects, wire
 from market.db import session_factory
 from market.models import ApiKey
 from tests.conftest import RunningApi
-from tests.token.conftest import FakeFleet, TenantKey, chunk, echo_node
+from tests.token.conftest import FakeFleet, NodeBehaviour, TenantKey, chunk, echo_node
 
 Fleet = Callable[..., Awaitable[FakeFleet]]
 
@@ -410,6 +410,34 @@ async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
             "model_not_found",
             "model",
         ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "seed": 18446744073709551616}',
+            400,
+            "invalid_request",
+            "seed",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "seed": 9223372036854775808}',
+            400,
+            "invalid_request",
+            "seed",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}],'
+            b' "stream_options": {"include_usage": true}}',
+            400,
+            "invalid_request",
+            "stream_options",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "x": '
+            + b"[" * 5000
+            + b"]" * 5000
+            + b"}",
+            400,
+            "invalid_request",
+            None,
+        ),
     ],
 )
 async def test_bad_requests_get_openai_errors(
@@ -427,6 +455,51 @@ async def test_bad_requests_get_openai_errors(
     assert error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+async def test_nulls_the_sdk_sends_for_unset_parameters_mean_the_defaults(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet
+) -> None:
+    """The SDK's types allow ``n=None``, ``stream=None``, ``echo=None`` and send them as JSON nulls."""
+    await fleet({"node_a": echo_node("node_a", words=2)})
+    client = sdk(api, tenant.secret)
+    chat = await client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "x"}], n=None, stream=None, seed=-(2**63)
+    )
+    assert chat.choices[0].message.content == "w0 w1 "
+    completion = await client.completions.create(model="fake-model", prompt="x", echo=None, n=None, stream=None)
+    assert completion.choices[0].text == "w0 w1 "
+
+
+async def test_the_bearer_scheme_is_case_insensitive(api: RunningApi, tenant: TenantKey) -> None:
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        for scheme in ("bearer", "BEARER"):
+            response = await client.get("/v1/models", headers={"Authorization": f"{scheme} {tenant.secret}"})
+            assert response.status_code == 200, response.text
+
+
+async def test_a_request_every_node_failed_still_has_its_usage_event(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client
+) -> None:
+    """Placed, and failed before any output on every node it tried: a 503 to the client and one
+    usage event with nothing billed, naming the last node tried."""
+
+    def failing(node_id: str) -> NodeBehaviour:
+        async def behave(job: wire.Job, reply: str, nc: Client) -> None:
+            await nc.publish(reply, chunk(job, node_id, 0, "error", error="boom", error_code="engine_error"))
+
+        return behave
+
+    f = await fleet({"node_a": failing("node_a"), "node_b": failing("node_b")})
+    with pytest.raises(openai.InternalServerError) as err:
+        await sdk(api, tenant.secret).chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "x"}]
+        )
+    assert err.value.status_code == 503
+    request_id = f.placed[0][0]
+    assert f.placed == [(request_id, "node_a"), (request_id, "node_b")]
+    event, _ = await usage_event(nc, tenant.tenant_id, request_id=request_id)
+    assert (event.outcome, event.node_id, event.prompt_tokens, event.completion_tokens) == ("failed", "node_b", 0, 0)
 
 
 async def test_body_too_large_is_413(api: RunningApi, tenant: TenantKey) -> None:
