@@ -169,7 +169,9 @@ async def principal_of(request: Request[Any, Any, Any]) -> Principal:
     if isinstance(cached, Principal):
         return cached
     state: AppState = request.app.state.app_state
-    principal = await authenticator(state).authenticate(request.headers.get("authorization"))
+    # The raw header, not ``request.headers``: that decodes every header into a new mapping.
+    raw = next((v for k, v in request.scope["headers"] if k == b"authorization"), None)
+    principal = await authenticator(state).authenticate(raw.decode("latin-1") if raw is not None else None)
     request.scope.setdefault("state", {})["principal"] = principal
     return principal
 

@@ -459,7 +459,7 @@ class TokenService:
         self.catalog = Catalog(state)
         self.inboxes = Inboxes(state.nc)
         self.fleet = FleetWatch(state.nc)
-        self.usage = UsagePublisher(state.js)
+        self.usage = UsagePublisher(self.inboxes)
         self.background: set[asyncio.Task[None]] = set()
 
     @property

@@ -18,7 +18,8 @@ from nats.aio.client import Client
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from market import subjects, wire
+from api.token.relay import Inboxes, UsagePublisher
+from market import bus, subjects, wire
 from market.db import session_factory
 from market.models import ApiKey
 from tests.conftest import RunningApi
@@ -600,3 +601,47 @@ async def test_output_nobody_waits_for_is_cancelled_on_its_node_once(
     await asyncio.sleep(0.2)
     await sub.unsubscribe()
     assert reasons == [(strays[0], "orphaned")]
+
+
+async def test_usage_events_wait_out_a_missing_stream_and_land_once(api: RunningApi, nc: Client) -> None:
+    """JetStream not storing (here: the usage stream gone) keeps the event and retries; a
+    republish after a lost ack is dropped by the server (the request id is its Nats-Msg-Id)."""
+    js = nc.jetstream()
+    await js.delete_stream(subjects.USAGE_STREAM)
+    inboxes = Inboxes(nc)
+    await inboxes.start()
+    publisher = UsagePublisher(inboxes, concurrency=2)
+    await publisher.start()
+    event = wire.UsageEvent(
+        request_id="req_missing_stream",
+        tenant_id="ten_missing_stream",
+        key_id="key_x",
+        model="fake-model",
+        admission_class="on_demand",
+        node_id="node_a",
+        provider_id="prov_a",
+        prompt_tokens=3,
+        completion_tokens=2,
+        relayed_completion_tokens=2,
+        outcome="completed",
+        started_at=time.time(),
+        ended_at=time.time(),
+        ttft_ms=1.0,
+        engine_ttft_ms=0.5,
+        duration_ms=2.0,
+    )
+    try:
+        publisher.submit(event)
+        await asyncio.sleep(0.5)
+        assert publisher.published == 0
+        await bus.ensure_usage_stream(js)
+        await publisher.flush(timeout=10)
+        assert publisher.published == 1
+        publisher.submit(event)  # as after an ack that never came back
+        await publisher.flush(timeout=10)
+        info = await js.stream_info(subjects.USAGE_STREAM)
+        assert info.state.messages == 1
+    finally:
+        await publisher.stop()
+        await inboxes.stop()
+        await bus.ensure_usage_stream(js)
