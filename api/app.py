@@ -96,7 +96,8 @@ def observe_middleware(app: ASGIApp) -> ASGIApp:
             return
         incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
         request_id = incoming.decode("latin-1")[:64] if incoming else "req_" + ulid().lower()
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         token = request_id_var.set(request_id)
         path: str = scope.get("path_template", "<unmatched>")  # bounded: never the raw path
         timed = path not in metrics.EXCLUDE
@@ -110,9 +111,9 @@ def observe_middleware(app: ASGIApp) -> ASGIApp:
                 status = message["status"]
                 message.setdefault("headers", [])
                 headers = message["headers"]
-                # The token routes answer with the request's own id (the usage event's key).
+                # A token request's id becomes its job's once it has one (the usage event's key).
                 if isinstance(headers, list) and not any(k.lower() == b"x-request-id" for k, _ in headers):
-                    headers.append((b"x-request-id", request_id.encode("latin-1")))
+                    headers.append((b"x-request-id", state.get("request_id", request_id).encode("latin-1")))
             elif message["type"] == "http.response.body":
                 seconds = time.perf_counter() - started
             await send(message)

@@ -437,12 +437,11 @@ class Limiter:
             return NotFound(f"the model '{model}' does not exist", code="model_not_found", param="model")
         if status == "model_not_allowed":
             return Forbidden(f"your organisation may not use the model '{model}'", code="model_not_allowed")
-        if status == "context_length_exceeded":
+        if status == "context_length_exceeded":  # the prompt alone, by the api's estimate (migration 0007)
             return InvalidRequest(
-                f"this model's maximum context length is {row['detail']} tokens; the request needs {wanted}"
-                " (prompt plus max_tokens)",
+                f"this model's maximum context length is {row['detail']} tokens; the prompt alone is about as long",
                 code="context_length_exceeded",
-                param="max_tokens",
+                param="messages",
             )
         if status == "insufficient_quota":
             remaining = max(0, row["granted"] - row["held"] - row["used"])

@@ -23,6 +23,7 @@ from api.token.format import StreamFormatter, whole_response
 from api.token.schemas import decode_chat, decode_completion
 from api.token.service import ClientGone, Run, TokenService
 from api.token.sse import RelayStream
+from market.logs import request_id_var
 from market.wire import Usage
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ async def _complete(request: Request[Any, Any, Any], kind: Literal["chat", "comp
     parsed = decode_chat(body) if kind == "chat" else decode_completion(body)
     service = token_service(request)
     run = await service.prepare(principal, kind, parsed, arrived)
+    # From here on the request is its job: responses (errors too) and logs carry the usage event's id.
+    request.scope["state"]["request_id"] = run.job.id
+    request_id_var.set(run.job.id)
     headers = dict(getattr(run.admission, "headers", None) or {})
     headers["x-request-id"] = run.job.id
     try:

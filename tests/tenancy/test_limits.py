@@ -133,8 +133,10 @@ async def test_models_checked_at_admission(api: RunningApi, admin: httpx.AsyncCl
         await a.limiter.admit(p, "no-such-model", 1, 1)
     assert missing.value.code == "model_not_found"
     with pytest.raises(InvalidRequest) as too_long:
-        await a.limiter.admit(p, "other", 60, 60)
+        await a.limiter.admit(p, "other", 100, 1)  # the prompt alone fills the context
     assert too_long.value.code == "context_length_exceeded"
+    # A hold past the context is several choices' (n) worth, each within it: the api checks each.
+    await a.limiter.settle(await a.limiter.admit(p, "other", 60, 2 * 40), 0)
     await a.limiter.settle(await a.limiter.admit(p, "other", 10, 10), 0)
     await ok(admin.put(f"/api/admin/tenants/{world.tenant_id}/models", json={"models": [world.model]}))
     with pytest.raises(Forbidden) as refused:

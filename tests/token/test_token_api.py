@@ -472,6 +472,18 @@ async def test_nulls_the_sdk_sends_for_unset_parameters_mean_the_defaults(
     assert completion.choices[0].text == "w0 w1 "
 
 
+async def test_several_choices_may_each_run_to_the_end_of_the_context(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet
+) -> None:
+    """``n`` choices hold n times max_tokens of quota, but the context bounds each choice alone."""
+    await fleet({"node_a": echo_node("node_a", words=2)})
+    client = sdk(api, tenant.secret)
+    chat = await client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}], n=2)
+    assert chat.choices[0].message.content == "w0 w1 "
+    completion = await client.completions.create(model="fake-model", prompt="x", n=3, max_tokens=2000)
+    assert completion.choices[0].text == "w0 w1 "
+
+
 async def test_the_bearer_scheme_is_case_insensitive(api: RunningApi, tenant: TenantKey) -> None:
     async with httpx.AsyncClient(base_url=api.url) as client:
         for scheme in ("bearer", "BEARER"):
@@ -499,6 +511,7 @@ async def test_a_request_every_node_failed_still_has_its_usage_event(
     assert err.value.status_code == 503
     request_id = f.placed[0][0]
     assert f.placed == [(request_id, "node_a"), (request_id, "node_b")]
+    assert err.value.response.headers.get_list("x-request-id") == [request_id]  # the usage record's key
     event, _ = await usage_event(nc, tenant.tenant_id, request_id=request_id)
     assert (event.outcome, event.node_id, event.prompt_tokens, event.completion_tokens) == ("failed", "node_b", 0, 0)
 
