@@ -115,8 +115,8 @@ async def _keep_session(_: asyncpg.Connection) -> None:
     """Skip asyncpg's reset query on release (a round trip): our statements leave no session state."""
 
 
-class _Connections:
-    """A lean connection pool for the two hot statements.
+class HotConnections:
+    """A lean connection pool for the hot statements (admit, settle, the usage outbox).
 
     asyncpg's ``Pool`` spends about 90 us per acquire/release (a shielded release task, timeout
     scopes, a proxy object): more than a ``SELECT 1`` round trip. Here acquire and release are a
@@ -133,9 +133,10 @@ class _Connections:
     CONNECT_TIMEOUT_S = 5.0
     STATEMENT_TIMEOUT_S = 10.0
 
-    def __init__(self, url: str, size: int) -> None:
+    def __init__(self, url: str, size: int, *, synchronous_commit: bool = False) -> None:
         self._url = url
         self._size = size
+        self._synchronous_commit = synchronous_commit
         self._idle: list[tuple[asyncpg.Connection, float]] = []
         """Idle connections and when each was last used; the most recent last."""
         self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
@@ -156,12 +157,13 @@ class _Connections:
                 try:
                     # admit and settle need not wait for the WAL flush: holds are transient and
                     # billing counts from the ledger; a database crash forgets at most the last
-                    # moment's holds and use (the quota is then briefly lenient, never strict)
+                    # moment's holds and use (the quota is then briefly lenient, never strict).
+                    # The usage outbox does wait: its rows are what gets billed.
                     conn = await asyncpg.connect(
                         self._url,
                         timeout=self.CONNECT_TIMEOUT_S,
                         server_settings={
-                            "synchronous_commit": "off",
+                            "synchronous_commit": "on" if self._synchronous_commit else "off",
                             # server-side: a client-side command_timeout costs ~35 us a statement
                             "statement_timeout": f"{int(self.STATEMENT_TIMEOUT_S * 1000)}",
                         },
@@ -287,7 +289,7 @@ class Limiter:
         self.soft_threshold = soft_threshold
         self.holder = new_id("key").replace("key_", "lim_", 1)
         self._pool: asyncpg.Pool | None = None
-        self._hot: _Connections | None = None
+        self._hot: HotConnections | None = None
         self._pending: list[_PendingSettle] = []
         self._admits: list[_PendingAdmit] = []
         self._admitters: set[asyncio.Task[None]] = set()
@@ -299,7 +301,7 @@ class Limiter:
 
     async def start(self) -> None:
         url = plain_url(self.state.settings.require_database_url())
-        self._hot = _Connections(url, max(2, self.state.settings.db_pool_size))
+        self._hot = HotConnections(url, max(2, self.state.settings.db_pool_size))
         self._pool = await asyncpg.create_pool(url, min_size=1, max_size=2, reset=_keep_session)
         await self._pool.execute("INSERT INTO limiter_instances (id) VALUES ($1)", self.holder)
         self._heartbeat = asyncio.create_task(self._beat(), name="limiter-heartbeat")
@@ -337,7 +339,7 @@ class Limiter:
         return self._pool
 
     @property
-    def hot(self) -> _Connections:
+    def hot(self) -> HotConnections:
         """For admit and settle."""
         if self._hot is None:
             raise RuntimeError("Limiter.start() has not run")

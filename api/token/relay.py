@@ -6,8 +6,9 @@
   for (a job placed just as its client left) is cancelled on its node.
 * ``FleetWatch``: turns the schedulers' ``node_lost`` events into a "lost" signal on the queues of
   jobs that were on that node, so they fail over (before the first token) or end (after it).
-* ``UsagePublisher``: publishes usage events to JetStream off the request path, with the request
-  id as ``Nats-Msg-Id`` so a retried publish is dropped by the server, retrying until acked.
+* ``UsagePublisher``: stores each usage event in the outbox, then publishes it to JetStream off
+  the request path, with the request id as ``Nats-Msg-Id`` so a retried publish is dropped by
+  the server, retrying until acked.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from api.token.outbox import StoredEvent, UsageOutbox
 from market import aio, bus, subjects, wire
 from market.ids import ulid
 
@@ -252,36 +254,70 @@ _ack_decoder = msgspec.json.Decoder(_PubAck)
 
 class UsagePublisher:
     """At-least-once publishing to JetStream; JetStream's dedup window and the ledger's unique
-    request id turn that into exactly-once. Publishes are requests answered on the replica's
-    wildcard inbox (``Inboxes.request``), as a JetStream publish is a request for its ack."""
+    request id turn that into exactly-once. Each event is first stored in the usage outbox
+    (``api.token.outbox``), so an api process that dies before the ack delays it rather than
+    losing it; the outbox's rows left behind by any process are published again from here.
+    Publishes are requests answered on the replica's wildcard inbox (``Inboxes.request``), as a
+    JetStream publish is a request for its ack."""
 
-    def __init__(self, inboxes: Inboxes, concurrency: int = 64) -> None:
+    SWEEP_S = 10.0
+    """How often the outbox is checked for events left behind."""
+
+    def __init__(self, inboxes: Inboxes, outbox: UsageOutbox | None, concurrency: int = 64) -> None:
         self.inboxes = inboxes
-        self.queue: asyncio.Queue[wire.UsageEvent] = asyncio.Queue()
+        self.outbox = outbox
+        self.queue: asyncio.Queue[StoredEvent] = asyncio.Queue()
         self.concurrency = concurrency
         self._tasks: list[asyncio.Task[None]] = []
         self.published = 0
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.concurrency)]
+        if self.outbox is not None:
+            self._tasks.append(asyncio.create_task(self._sweep(), name="usage-outbox-sweep"))
 
-    def submit(self, event: wire.UsageEvent) -> None:
-        self.queue.put_nowait(event)
+    async def submit(self, event: wire.UsageEvent) -> None:
+        """Keep ``event`` (stored before this returns, unless the database is away) and publish it."""
+        stored = StoredEvent(event.request_id, subjects.usage(event.tenant_id), wire.encode(event))
+        if self.outbox is not None:
+            try:
+                await self.outbox.store(stored)
+            except Exception as exc:  # still published from memory; lost only if this process dies first
+                log.error("usage event not stored in the outbox", extra={"request": event.request_id, "err": str(exc)})
+        self.queue.put_nowait(stored)
 
-    async def _publish(self, event: wire.UsageEvent) -> None:
+    async def sweep(self) -> int:
+        """Queue the outbox's events left behind (by a process that died, or while JetStream was away)."""
+        if self.outbox is None:
+            return 0
+        found = await self.outbox.claim_left_behind()
+        for event in found:
+            self.queue.put_nowait(event)
+        if found:
+            log.warning("publishing %d usage events left behind in the outbox", len(found))
+        return len(found)
+
+    async def _sweep(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception as exc:
+                log.warning("usage outbox sweep failed: %s", exc)
+            await asyncio.sleep(self.SWEEP_S)
+
+    async def _publish(self, event: StoredEvent) -> None:
         delay = 0.05
         while True:
             try:
                 answer = await self.inboxes.request(
-                    subjects.usage(event.tenant_id),
-                    wire.encode(event),
-                    5.0,
-                    headers={"Nats-Msg-Id": event.request_id},
+                    event.subject, event.payload, 5.0, headers={"Nats-Msg-Id": event.request_id}
                 )
                 ack = _ack_decoder.decode(answer.data)
                 if ack.error is not None or not ack.stream:
                     raise RuntimeError(f"JetStream did not store the event: {ack.error or answer.data!r}")
                 self.published += 1
+                if self.outbox is not None:
+                    self.outbox.forget(event.request_id)
                 return
             except asyncio.CancelledError:
                 raise
@@ -304,9 +340,13 @@ class UsagePublisher:
             await asyncio.wait_for(self.queue.join(), timeout)
 
     async def stop(self) -> None:
+        """Publish what is queued, for a while; what is left stays in the outbox for the next process."""
         await self.flush()
         if not self.queue.empty():
-            log.error("usage events not yet published at shutdown", extra={"pending": self.queue.qsize()})
+            left = self.queue.qsize()
+            log.error("usage events not published at shutdown, left in the outbox", extra={"pending": left})
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.outbox is not None:
+            await self.outbox.close()

@@ -5,7 +5,8 @@ its end); failures up to then are invisible to the client: the job is placed aga
 node (up to ``MAX_ATTEMPTS``). After the first token the client has seen output, so a failure
 ends the response with an error event and only what was delivered is billed. ``finish()`` runs
 exactly once whatever happens (completion, error, client disconnect): it settles the quota hold
-and publishes one UsageEvent.
+and stores one UsageEvent in the usage outbox (before the client sees the response end), from
+which it is published.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from sqlalchemy import select
 from api.auth import Principal
 from api.errors import AppError, InvalidRequest, NotFound, Unavailable, UpstreamError
 from api.state import AppState
+from api.token.outbox import UsageOutbox
 from api.token.relay import LOST, TIMED_OUT, FleetWatch, Inboxes, Mailbox, UsagePublisher
 from api.token.schemas import ChatCompletionRequest, CompletionRequest, estimate_tokens
 from market import subjects, wire
+from market.db import plain_url
 from market.ids import new_id
 from market.models import Model
 
@@ -428,7 +431,7 @@ class Run:
             self.node_id, self.provider_id = self.tried
         if self.node_id is None and usage is None and self.relayed_tokens == 0:
             return  # never reached a node: nothing was consumed, nothing to record
-        self.service.usage.submit(
+        await self.service.usage.submit(
             wire.UsageEvent(
                 request_id=self.job.id,
                 tenant_id=self.job.tenant_id,
@@ -459,7 +462,7 @@ class TokenService:
         self.catalog = Catalog(state)
         self.inboxes = Inboxes(state.nc)
         self.fleet = FleetWatch(state.nc)
-        self.usage = UsagePublisher(self.inboxes)
+        self.usage = UsagePublisher(self.inboxes, UsageOutbox(plain_url(state.settings.require_database_url())))
         self.background: set[asyncio.Task[None]] = set()
 
     @property

@@ -16,6 +16,7 @@ from market.models.billing import (
     ProviderStatement,
     StripeCustomer,
     StripeEvent,
+    UsageOutboxEntry,
     UsageRecord,
 )
 from market.models.catalog import Model
@@ -45,6 +46,7 @@ __all__ += [
     "ProviderStatement",
     "StripeCustomer",
     "StripeEvent",
+    "UsageOutboxEntry",
     "UsageRecord",
 ]
 __all__ += ["Grant", "GrantEvent", "IncubatorPool", "LimiterInstance", "QuotaHold", "RateLimitBucket"]

@@ -36,6 +36,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     String,
     UniqueConstraint,
     text,
@@ -190,6 +191,25 @@ class UsageRecord(Base):
     provider_micros: Mapped[int | None] = mapped_column(BigInteger)
     platform_micros: Mapped[int | None] = mapped_column(BigInteger)
     ingested_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+
+
+class UsageOutboxEntry(Base):
+    """A usage event the api has finished a request with and JetStream has not acknowledged yet.
+
+    Written (group-committed) before the client sees its response end and deleted once JetStream
+    has the event, so an api process that dies, or NATS out of reach, delays an event rather than
+    losing it: another replica (or the restarted one) publishes rows left behind. Publishing twice
+    is harmless: JetStream drops a repeated ``Nats-Msg-Id`` and the ledger a repeated request id.
+    """
+
+    __tablename__ = "usage_outbox"
+    __table_args__ = (Index("ix_usage_outbox_stored_at", "stored_at"),)
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(200))
+    event: Mapped[bytes] = mapped_column(LargeBinary)
+    stored_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+    """When stored, or last claimed by a replica publishing what another left behind."""
 
 
 class LedgerAccount(Base):

@@ -15,13 +15,15 @@ import httpx
 import openai
 import pytest
 from nats.aio.client import Client
-from sqlalchemy import update
+from sqlalchemy import text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from api.token.outbox import UsageOutbox
 from api.token.relay import Inboxes, UsagePublisher
 from market import bus, subjects, wire
-from market.db import session_factory
+from market.db import plain_url, session_factory
 from market.models import ApiKey
+from market.settings import Settings
 from tests.conftest import RunningApi
 from tests.token.conftest import FakeFleet, NodeBehaviour, TenantKey, chunk, echo_node
 
@@ -616,18 +618,10 @@ async def test_output_nobody_waits_for_is_cancelled_on_its_node_once(
     assert reasons == [(strays[0], "orphaned")]
 
 
-async def test_usage_events_wait_out_a_missing_stream_and_land_once(api: RunningApi, nc: Client) -> None:
-    """JetStream not storing (here: the usage stream gone) keeps the event and retries; a
-    republish after a lost ack is dropped by the server (the request id is its Nats-Msg-Id)."""
-    js = nc.jetstream()
-    await js.delete_stream(subjects.USAGE_STREAM)
-    inboxes = Inboxes(nc)
-    await inboxes.start()
-    publisher = UsagePublisher(inboxes, concurrency=2)
-    await publisher.start()
-    event = wire.UsageEvent(
-        request_id="req_missing_stream",
-        tenant_id="ten_missing_stream",
+def _event(request_id: str, tenant_id: str = "ten_outbox") -> wire.UsageEvent:
+    return wire.UsageEvent(
+        request_id=request_id,
+        tenant_id=tenant_id,
         key_id="key_x",
         model="fake-model",
         admission_class="on_demand",
@@ -643,18 +637,70 @@ async def test_usage_events_wait_out_a_missing_stream_and_land_once(api: Running
         engine_ttft_ms=0.5,
         duration_ms=2.0,
     )
+
+
+async def _outbox_ids(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(text("SELECT request_id FROM usage_outbox ORDER BY 1"))).scalars())
+
+
+async def test_usage_events_wait_out_a_missing_stream_and_land_once(
+    api: RunningApi, nc: Client, engine: AsyncEngine, settings: Settings
+) -> None:
+    """JetStream not storing (here: the usage stream gone) keeps the event, in the outbox too, and
+    retries; a republish after a lost ack is dropped by the server (the request id is its Nats-Msg-Id)."""
+    js = nc.jetstream()
+    await js.delete_stream(subjects.USAGE_STREAM)
+    inboxes = Inboxes(nc)
+    await inboxes.start()
+    publisher = UsagePublisher(inboxes, UsageOutbox(plain_url(settings.require_database_url())), concurrency=2)
+    await publisher.start()
+    event = _event("req_missing_stream")
     try:
-        publisher.submit(event)
+        await publisher.submit(event)
         await asyncio.sleep(0.5)
         assert publisher.published == 0
+        assert await _outbox_ids(engine) == ["req_missing_stream"]
         await bus.ensure_usage_stream(js)
         await publisher.flush(timeout=10)
         assert publisher.published == 1
-        publisher.submit(event)  # as after an ack that never came back
+        await publisher.submit(event)  # as after an ack that never came back
         await publisher.flush(timeout=10)
         info = await js.stream_info(subjects.USAGE_STREAM)
         assert info.state.messages == 1
+        await asyncio.sleep(0.2)  # the outbox's deletes are batched
+        assert await _outbox_ids(engine) == []
     finally:
         await publisher.stop()
         await inboxes.stop()
         await bus.ensure_usage_stream(js)
+
+
+async def test_usage_events_an_api_process_left_behind_are_published_by_another(
+    api: RunningApi, nc: Client, engine: AsyncEngine
+) -> None:
+    """Rows in the outbox that no live process published for a while (it died between storing
+    and the ack) are claimed and published by a running api, once; fresh ones are left alone."""
+    left, fresh = _event("req_left_behind"), _event("req_just_stored")
+    async with engine.begin() as conn:
+        for event, age in ((left, 120), (fresh, 0)):
+            await conn.execute(
+                text(
+                    "INSERT INTO usage_outbox (request_id, subject, event, stored_at)"
+                    " VALUES (:id, :subject, :event, now() - make_interval(secs => :age))"
+                ),
+                {
+                    "id": event.request_id,
+                    "subject": subjects.usage(event.tenant_id),
+                    "event": wire.encode(event),
+                    "age": age,
+                },
+            )
+    usage = api.app.state.app_state.services["token"].usage
+    assert await usage.sweep() == 1
+    assert await usage.sweep() == 0  # claimed: not again until it is left behind once more
+    await usage.flush(timeout=10)
+    published, _ = await usage_event(nc, left.tenant_id, request_id=left.request_id)
+    assert published == left
+    await asyncio.sleep(0.2)
+    assert await _outbox_ids(engine) == ["req_just_stored"]

@@ -1,0 +1,123 @@
+"""Usage events kept in PostgreSQL from a request's end until JetStream acknowledges them.
+
+A request's usage event is stored here before its client sees the response end, and deleted once
+JetStream has it. An api process that dies, or one that stops while NATS is out of reach, leaves
+its unacknowledged events here instead of losing them; every replica (a restarted one included)
+claims rows left behind for longer than ``LEFT_BEHIND_S`` and publishes them. Publishing an event
+twice is harmless: JetStream drops a repeated ``Nats-Msg-Id`` within its window and the ledger a
+repeated request id after it.
+
+Stores and deletes are group-committed like admissions (what arrives while a statement is in
+flight goes in the next one), on connections that wait for the WAL flush: these rows are what
+gets billed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from api.limits import HotConnections
+
+log = logging.getLogger(__name__)
+
+_STORE_SQL = (
+    "INSERT INTO usage_outbox (request_id, subject, event)"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) ON CONFLICT (request_id) DO NOTHING"
+)
+_FORGET_SQL = "DELETE FROM usage_outbox WHERE request_id = ANY($1::text[])"
+_CLAIM_SQL = """
+UPDATE usage_outbox SET stored_at = now()
+ WHERE request_id IN (
+       SELECT request_id FROM usage_outbox
+        WHERE stored_at < now() - make_interval(secs => $1)
+        ORDER BY stored_at LIMIT $2
+          FOR UPDATE SKIP LOCKED)
+RETURNING request_id, subject, event
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    request_id: str
+    subject: str
+    payload: bytes
+
+
+@dataclass(slots=True)
+class _PendingStore:
+    event: StoredEvent
+    done: asyncio.Future[None]
+
+
+class UsageOutbox:
+    LEFT_BEHIND_S = 30.0
+    """A row this old was left behind: its process died, or it cannot reach JetStream."""
+    STATEMENTS = 2
+    """Store statements in flight at once."""
+
+    def __init__(self, url: str) -> None:
+        self.conns = HotConnections(url, self.STATEMENTS + 1, synchronous_commit=True)
+        self._stores: list[_PendingStore] = []
+        self._writers: set[asyncio.Task[None]] = set()
+        self._forgets: list[str] = []
+        self._forgetter: asyncio.Task[None] | None = None
+
+    async def store(self, event: StoredEvent) -> None:
+        """Return once ``event`` is committed; raise if the database refused or is away."""
+        pending = _PendingStore(event, asyncio.get_running_loop().create_future())
+        self._stores.append(pending)
+        if len(self._writers) < self.STATEMENTS:
+            task = asyncio.create_task(self._write(), name="usage-outbox-store")
+            self._writers.add(task)
+            task.add_done_callback(self._writers.discard)
+        await asyncio.shield(pending.done)  # a caller that leaves does not take its row back
+
+    async def _write(self) -> None:
+        while self._stores:
+            batch, self._stores = self._stores, []
+            events = [item.event for item in batch]
+            try:
+                await self.conns.fetch(
+                    _STORE_SQL,
+                    [e.request_id for e in events],
+                    [e.subject for e in events],
+                    [e.payload for e in events],
+                )
+            except Exception as exc:
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_exception(exc)
+                continue
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_result(None)
+
+    def forget(self, request_id: str) -> None:
+        """JetStream has the event: delete its row (in the next batch; a row left is published again, harmlessly)."""
+        self._forgets.append(request_id)
+        if self._forgetter is None or self._forgetter.done():
+            self._forgetter = asyncio.create_task(self._delete(), name="usage-outbox-forget")
+
+    async def _delete(self) -> None:
+        while self._forgets:
+            batch, self._forgets = self._forgets, []
+            try:
+                await self.conns.fetch(_FORGET_SQL, batch)
+            except Exception as exc:  # left in place: published again later, dropped as a duplicate
+                log.warning("could not delete %d published usage events from the outbox: %s", len(batch), exc)
+
+    async def claim_left_behind(self, limit: int = 500) -> list[StoredEvent]:
+        """Rows stored (or last claimed) over ``LEFT_BEHIND_S`` ago, claimed for this process for as long again."""
+        rows = await self.conns.fetch(_CLAIM_SQL, self.LEFT_BEHIND_S, limit)
+        return [StoredEvent(r["request_id"], r["subject"], bytes(r["event"])) for r in rows]
+
+    async def close(self) -> None:
+        if self._writers:
+            await asyncio.wait(list(self._writers))
+        if self._forgetter is not None:
+            with contextlib.suppress(Exception):
+                await self._forgetter
+        await self.conns.close()
