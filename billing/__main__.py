@@ -62,10 +62,17 @@ async def _invoice(settings: Settings, period: str) -> int:
         f"period {period}: {len(result.invoices)} invoice(s) issued, {result.skipped_tenants} tenant(s) already"
         f" invoiced, {len(result.statements)} provider statement(s); {posted} late-priced request(s) rated"
     )
+    failed = 0
     if result.unknown_tenants:
         print(f"usage of unknown tenants not invoiced: {', '.join(result.unknown_tenants[:20])}", file=sys.stderr)
-        return 1
-    return 0
+        failed = 1
+    if result.unknown_providers:
+        print(
+            f"usage served by unknown providers, no statement: {', '.join(result.unknown_providers[:20])}",
+            file=sys.stderr,
+        )
+        failed = 1
+    return failed
 
 
 async def _stripe(settings: Settings, period: str | None) -> int:

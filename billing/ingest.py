@@ -126,7 +126,7 @@ RATE_PENDING_SQL = "".join(
 WITH src AS (
     SELECT request_id, model, admission_class, provider_id, prompt_tokens, billed_completion_tokens, ended_at
     FROM usage_records
-    WHERE tenant_micros IS NULL AND currency = $1
+    WHERE tenant_micros IS NULL AND currency = $1 AND request_id > $3
     ORDER BY request_id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -144,7 +144,8 @@ changed AS (
 ),""",
         _POSTING.format(currency="$1"),
         """
-SELECT count(*) FROM changed
+SELECT (SELECT count(*) FROM changed) AS posted, (SELECT count(*) FROM src) AS scanned,
+       (SELECT max(request_id) FROM src) AS last
 """,
     ]
 )
@@ -223,11 +224,17 @@ async def store_batch(conn: asyncpg.Connection, events: Sequence[UsageEvent], cu
 
 
 async def rate_pending(conn: asyncpg.Connection, currency: str, limit: int = 10_000) -> int:
-    """Rate and post unrated usage whose price now exists; returns how many were posted."""
-    posted = 0
+    """Rate and post unrated usage whose price now exists; returns how many were posted.
+
+    Walks the unrated rows in request-id order, ``limit`` at a time, past those that still have
+    no price: a pass that re-read the first ``limit`` would never reach later rows behind them.
+    """
+    posted, after = 0, ""
     while True:
         async with conn.transaction():
-            count = int(await conn.fetchval(RATE_PENDING_SQL, currency, limit) or 0)
-        posted += count
-        if count < limit:
+            row = await conn.fetchrow(RATE_PENDING_SQL, currency, limit, after)
+        assert row is not None
+        posted += int(row["posted"])
+        if int(row["scanned"]) < limit or row["last"] is None:
             return posted
+        after = row["last"]

@@ -87,6 +87,8 @@ class RunResult:
     invoices: list[str] = field(default_factory=list)
     skipped_tenants: int = 0
     unknown_tenants: list[str] = field(default_factory=list)
+    unknown_providers: list[str] = field(default_factory=list)
+    """Providers owed for the period's usage that are not in ``providers``: no statement is made."""
     statements: list[str] = field(default_factory=list)
 
 
@@ -251,7 +253,12 @@ async def run_invoices(session: AsyncSession, period: str, currency: str) -> Run
         await post_transactions(session, postings)
         for chunk in range(0, len(line_rows), 1000):
             await session.execute(insert(InvoiceLine).values(line_rows[chunk : chunk + 1000]))
-        result.statements = await _run_statements(session, params, start, end, currency)
+        result.statements, result.unknown_providers = await _run_statements(session, params, start, end, currency)
+        if result.unknown_providers:
+            log.error(
+                "usage served by unknown providers: no statement made",
+                extra={"providers": result.unknown_providers[:20]},
+            )
     return result
 
 
@@ -284,8 +291,9 @@ _EARNINGS_BY_PROVIDER = text(
     """
     SELECT u.provider_id, count(*) AS requests, sum(u.prompt_tokens) AS input_tokens,
            sum(u.billed_completion_tokens) AS output_tokens, sum(u.provider_micros) AS micros
-    FROM usage_records u JOIN providers p ON p.id = u.provider_id
+    FROM usage_records u
     WHERE u.currency = :currency AND u.ended_at >= :start AND u.ended_at < :end AND u.tenant_micros IS NOT NULL
+      AND u.provider_id IS NOT NULL
     GROUP BY u.provider_id
     """
 )
@@ -293,7 +301,11 @@ _EARNINGS_BY_PROVIDER = text(
 
 async def _run_statements(
     session: AsyncSession, params: dict[str, object], start: date, end: date, currency: str
-) -> list[str]:
+) -> tuple[list[str], list[str]]:
+    """The period's provider statements (new ones' ids), and the providers owed that do not exist."""
+    earnings = list(await session.execute(_EARNINGS_BY_PROVIDER, params))
+    owed = [row.provider_id for row in earnings]
+    known = set((await session.execute(select(Provider.id).where(Provider.id.in_(owed)))).scalars())
     rows = [
         {
             "id": f"stm_{ulid().lower()}",
@@ -307,17 +319,19 @@ async def _run_statements(
             "earnings_micros": int(row.micros),
             "earnings_minor": micros_to_minor(int(row.micros)),
         }
-        for row in await session.execute(_EARNINGS_BY_PROVIDER, params)
+        for row in earnings
+        if row.provider_id in known
     ]
+    unknown = sorted(set(owed) - known)
     if not rows:
-        return []
+        return [], unknown
     inserted = await session.execute(
         insert(ProviderStatement)
         .values(rows)
         .on_conflict_do_nothing(index_elements=["provider_id", "period_start", "currency"])
         .returning(ProviderStatement.id)
     )
-    return list(inserted.scalars())
+    return list(inserted.scalars()), unknown
 
 
 async def pending_statements(session: AsyncSession, period: str, currency: str) -> list[tuple[ProviderStatement, str]]:

@@ -4,9 +4,9 @@ Our ledger is the source of truth; Stripe collects. Idempotency is enforced twic
 - every create carries an idempotency key derived from our ids (``customer-<tenant>``,
   ``invoice-item-<line>``, ``invoice-<invoice>``, ``transfer-<statement>``), which real Stripe honours;
 - every Stripe id is stored beside the row it mirrors and committed right after the call, and a
-  rerun creates only what has no id yet. Before creating an invoice we also look for one already
-  carrying our invoice id on the customer, which closes the crash window between create and store
-  even where idempotency keys are ignored (localstripe).
+  rerun creates only what has no id yet. Before creating invoice items or an invoice we also look
+  for ones already carrying our ids on the customer, which closes the crash window between create
+  and store even where idempotency keys are ignored or have expired (localstripe; Stripe after 24 h).
 
 Each tenant gets a customer and a $0 monthly subscription that anchors its invoices (some Stripe
 implementations, localstripe among them, only invoice customers with a subscription). Our invoice
@@ -112,8 +112,15 @@ class StripeSync:
                     select(InvoiceLine).where(InvoiceLine.invoice_id == invoice_id).order_by(InvoiceLine.id)
                 )
             ).scalars()
+            made: dict[str, str] | None = None
             for line in lines:
                 if line.stripe_invoice_item_id is None and line.amount_minor != 0:
+                    if made is None:
+                        made = await self._existing_items(customer.customer_id, invoice.id)
+                    if (found := made.get(str(line.id))) is not None:
+                        line.stripe_invoice_item_id = found
+                        await session.commit()
+                        continue
                     item = await self.client.v1.invoice_items.create_async(
                         {
                             "customer": customer.customer_id,
@@ -147,6 +154,26 @@ class StripeSync:
             invoice.stripe_invoice_id = stripe_invoice_id
             await session.commit()
             return stripe_invoice_id
+
+    async def _existing_items(self, customer_id: str, invoice_id: str) -> dict[str, str]:
+        """Invoice items already made for our invoice's lines (a crash after create, before we
+        stored the id), by line id: Stripe keeps idempotency keys for 24 hours only, localstripe not at all."""
+        found: dict[str, str] = {}
+        items = self.client.v1.invoice_items
+        after: str | None = None
+        while True:
+            listing = await (
+                items.list_async({"customer": customer_id, "limit": 100})
+                if after is None
+                else items.list_async({"customer": customer_id, "limit": 100, "starting_after": after})
+            )
+            for item in listing.data:
+                metadata: dict[str, Any] = item.to_dict().get("metadata") or {}
+                if metadata.get("invoice_id") == invoice_id and metadata.get("invoice_line_id"):
+                    found[str(metadata["invoice_line_id"])] = item.id
+            if not listing.has_more or not listing.data:
+                return found
+            after = listing.data[-1].id
 
     async def _existing_invoice(self, customer_id: str, invoice: Invoice) -> str | None:
         """A Stripe invoice already made for ours (a crash after create, before we stored its id)."""

@@ -49,6 +49,33 @@ log = logging.getLogger(__name__)
 DURABLE = "billing"
 RATE_PENDING_EVERY_S = 30.0
 _RETRYABLE_SQL = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_REFUSED_SQL = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+"""What PostgreSQL refuses because of a row's values: that event, not the database, is at fault."""
+
+_MAX_TOKENS = 2**31 - 1
+_TIMES = (946_684_800.0, 253_402_300_799.0)
+"""Unix times from 2000 to the end of year 9999: what a usage record's timestamps can hold."""
+_WIDTHS = {"request_id": 64, "tenant_id": 40, "key_id": 40, "model": 200, "node_id": 40, "provider_id": 40}
+
+
+def invalid(event: UsageEvent) -> str | None:
+    """Why ``event`` cannot be billed as it stands, or None. The api never sends such an event;
+    one that arrives anyway (a bug, a foreign publisher) must not stop billing for everyone else."""
+    for name, width in _WIDTHS.items():
+        value = getattr(event, name)
+        if value is not None and not 0 < len(value) <= width:
+            return f"{name} is empty or longer than {width} characters"
+    for name in ("prompt_tokens", "completion_tokens", "relayed_completion_tokens"):
+        if not 0 <= getattr(event, name) <= _MAX_TOKENS:
+            return f"{name} is negative or too large"
+    for name in ("started_at", "ended_at"):
+        if not _TIMES[0] <= getattr(event, name) <= _TIMES[1]:  # NaN fails both comparisons
+            return f"{name} is not a time between 2000 and 9999"
+    for name in ("ttft_ms", "engine_ttft_ms", "duration_ms"):
+        value = getattr(event, name)
+        if value is not None and not 0 <= value < 1e12:
+            return f"{name} is negative, infinite or not a number"
+    return None
 
 
 @dataclass
@@ -206,19 +233,38 @@ class UsageWorker:
             await self._close()
 
     async def process(self, msgs: list[Msg]) -> None:
-        """Decode, commit, then acknowledge one batch."""
+        """Decode, commit, then acknowledge one batch.
+
+        An event that cannot be billed (undecodable, out of range, or refused by PostgreSQL for
+        its values) is rejected alone: logged with its bytes and terminated, so JetStream stops
+        redelivering it (it stays in the stream, which keeps 30 days, for inspection); the rest of
+        its batch is recorded. Anything else PostgreSQL raises returns the batch for redelivery.
+        """
         events: list[UsageEvent] = []
         good: list[Msg] = []
         for msg in msgs:
             try:
-                events.append(self._decode.decode(msg.data))
-                good.append(msg)
-            except msgspec.DecodeError:
-                self.stats.rejected += 1
-                log.error("malformed usage event dropped", extra={"subject": msg.subject, "data": msg.data[:500].hex()})
-                await msg.term()
+                event = self._decode.decode(msg.data)
+            except msgspec.DecodeError as exc:
+                await self._reject(msg, f"undecodable: {exc}")
+                continue
+            if reason := invalid(event):
+                await self._reject(msg, reason)
+                continue
+            events.append(event)
+            good.append(msg)
         if events:
-            result = await self._store(events, good)
+            try:
+                result = await self._store(events, good)
+            except _REFUSED_SQL as exc:
+                if len(events) == 1:
+                    await self._reject(good[0], f"refused by the database: {exc}")
+                    self.stats.received += len(msgs)
+                    return
+                self.stats.received += len(msgs) - len(good)
+                for msg in good:  # one at a time, to find the one at fault
+                    await self.process([msg])
+                return
             if result is None:
                 return
             self.stats.recorded += result.recorded
@@ -229,6 +275,15 @@ class UsageWorker:
         self.stats.received += len(msgs)
         self.stats.batches += 1
         await self.ack(good)
+
+    async def _reject(self, msg: Msg, reason: str) -> None:
+        self.stats.rejected += 1
+        log.error(
+            "usage event rejected",
+            extra={"reason": reason, "subject": msg.subject, "data": msg.data[:2000].hex()},
+        )
+        with contextlib.suppress(Exception):
+            await msg.term()
 
     async def ack(self, msgs: list[Msg]) -> None:
         """Acknowledge committed messages (fire-and-forget: a lost ack only means a harmless redelivery)."""
@@ -242,7 +297,10 @@ class UsageWorker:
                 return await ingest.store_batch(db, events, self.settings.currency)
             except _RETRYABLE_SQL:
                 log.warning("batch conflicted with another worker; retrying", extra={"attempt": attempt})
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            except _REFUSED_SQL:
+                raise
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # Away, restarting, out of connections or disk: nothing to do with the events.
                 log.warning("postgres unavailable; batch returned for redelivery", extra={"error": str(exc)})
                 await self._drop_connection()
                 break

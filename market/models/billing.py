@@ -161,6 +161,11 @@ class UsageRecord(Base):
             " OR tenant_micros = provider_micros + platform_micros",
             name="balanced",
         ),
+        CheckConstraint(
+            "prompt_tokens >= 0 AND completion_tokens >= 0 AND relayed_completion_tokens >= 0"
+            " AND billed_completion_tokens >= 0",
+            name="tokens_non_negative",
+        ),
         Index("ix_usage_records_tenant_id_ended_at", "tenant_id", "ended_at"),
         Index("ix_usage_records_provider_id_ended_at", "provider_id", "ended_at"),
         Index("ix_usage_records_unrated", "request_id", postgresql_where=text("tenant_micros IS NULL")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,9 +14,11 @@ from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing import ingest
+from billing import worker as worker_module
 from billing.worker import UsageWorker
 from market.money import token_cost_micros
 from market.settings import Settings
+from market.wire import UsageEvent
 from tests.billing.conftest import (
     consumer_drained,
     eventually,
@@ -173,10 +176,13 @@ async def test_usage_without_a_price_is_kept_and_billed_once_priced(
 
     from market.db import plain_url
 
+    # Usage of a model that is never priced sorts first, more of it than one pass takes: the
+    # passes walk past it to the usage priced late.
+    await store(settings, [usage_event(tenant, model="never-priced", request_id=f"req_00{i}") for i in range(3)])
     conn = await asyncpg.connect(plain_url(settings.require_database_url()))
     try:
-        assert await ingest.rate_pending(conn, "usd") == 1
-        assert await ingest.rate_pending(conn, "usd") == 0
+        assert await ingest.rate_pending(conn, "usd", limit=2) == 1
+        assert await ingest.rate_pending(conn, "usd", limit=2) == 0
     finally:
         await conn.close()
     assert await owed(settings, tenant) == 2000 * 100 + 1000 * 200
@@ -225,3 +231,75 @@ async def _published(js: JetStreamContext, events: list[Any]) -> bool:
     except Exception:
         return False
     return True
+
+
+def _spoil(event: UsageEvent, how: str) -> None:
+    if how == "huge_tokens":
+        event.prompt_tokens = 2**31
+    elif how == "negative_tokens":
+        event.completion_tokens = event.relayed_completion_tokens = -1_000_000
+    elif how == "long_request_id":
+        event.request_id = "r" * 65
+    elif how == "nan_time":
+        event.ended_at = math.nan
+    elif how == "far_time":
+        event.ended_at = 1e300
+
+
+@pytest.mark.parametrize("how", ["huge_tokens", "negative_tokens", "long_request_id", "nan_time", "far_time"])
+async def test_an_event_that_cannot_be_billed_is_rejected_alone(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], usage_stream: JetStreamContext, how: str
+) -> None:
+    """One bad event among good ones: the good ones are billed, the bad one is rejected (logged
+    and terminated, not redelivered), and the worker keeps running; nothing negative is posted."""
+    tenant = await make_tenant(sessions)
+    await make_prices(sessions)
+    good = [usage_event(tenant) for _ in range(5)]
+    bad = usage_event(tenant)
+    _spoil(bad, how)
+    for event in [*good[:2], bad, *good[2:]]:
+        await publish(usage_stream, event, msg_id=event.request_id[:60] + how)
+    worker = new_worker(settings, "poison-" + how)
+    async with running(worker) as task:
+        await eventually(lambda: consumer_drained(usage_stream, "poison-" + how), what="the consumer drained")
+        assert not task.done()
+    assert await count(settings, "usage_records") == 5
+    assert worker.stats.rejected == 1
+    assert await owed(settings, tenant) == 5 * await owed_for_one(settings, tenant, good[0].request_id)
+
+
+@pytest.mark.parametrize("how", ["huge_tokens", "negative_tokens"])
+async def test_an_event_the_database_refuses_is_found_and_rejected_alone(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    usage_stream: JetStreamContext,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    """The backstop behind the checks: what PostgreSQL refuses for its values fails the batch,
+    which is then stored an event at a time to reject only the one at fault."""
+    monkeypatch.setattr(worker_module, "invalid", lambda event: None)
+    tenant = await make_tenant(sessions)
+    await make_prices(sessions)
+    good = [usage_event(tenant) for _ in range(4)]
+    bad = usage_event(tenant)
+    _spoil(bad, how)  # too large for the column, or negative (migration 0009's check)
+    for event in [*good[:2], bad, *good[2:]]:
+        await publish(usage_stream, event)
+    worker = new_worker(settings, "refused-" + how)
+    async with running(worker) as task:
+        await eventually(lambda: consumer_drained(usage_stream, "refused-" + how), what="the consumer drained")
+        assert not task.done()
+    assert await count(settings, "usage_records") == 4
+    assert worker.stats.rejected == 1
+
+
+async def owed_for_one(settings: Settings, tenant_id: str, request_id: str) -> int:
+    return int(
+        await fetchval(
+            settings,
+            "SELECT amount_micros FROM ledger_entries WHERE account_id = $1 AND transaction_id = $2",
+            f"tenant:{tenant_id}",
+            request_id,
+        )
+    )

@@ -102,9 +102,11 @@ async def test_provider_statement_pays_for_tokens_served(
         [
             usage_event(tenant, provider_id=first, model="other", prompt=1_000_000, completion=0, relayed=0),
             usage_event(tenant, provider_id=second, model="other", prompt=0, completion=1_000_000),
+            usage_event(tenant, provider_id="prov_nobody_knows", model="other", prompt=1_000_000, completion=0),
         ],
     )
-    await _run(sessions, "2026-10")
+    result = await _run(sessions, "2026-10")
+    assert result.unknown_providers == ["prov_nobody_knows"]  # owed, but no statement can be made: reported
     async with sessions() as session:
         statements = {s.provider_id: s for s in (await session.execute(select(ProviderStatement))).scalars()}
     # no payout rate for "other": providers earn the tenant charge minus the 25% margin

@@ -116,3 +116,35 @@ async def test_stripe_sync_pushes_invoices_and_a_rerun_creates_nothing(
         restored = (await session.execute(select(Invoice).where(Invoice.tenant_id == alice))).scalar_one()
     assert restored.stripe_invoice_id == ours[alice].stripe_invoice_id
     assert await _stripe_counts(client, list(customers.values())) == before
+
+
+class _Crash(Exception):
+    pass
+
+
+async def test_a_sync_that_died_after_creating_an_invoice_item_does_not_charge_it_twice(
+    stripe_settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """Stripe made the item and the process died before storing its id: the rerun finds the item
+    by our line id (localstripe ignores idempotency keys, as Stripe does after 24 hours)."""
+    alice = await make_tenant(sessions)
+    await make_prices(sessions)
+    await store(stripe_settings, [usage_event(alice, prompt=10_000_000, completion=1_000_000)])
+    async with sessions() as session:
+        await run_invoices(session, "2026-10", "usd")
+    crashing = StripeSync(stripe_settings, sessions)
+    create = crashing.client.v1.invoice_items.create_async
+
+    async def create_then_die(*args: object, **kwargs: object) -> None:
+        await create(*args, **kwargs)  # type: ignore[arg-type]
+        raise _Crash
+
+    crashing.client.v1.invoice_items.create_async = create_then_die  # type: ignore[method-assign,assignment]
+    with pytest.raises(_Crash):
+        await crashing.run()
+    await StripeSync(stripe_settings, sessions).run()
+    async with sessions() as session:
+        ours = (await session.execute(select(Invoice))).scalar_one()
+    assert ours.stripe_invoice_id is not None
+    pushed = await stripe_client(stripe_settings).v1.invoices.retrieve_async(ours.stripe_invoice_id)
+    assert pushed.total == ours.total_minor > 0
