@@ -246,6 +246,29 @@ def _spoil(event: UsageEvent, how: str) -> None:
         event.ended_at = 1e300
 
 
+async def _bill_one_bad_among_good(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    usage_stream: JetStreamContext,
+    tenant: str,
+    how: str,
+    durable: str,
+) -> tuple[UsageWorker, list[UsageEvent]]:
+    """Five good events and one spoilt ``how`` among them, through a worker until it has them all;
+    the worker must still be running."""
+    await make_prices(sessions)
+    good = [usage_event(tenant) for _ in range(5)]
+    bad = usage_event(tenant)
+    _spoil(bad, how)
+    for event in [*good[:2], bad, *good[2:]]:
+        await publish(usage_stream, event, msg_id=event.request_id[:60] + how)
+    worker = new_worker(settings, durable)
+    async with running(worker) as task:
+        await eventually(lambda: consumer_drained(usage_stream, durable), what="the consumer drained")
+        assert not task.done()
+    return worker, good
+
+
 @pytest.mark.parametrize("how", ["huge_tokens", "negative_tokens", "long_request_id", "nan_time", "far_time"])
 async def test_an_event_that_cannot_be_billed_is_rejected_alone(
     settings: Settings, sessions: async_sessionmaker[AsyncSession], usage_stream: JetStreamContext, how: str
@@ -253,16 +276,7 @@ async def test_an_event_that_cannot_be_billed_is_rejected_alone(
     """One bad event among good ones: the good ones are billed, the bad one is rejected (logged
     and terminated, not redelivered), and the worker keeps running; nothing negative is posted."""
     tenant = await make_tenant(sessions)
-    await make_prices(sessions)
-    good = [usage_event(tenant) for _ in range(5)]
-    bad = usage_event(tenant)
-    _spoil(bad, how)
-    for event in [*good[:2], bad, *good[2:]]:
-        await publish(usage_stream, event, msg_id=event.request_id[:60] + how)
-    worker = new_worker(settings, "poison-" + how)
-    async with running(worker) as task:
-        await eventually(lambda: consumer_drained(usage_stream, "poison-" + how), what="the consumer drained")
-        assert not task.done()
+    worker, good = await _bill_one_bad_among_good(settings, sessions, usage_stream, tenant, how, "poison-" + how)
     assert await count(settings, "usage_records") == 5
     assert worker.stats.rejected == 1
     assert await owed(settings, tenant) == 5 * await owed_for_one(settings, tenant, good[0].request_id)
@@ -280,17 +294,9 @@ async def test_an_event_the_database_refuses_is_found_and_rejected_alone(
     which is then stored an event at a time to reject only the one at fault."""
     monkeypatch.setattr(worker_module, "invalid", lambda event: None)
     tenant = await make_tenant(sessions)
-    await make_prices(sessions)
-    good = [usage_event(tenant) for _ in range(4)]
-    bad = usage_event(tenant)
-    _spoil(bad, how)  # too large for the column, or negative (migration 0009's check)
-    for event in [*good[:2], bad, *good[2:]]:
-        await publish(usage_stream, event)
-    worker = new_worker(settings, "refused-" + how)
-    async with running(worker) as task:
-        await eventually(lambda: consumer_drained(usage_stream, "refused-" + how), what="the consumer drained")
-        assert not task.done()
-    assert await count(settings, "usage_records") == 4
+    # too large for the column, or negative (migration 0009's check)
+    worker, _ = await _bill_one_bad_among_good(settings, sessions, usage_stream, tenant, how, "refused-" + how)
+    assert await count(settings, "usage_records") == 5
     assert worker.stats.rejected == 1
 
 
