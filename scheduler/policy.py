@@ -8,6 +8,7 @@ Anything that does not change between heartbeats is computed once per heartbeat 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -170,10 +171,13 @@ class FleetView:
         node.engine = hb.engine
         node.profile = hb.profile
         node.hardware = hb.hardware
-        node.slots = hb.slots
-        node.running = hb.running
-        node.waiting = hb.waiting
-        node.kv_cache_usage = hb.kv_cache_usage
+        # A node's word, bounded: a NaN, infinite or negative figure would poison every placement
+        # for its models (an unorderable score), or make the node win them all.
+        node.slots = _count(hb.slots)
+        node.running = _count(hb.running)
+        node.waiting = _count(hb.waiting)
+        kv = hb.kv_cache_usage
+        node.kv_cache_usage = min(max(kv, 0.0), 1.0) if math.isfinite(kv) else 1.0
         node.last_seen = now
         node.seen_at = wall
         node.in_flight = 0
@@ -348,3 +352,11 @@ def place(job: Job, fleet: FleetView, now: float) -> NodeState | None:
             ties = 1
         best, best_bucket, best_price, best_score = node, bucket, cost, score
     return best
+
+
+_MAX_COUNT = 1_000_000
+"""More requests than any node runs: a count beyond it is a broken report."""
+
+
+def _count(value: int) -> int:
+    return min(max(value, 0), _MAX_COUNT)

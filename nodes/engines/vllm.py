@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -110,13 +111,21 @@ def parse_metrics(text: str) -> EngineLoad:
             value = float(value_text.split()[0])
         except (ValueError, IndexError):
             continue
+        if not math.isfinite(value) or value < 0:  # NaN, +Inf: no load to report from it
+            continue
         if name == "vllm:num_requests_running":
             running += value
         elif name == "vllm:num_requests_waiting":
             waiting += value
         elif name == "vllm:kv_cache_usage_perc":
             kv = max(kv, value)
-    return EngineLoad(running=int(running), waiting=int(waiting), kv_cache_usage=kv)
+    return EngineLoad(
+        running=min(int(running), _MAX_COUNT), waiting=min(int(waiting), _MAX_COUNT), kv_cache_usage=min(kv, 1.0)
+    )
+
+
+_MAX_COUNT = 1_000_000
+"""More requests than any engine holds: a gauge beyond it is broken, and must not break the heartbeat."""
 
 
 def _error_message(status: int, raw: bytes) -> str:
@@ -324,13 +333,18 @@ class VllmEngine:
     # --- supervision ---------------------------------------------------------------------------
 
     async def _supervise(self) -> None:
+        """Restart a process that exited, or that has not been ready for ``startup_timeout_s``:
+        counted from its start, or from the check that first failed after it was ready (one slow
+        ``/health`` of an engine up for longer than that must not kill its streams)."""
         verified = False
         crashes = 0
         ever_healthy = False
+        unready_since = time.monotonic()
         while True:
             for proc in self._processes:
                 code = proc.exited()
-                stuck = code is None and not verified and time.monotonic() - proc.started_at > self.startup_timeout_s
+                since = max(proc.started_at, unready_since)
+                stuck = code is None and not verified and time.monotonic() - since > self.startup_timeout_s
                 if code is None and not stuck:
                     continue
                 crashes += 1
@@ -347,6 +361,8 @@ class VllmEngine:
             if healthy and not verified:
                 verified = await self._probe()
             elif not healthy:
+                if verified:
+                    unready_since = time.monotonic()
                 verified = False
             if verified:
                 crashes = 0

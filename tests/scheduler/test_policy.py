@@ -213,3 +213,15 @@ def test_large_fleets_are_sampled_but_never_refused_while_a_node_fits() -> None:
         fleet.commit(node)
         chosen[node.node_id] += 1
     assert max(chosen.values()) <= 3
+
+
+def test_a_node_reporting_nonsense_load_neither_blocks_placement_nor_wins_it() -> None:
+    """NaN or infinite KV use (a broken engine gauge) made every placement of the model fail; it
+    now counts as a full cache. Negative figures count as zero, not as better than empty."""
+    for kv in (float("nan"), float("inf")):
+        fleet = fleet_of(heartbeat("broken", kv_cache_usage=kv), heartbeat("sane", running=1, kv_cache_usage=0.1))
+        spread = Counter(placed_on(fleet, job(id=f"req_{i}")) for i in range(8))
+        assert None not in spread and spread["sane"] > spread["broken"], (kv, spread)
+    fleet = fleet_of(heartbeat("negative", running=-50, waiting=-50, slots=-8, kv_cache_usage=-3.0))
+    node = fleet.nodes["negative"]
+    assert (node.running, node.waiting, node.slots, node.kv_cache_usage) == (0, 0, 0, 0.0)
