@@ -49,6 +49,7 @@ WITHDRAWN_KEPT = 4096
 # arrays into ``text[]`` columns itself). Unknown ids match nothing: enrolment creates rows, not us.
 # A revoked node stays revoked whatever its agent still says.
 _OFFERS = text("SELECT provider_id, model, output_minor_per_million FROM provider_offers")
+_REGISTRY = text("SELECT id, provider_id, status FROM nodes")
 _UPDATE_NODES = text(
     """
     UPDATE nodes AS n
@@ -101,7 +102,12 @@ class SchedulerService:
         self._own_nc = nc is None
         self._subs: list[Subscription] = []
         self.revoked: set[str] = set()
-        """Nodes revoked while this replica ran; their heartbeats are ignored."""
+        """Nodes revoked (heard while this replica ran, or in ``nodes``); their heartbeats are ignored."""
+        self.providers: dict[str, str] = {}
+        """Enrolled node -> its provider, from ``nodes``: a heartbeat's own claim does not count."""
+        self.drain_ordered: set[str] = set()
+        """Nodes the api told to drain that still say they are serving (the order may have been
+        lost on its way): no jobs for them, and the order is sent again with their heartbeats."""
         self._event_decoder = wire.decoder(wire.FleetEvent)
         self._tasks: list[asyncio.Task[None]] = []
         self._dirty: set[str] = set()
@@ -114,6 +120,9 @@ class SchedulerService:
         if self.nc is None:
             self.nc = await bus.connect(self.settings, name=self.name)
         nc = self.nc
+        if self.settings.database_url:
+            self._engine = db.create_engine(self.settings, pool_size=1, max_overflow=1)
+            await self.load_registry()  # before the first heartbeat is taken in
         self._subs.append(await nc.subscribe(subjects.HEARTBEATS, cb=self._on_heartbeat))
         self._subs.append(await nc.subscribe(subjects.FLEET_EVENTS, cb=self._on_fleet_event))
         self._subs.append(await nc.subscribe(subjects.JOBS_WITHDRAW, cb=self._on_withdraw))
@@ -123,8 +132,7 @@ class SchedulerService:
         self._subs.append(await nc.subscribe(subjects.JOBS_SUBMIT, queue=subjects.SCHEDULERS_QUEUE, cb=self._on_job))
         await nc.flush()
         self._tasks.append(asyncio.create_task(self._watch(), name=f"{self.name}-watch"))
-        if self.settings.database_url:
-            self._engine = db.create_engine(self.settings, pool_size=1, max_overflow=1)
+        if self._engine is not None:
             self._tasks.append(asyncio.create_task(self._persist_loop(), name=f"{self.name}-persist"))
         log.info("scheduler started", extra={"replica": self.name})
 
@@ -312,6 +320,17 @@ class SchedulerService:
             return
         if hb.node_id in self.revoked:
             return  # a revoked node's word no longer counts, whatever status it claims
+        enrolled_by = self.providers.get(hb.node_id)
+        if enrolled_by is not None and enrolled_by != hb.provider_id:
+            # Tenants' provider allow-lists, offers and payouts go by the enrolment, not the claim.
+            log.warning("node %s claims provider %s, enrolled by %s", hb.node_id, hb.provider_id, enrolled_by)
+            hb.provider_id = enrolled_by
+        if hb.node_id in self.drain_ordered:
+            if hb.status in ("draining", "revoked"):
+                self.drain_ordered.discard(hb.node_id)  # it heard the order: its own word counts again
+            else:
+                hb.status = "draining"
+                await self._order_drain(hb.node_id)
         self.counters["heartbeats"] += 1
         node = self.fleet.observe(hb, time.monotonic(), time.time())
         self._dirty.add(node.node_id)
@@ -330,7 +349,22 @@ class SchedulerService:
             return
         if event.kind == "node_revoked" and event.node_id not in self.revoked:
             self.revoked.add(event.node_id)
+            self.drain_ordered.discard(event.node_id)
             self.fleet.forget(event.node_id)
+        elif event.kind == "node_draining" and event.node_id not in self.revoked:
+            # From the api (a provider's drain) or from a replica that heard the node say so. Until
+            # the node itself says it drains, it gets nothing (its order may have been lost).
+            node = self.fleet.get(event.node_id)
+            if node is None or node.status not in ("draining", "revoked"):
+                self.drain_ordered.add(event.node_id)
+                if node is not None:
+                    node.status = "draining"
+
+    async def _order_drain(self, node_id: str) -> None:
+        """Tell a node again to drain, as the api did (core NATS: an order can be lost)."""
+        assert self.nc is not None
+        with contextlib.suppress(Exception):
+            await self.nc.publish(subjects.node_control(node_id), msgspec.json.encode({"action": "drain"}))
 
     async def _watch(self) -> None:
         """Declare nodes lost whose heartbeats stopped.
@@ -370,6 +404,31 @@ class SchedulerService:
             await asyncio.sleep(self.persist_interval_s)
             await self.flush()
             await self.load_offers()
+            await self.load_registry()
+
+    async def load_registry(self) -> bool:
+        """Enrolled nodes' providers, and the revoked ones, from ``nodes``: what a node claims in
+        its heartbeats does not decide whose it is, and a revocation holds for replicas started
+        after it. A DB outage keeps what was last read."""
+        if self._engine is None:
+            return True
+        try:
+            async with asyncio.timeout(5.0), self._engine.connect() as conn:
+                rows = (await conn.execute(_REGISTRY)).all()
+        except Exception as exc:
+            log.warning("could not read the node registry (keeping the last one): %s", exc)
+            return False
+        self.providers = {node_id: provider_id for node_id, provider_id, _ in rows}
+        for node in self.fleet.nodes.values():
+            enrolled_by = self.providers.get(node.node_id)
+            if enrolled_by is not None:
+                node.provider_id = enrolled_by
+        for node_id, _, status in rows:
+            if status == "revoked" and node_id not in self.revoked:
+                self.revoked.add(node_id)
+                self.drain_ordered.discard(node_id)
+                self.fleet.forget(node_id)
+        return True
 
     async def load_offers(self) -> bool:
         """Providers' asking prices (output price per 1M tokens) onto their nodes, for tenants'

@@ -221,7 +221,8 @@ def test_a_node_reporting_nonsense_load_neither_blocks_placement_nor_wins_it() -
     for kv in (float("nan"), float("inf")):
         fleet = fleet_of(heartbeat("broken", kv_cache_usage=kv), heartbeat("sane", running=1, kv_cache_usage=0.1))
         spread = Counter(placed_on(fleet, job(id=f"req_{i}")) for i in range(8))
-        assert None not in spread and spread["sane"] > spread["broken"], (kv, spread)
+        assert None not in spread, (kv, spread)
+        assert spread["sane"] > spread["broken"], (kv, spread)
     fleet = fleet_of(heartbeat("negative", running=-50, waiting=-50, slots=-8, kv_cache_usage=-3.0))
     node = fleet.nodes["negative"]
     assert (node.running, node.waiting, node.slots, node.kv_cache_usage) == (0, 0, 0, 0.0)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
@@ -510,3 +511,58 @@ async def test_a_waiting_job_that_no_free_slot_suits_does_not_hold_up_those_behi
     assert "req_picky" in service.waiting
     assert not picky.done()
     picky.cancel()
+
+
+async def test_a_node_is_its_enrolling_providers_and_a_revocation_outlives_replicas(
+    nc: Client, fast: Settings, engine: AsyncEngine, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    """What a heartbeat claims about its provider does not count against the enrolment (a
+    tenant's allowed providers, offers and payouts go by it), and a node revoked before a replica
+    started gets nothing from it."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            Provider.__table__.insert().values([{"id": "prov_a", "name": "A"}, {"id": "prov_b", "name": "B"}])
+        )
+        await conn.execute(
+            Node.__table__.insert().values(
+                [
+                    {"id": "node_a", "provider_id": "prov_a", "name": "a", "status": "healthy"},
+                    {"id": "node_gone", "provider_id": "prov_b", "name": "gone", "status": "revoked"},
+                ]
+            )
+        )
+    await start_node(nodes, nc, fast, "node_a", provider_id="prov_b", models=["llama-8b"])  # claims prov_b
+    await start_node(nodes, nc, fast, "node_gone", provider_id="prov_b", models=["llama-8b"])
+    await start_replica(replicas, fast)
+    only_b = await submit(nc, make_job("req_b", allowed_providers=["prov_b"]))
+    assert (only_b.node_id, only_b.error) == (None, "no_capacity")
+    only_a = await submit(nc, make_job("req_a", allowed_providers=["prov_a"]))
+    assert (only_a.node_id, only_a.provider_id) == ("node_a", "prov_a")
+
+
+async def test_a_drain_the_node_did_not_hear_is_kept_and_ordered_again(
+    nc: Client, fast: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    """The api's drain order travels on core NATS and can be lost; the schedulers heard the event:
+    the node gets no more jobs, and is told again with its next heartbeats until it says it drains."""
+    node = await start_node(nodes, nc, fast, "node_d", models=["llama-8b"])
+    other = await start_node(nodes, nc, fast, "node_e", models=["llama-8b"])
+    orders: list[bytes] = []
+
+    async def on_order(msg: Msg) -> None:
+        orders.append(msg.data)
+
+    await nc.subscribe(subjects.node_control("node_d"), cb=on_order)
+    await start_replica(replicas, fast)
+    event = wire.FleetEvent(kind="node_draining", node_id="node_d", at=time.time())
+    await nc.publish(subjects.FLEET_EVENTS, wire.encode(event))
+    await eventually(lambda: len(orders) >= 2)
+    placements = [await submit(nc, make_job(f"req_{i}")) for i in range(6)]
+    assert {p.node_id for p in placements} == {"node_e"}
+    assert msgspec.json.decode(orders[0]) == {"action": "drain"}
+    node.status = "draining"  # it heard the order at last
+    await asyncio.sleep(0.3)
+    heard = len(orders)
+    await asyncio.sleep(0.3)
+    assert len(orders) == heard
+    assert other.job_ids() == [p.job_id for p in placements]
