@@ -177,7 +177,10 @@ def model_context_length(model_dir: Path) -> int | None:
         config = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    for cfg in (config, config.get("text_config") or {}):
+    if not isinstance(config, dict):
+        return None
+    text_config = config.get("text_config")
+    for cfg in (config, text_config if isinstance(text_config, dict) else {}):
         for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length"):
             value = cfg.get(key)
             if isinstance(value, int) and value > 0:
@@ -204,10 +207,32 @@ def validate(profile: Profile) -> None:
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(profile, name) < 1:
             raise ProfileError(f"{name} must be at least 1, got {getattr(profile, name)}")
+    if profile.max_num_batched_tokens < profile.max_num_seqs:  # vLLM refuses it at start-up
+        raise ProfileError(
+            f"max_num_batched_tokens ({profile.max_num_batched_tokens}) must be at least max_num_seqs"
+            f" ({profile.max_num_seqs})"
+        )
+    threshold = profile.long_prefill_token_threshold
+    if threshold is not None and not 0 <= threshold <= profile.max_model_len:  # vLLM refuses it too
+        raise ProfileError(
+            f"long_prefill_token_threshold must be between 0 and max_model_len ({profile.max_model_len}),"
+            f" got {threshold}"
+        )
     if not 0 <= profile.port < 65535:
         raise ProfileError(f"port must be between 1 and 65534 (0: any free port), got {profile.port}")
+    side_channel = profile.kv_connector.side_channel_port
+    if not 1024 <= side_channel < 65535:
+        raise ProfileError(f"kv_connector.side_channel_port must be between 1024 and 65534, got {side_channel}")
+    if profile.accelerator_count < 1:
+        raise ProfileError(f"accelerator_count must be at least 1, got {profile.accelerator_count}")
+    if profile.accelerator_memory_gib < 0 or (profile.cpu_kvcache_space_gib or 0) < 0:
+        raise ProfileError("accelerator_memory_gib and cpu_kvcache_space_gib must not be negative")
     if not profile.served_model_name.strip():
         raise ProfileError("served_model_name must not be empty")
+    if any(not name.strip() for name in profile.models):
+        raise ProfileError("models must not contain an empty name")
+    if profile.python and not Path(profile.python).expanduser().is_file():
+        raise ProfileError(f"python {profile.python!r} is not a file (the interpreter that runs vLLM)")
     if profile.mode == "disaggregated" and profile.prefill_device == profile.decode_device:
         raise ProfileError(
             "disaggregated mode needs prefill_device and decode_device to differ (use semi-pd for one GPU)"

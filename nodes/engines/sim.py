@@ -240,6 +240,14 @@ class SimEngine:
                 f"{self.config.max_model_len}",
                 status=400,
             )
+        if self.kv_capacity_tokens and prompt + max_tokens > self.kv_capacity_tokens:
+            # It could never be admitted, and would hold back everything queued behind it.
+            raise EngineError(
+                "invalid_request",
+                f"prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the KV cache of "
+                f"{self.kv_capacity_tokens} tokens",
+                status=400,
+            )
         seed = int.from_bytes(hashlib.blake2b(job.id.encode(), digest_size=4).digest(), "big")
         seq = _Seq(job.id, prompt, max_tokens, seed)
         self._waiting.append(seq)

@@ -14,6 +14,7 @@ from nodes.profiles import (
     Slo,
     launch_plan,
     load_profile,
+    model_context_length,
     p90,
     parse_profile,
     replan_split,
@@ -144,6 +145,14 @@ def test_port_zero_picks_free_ports(model_dir: Path) -> None:
         ({"mode": "disaggregated", "decode_device": "0"}, "prefill_device and decode_device to differ"),
         ({"max_num_sequences": 8}, "max_num_sequences"),
         ({"stream_interval": 0}, "stream_interval must be between 1 and 64 tokens"),
+        ({"max_num_seqs": 256, "max_num_batched_tokens": 128}, "must be at least max_num_seqs"),
+        ({"max_model_len": 1024, "long_prefill_token_threshold": 4096}, "long_prefill_token_threshold must be"),
+        ({"long_prefill_token_threshold": -5}, "long_prefill_token_threshold must be"),
+        ({"kv_connector": {"side_channel_port": 70000}}, "side_channel_port must be between"),
+        ({"accelerator_count": 0}, "accelerator_count must be at least 1"),
+        ({"accelerator_memory_gib": -3}, "must not be negative"),
+        ({"models": [""]}, "empty name"),
+        ({"python": "/nonexistent/python"}, "is not a file"),
     ],
 )
 def test_invalid_profiles_are_refused_with_one_line(model_dir: Path, overrides: dict[str, object], reason: str) -> None:
@@ -151,6 +160,12 @@ def test_invalid_profiles_are_refused_with_one_line(model_dir: Path, overrides: 
         parse_profile(yaml_profile(model_dir, **overrides))
     assert reason in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+def test_a_config_json_that_is_not_an_object_is_read_as_stating_no_context(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("[]")
+    assert model_context_length(tmp_path) is None
+    parse_profile(yaml_profile(tmp_path))  # refused or accepted with a reason, never a traceback
 
 
 def test_missing_model_directory_is_refused(tmp_path: Path) -> None:

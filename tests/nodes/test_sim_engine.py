@@ -182,6 +182,23 @@ async def test_refuses_over_long_requests_and_when_down() -> None:
         await engine.stop()
 
 
+async def test_a_request_larger_than_the_kv_cache_is_refused_not_queued_forever() -> None:
+    """It could never be admitted, and waited at the head of the queue, holding back the rest."""
+    engine = SimEngine(SimConfig(accelerator="RTX4090", max_model_len=100_000, speedup=100.0))
+    await engine.start()
+    try:
+        assert 0 < engine.kv_capacity_tokens < 60_000
+        with pytest.raises(EngineError) as exc:
+            async for _ in engine.generate(job(prompt_chars=200_000, max_tokens=8)):
+                pass
+        assert (exc.value.code, exc.value.status) == ("invalid_request", 400)
+        async with asyncio.timeout(5):
+            async for _ in engine.generate(job()):
+                pass
+    finally:
+        await engine.stop()
+
+
 async def test_hundreds_of_engines_in_one_process() -> None:
     engines = [SimEngine(SimConfig(speedup=50.0)) for _ in range(300)]
     await asyncio.gather(*(e.start() for e in engines))
