@@ -95,7 +95,9 @@ class _Running:
     task: asyncio.Task[None] | None = None
     pump: asyncio.Task[None] | None = None
     stop_reason: str | None = None
-    """Why the engine stream was aborted early: ``cancelled`` or ``deadline``."""
+    """Why the engine stream was aborted early: ``cancelled`` (by the api), ``deadline``, or the
+    node's own doing: ``node_stopping`` (revoked, or a drain that ran out of time) or
+    ``engine_unhealthy`` (before any output)."""
     engine_sent_at: float = 0.0
     engine_first_at: float | None = None
     """Monotonic times of the request to the engine and of its first output (the engine's TTFT)."""
@@ -222,7 +224,8 @@ class NodeAgent:
 
     async def stop(self, drain: bool = True) -> None:
         """Leave the marketplace. With ``drain``, finish in-flight jobs first (up to drain_timeout_s)
-        and send a final ``draining`` heartbeat; without, abort them with a final ``end``."""
+        and send a final ``draining`` heartbeat; without (revoked), abort them: each ends with a
+        retryable error, which the api fails over before a job's first token."""
         if self.stopped.is_set() or self._killed:
             return
         await self.drain()
@@ -232,7 +235,7 @@ class NodeAgent:
             if pending:
                 log.warning("drain timed out with %d jobs in flight; cancelling them", len(pending))
         for running in list(self._jobs.values()):
-            self._abort(running, "cancelled")
+            self._abort(running, "node_stopping")
         tasks = [r.task for r in self._jobs.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=10)
@@ -291,6 +294,8 @@ class NodeAgent:
         """
         cfg = self.config
         engine_status = self.engine.status
+        if engine_status != "healthy":
+            self._fail_waiting_jobs()
         status: wire.NodeStatus = "draining" if self.draining else engine_status
         if quick and self._last_load is not None:
             load = EngineLoad(running=len(self._jobs), waiting=0, kv_cache_usage=self._last_load.kv_cache_usage)
@@ -420,6 +425,14 @@ class NodeAgent:
         running = self._jobs.get(cancel.job_id)
         if running is not None:
             self._abort(running, "cancelled")
+
+    def _fail_waiting_jobs(self) -> None:
+        """The engine stopped answering its health checks: jobs still waiting for their first
+        output end now with a retryable error, and the api places them elsewhere, instead of
+        waiting out its first-token timeout on an engine that may be hung."""
+        for running in list(self._jobs.values()):
+            if running.engine_first_at is None and running.pump is not None:
+                self._abort(running, "engine_unhealthy")
 
     def _abort(self, running: _Running, reason: str) -> None:
         if running.stop_reason is None:
@@ -568,6 +581,16 @@ class NodeAgent:
             final = usage or Usage(job.prompt_tokens, relayed)
             await self._publish(
                 running, chunk("end", pieces=pending, usage=final, engine_ttft_ms=None if sent_data else _ttft(running))
+            )
+        elif isinstance(outcome, _Stopped) and running.stop_reason in ("node_stopping", "engine_unhealthy"):
+            # The node gave up on the job, not the api: an error it can act on (before the first
+            # token it places the job elsewhere; after, it ends the stream and bills what was sent),
+            # never an ``end`` that would pass for a finished completion.
+            if pending:
+                await self._publish(running, chunk("data", pieces=pending))
+            why = "the node left" if running.stop_reason == "node_stopping" else "the node's engine stopped answering"
+            await self._publish(
+                running, chunk("error", error=f"{why} before the job finished", error_code="engine_unavailable")
             )
         elif isinstance(outcome, _Stopped):
             # Cancelled or past its deadline: bill what was produced. The agent counted the

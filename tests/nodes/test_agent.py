@@ -401,3 +401,38 @@ async def test_a_job_end_is_reported_at_once_while_schedulers_take_the_node_for_
     agent._jobs_since_beat = 18  # what is left is the headroom schedulers keep for reserved jobs
     agent._load_changed()
     assert agent._quick_at - agent._last_beat_at == pytest.approx(QUICK_REPORT_FULL_S, abs=1e-3)
+
+
+async def _one_streaming_and_one_queued(nc: Client, agent: NodeAgent) -> tuple[JobWatch, JobWatch]:
+    """A long job streaming on a one-seat engine, and one queued behind it (no output yet)."""
+    busy = await JobWatch(nc, make_job(MODEL, max_tokens=5000)).submit(agent.node_id)
+    await asyncio.wait_for(busy.first_data.wait(), 10)
+    queued = await JobWatch(nc, make_job(MODEL, max_tokens=5)).submit(agent.node_id)
+    await asyncio.sleep(0.2)
+    assert not queued.first_data.is_set()
+    return busy, queued
+
+
+async def test_an_engine_that_stops_answering_fails_the_jobs_still_waiting_for_output(
+    nc: Client, make_agent: AgentFactory
+) -> None:
+    """Retryable at once (the api places them elsewhere) instead of a wait for the api's
+    first-token timeout on an engine that may be hung; streams already flowing go on."""
+    agent = await make_agent(speedup=1.0, max_num_seqs=1)
+    busy, queued = await _one_streaming_and_one_queued(nc, agent)
+    assert isinstance(agent.engine, SimEngine)
+    agent.engine.set_down(True)
+    error = await queued.done(5)
+    assert (error.kind, error.error_code) == ("error", "engine_unavailable")
+    assert not busy.finished.is_set()
+
+
+async def test_a_node_that_leaves_mid_job_says_so_rather_than_ending_it(nc: Client, make_agent: AgentFactory) -> None:
+    """Revoked (or out of drain time): an error the api acts on, never an ``end`` that would pass
+    for a finished completion (and an empty one for a job with no output yet)."""
+    agent = await make_agent(speedup=1.0, max_num_seqs=1)
+    busy, queued = await _one_streaming_and_one_queued(nc, agent)
+    await agent.stop(drain=False)
+    for watch in (queued, busy):
+        last = await watch.done(5)
+        assert (last.kind, last.error_code) == ("error", "engine_unavailable")
