@@ -16,7 +16,9 @@ collection finalises and charges it, and ``POST /api/stripe/webhook`` records th
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -72,8 +74,9 @@ class StripeSync:
         self.client = stripe_client(settings)
         self.result = SyncResult()
 
-    async def run(self) -> SyncResult:
-        """Push every open invoice not yet fully in Stripe; safe to rerun at any point."""
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self) -> AsyncIterator[None]:
+        """The sync's advisory lock, for as long as the block runs; ``SyncBusy`` if another holds it."""
         async with self.sessions() as lock_session:
             locked = (
                 await lock_session.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": SYNC_LOCK})
@@ -81,24 +84,29 @@ class StripeSync:
             if not locked:
                 raise SyncBusy("another stripe-sync is running")
             try:
-                async with self.sessions() as session:
-                    todo = list(
-                        (
-                            await session.execute(
-                                select(Invoice.id)
-                                .where(
-                                    Invoice.status == "open",
-                                    Invoice.total_minor > 0,
-                                    Invoice.stripe_invoice_id.is_(None),
-                                )
-                                .order_by(Invoice.id)
-                            )
-                        ).scalars()
-                    )
-                for invoice_id in todo:
-                    await self.push_invoice(invoice_id)
+                yield
             finally:
                 await lock_session.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SYNC_LOCK})
+
+    async def run(self) -> SyncResult:
+        """Push every open invoice not yet fully in Stripe; safe to rerun at any point."""
+        async with self._one_at_a_time():
+            async with self.sessions() as session:
+                todo = list(
+                    (
+                        await session.execute(
+                            select(Invoice.id)
+                            .where(
+                                Invoice.status == "open",
+                                Invoice.total_minor > 0,
+                                Invoice.stripe_invoice_id.is_(None),
+                            )
+                            .order_by(Invoice.id)
+                        )
+                    ).scalars()
+                )
+            for invoice_id in todo:
+                await self.push_invoice(invoice_id)
         return self.result
 
     async def push_invoice(self, invoice_id: str) -> str:
@@ -229,22 +237,34 @@ class StripeSync:
         """Transfer each pending provider statement of ``period`` to the provider's Connect account.
 
         UNTESTED HERE: localstripe implements no Connect, so nothing in the test suite exercises
-        ``transfers.create``; nothing fakes its answer either. The transfer is made first with an
-        idempotency key from the statement id, then the payout is posted to the ledger and the
-        statement marked paid in one transaction, so a crash in between repeats the same transfer.
+        ``transfers.create``; nothing fakes its answer either. Under the sync's lock (two payout
+        runs never race), a transfer already made for the statement (its ``transfer_group``: a
+        crash after the transfer, before the ledger, more than the 24 hours Stripe keeps
+        idempotency keys ago) is reused; otherwise it is made with an idempotency key from the
+        statement id. Then the payout is posted to the ledger and the statement marked paid in one
+        transaction.
         """
+        async with self._one_at_a_time():
+            return await self._pay_providers(period)
+
+    async def _pay_providers(self, period: str) -> int:
         async with self.sessions() as session:
             todo = await pending_statements(session, period, self.settings.currency)
         for statement, account in todo:
-            transfer = await self.client.v1.transfers.create_async(
-                {
-                    "amount": statement.earnings_minor,
-                    "currency": statement.currency,
-                    "destination": account,
-                    "transfer_group": statement.id,
-                    "metadata": {"statement_id": statement.id, "provider_id": statement.provider_id},
-                },
-                {"idempotency_key": f"transfer-{statement.id}"},
+            made = await self.client.v1.transfers.list_async({"transfer_group": statement.id, "limit": 1})
+            transfer = (
+                made.data[0]
+                if made.data
+                else await self.client.v1.transfers.create_async(
+                    {
+                        "amount": statement.earnings_minor,
+                        "currency": statement.currency,
+                        "destination": account,
+                        "transfer_group": statement.id,
+                        "metadata": {"statement_id": statement.id, "provider_id": statement.provider_id},
+                    },
+                    {"idempotency_key": f"transfer-{statement.id}"},
+                )
             )
             micros = statement.earnings_minor * MICROS_PER_MINOR
             async with self.sessions() as session, session.begin():
