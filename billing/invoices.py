@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
@@ -161,9 +161,23 @@ async def _credit_available_micros(session: AsyncSession, tenant_ids: list[str])
     return {row.account_id.partition(":")[2]: -int(row.balance) for row in rows}
 
 
+LATE_USAGE_GRACE = timedelta(hours=1)
+"""How long after a period ends its usage may still be arriving (a usage outbox publishing what an
+api process left behind, a billing worker catching up): a period is invoiced only after it."""
+
+
 async def run_invoices(session: AsyncSession, period: str, currency: str) -> RunResult:
-    """Issue the period's invoices and provider statements in one database transaction."""
+    """Issue the period's invoices and provider statements in one database transaction.
+
+    A tenant's invoice and a provider's statement are made once per period, so a period that has
+    not ended (plus ``LATE_USAGE_GRACE``) is refused: usage recorded after its invoice would never
+    be billed."""
     start, end = month(period)
+    if utc_midnight(end) + LATE_USAGE_GRACE > datetime.now(UTC):
+        raise PeriodError(
+            f"period {period} has not ended, or ended less than {LATE_USAGE_GRACE} ago: invoice it after"
+            f" {(utc_midnight(end) + LATE_USAGE_GRACE).isoformat()}"
+        )
     params: dict[str, object] = {"currency": currency, "start": utc_midnight(start), "end": utc_midnight(end)}
     result = RunResult()
     async with session.begin():

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from billing.invoices import run_invoices
+from billing.invoices import PeriodError, run_invoices
 from billing.ledger import NoReservationPrice, post_reservation_hour
 from billing.reconcile import reconcile
 from market.models import Invoice, InvoiceLine, ProviderStatement
@@ -252,3 +252,13 @@ async def test_invoice_command_rates_late_priced_usage_then_invoices(
     )
     assert bad.returncode == 2
     assert "period must be YYYY-MM" in bad.stderr
+
+
+async def test_a_period_is_invoiced_only_after_it_has_ended(sessions: async_sessionmaker[AsyncSession]) -> None:
+    """Invoices and statements are made once per period: usage recorded after an early run would
+    never be billed, so the current month (and the hour after it) is refused."""
+    now = datetime.now(UTC)
+    with pytest.raises(PeriodError, match="has not ended"):
+        await _run(sessions, f"{now.year}-{now.month:02d}")
+    async with sessions() as session:
+        assert (await session.execute(select(Invoice))).first() is None
