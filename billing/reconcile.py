@@ -52,6 +52,18 @@ ORDER BY request_id
 """
 
 CHECKS: dict[str, str] = {
+    # Usage records carry no foreign keys (ingest speed): usage of a tenant or provider that does
+    # not exist is charged or owed to nobody who can be invoiced or paid.
+    "usage_of_unknown_tenants": """
+        SELECT u.tenant_id, count(*) AS requests FROM usage_records u
+        WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.id = u.tenant_id)
+        GROUP BY u.tenant_id ORDER BY u.tenant_id
+    """,
+    "usage_of_unknown_providers": """
+        SELECT u.provider_id, count(*) AS requests FROM usage_records u
+        WHERE u.provider_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM providers p WHERE p.id = u.provider_id)
+        GROUP BY u.provider_id ORDER BY u.provider_id
+    """,
     "unbalanced_transactions": """
         SELECT transaction_id, sum(amount_micros) AS off_by_micros
         FROM ledger_entries GROUP BY transaction_id HAVING sum(amount_micros) <> 0 ORDER BY transaction_id

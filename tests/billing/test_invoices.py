@@ -114,7 +114,9 @@ async def test_provider_statement_pays_for_tokens_served(
     assert statements[second].earnings_minor == 45  # 60 x 0.75
     assert statements[first].status == "pending"
     report = await _reconcile(sessions)
-    assert report.ok, report.render()
+    assert [(f.check, f.rows) for f in report.findings] == [
+        ("usage_of_unknown_providers", [{"provider_id": "prov_nobody_knows", "requests": 1}])
+    ]
 
 
 async def test_reservation_hours_are_charged_once_and_invoiced(
@@ -162,7 +164,7 @@ async def test_reconcile_finds_planted_mismatches_and_exits_non_zero(
 
     # a node that claims more tokens than the api relayed
     inflated = usage_event(tenant, provider_id=provider, completion=900, relayed=700)
-    await store(settings, [inflated])
+    await store(settings, [inflated, usage_event("ten_nobody_knows", provider_id=provider)])
     # and someone edits a ledger entry behind our back
     await fetch(
         settings,
@@ -177,6 +179,7 @@ async def test_reconcile_finds_planted_mismatches_and_exits_non_zero(
     assert found["token_count_mismatches"].rows[0]["billed_completion_tokens"] == 700  # billed what was relayed
     assert found["unbalanced_transactions"].rows == [{"transaction_id": honest[0].request_id, "off_by_micros": 1}]
     assert found["ledger_differs_from_rating"].count == 1
+    assert found["usage_of_unknown_tenants"].rows == [{"tenant_id": "ten_nobody_knows", "requests": 1}]
 
     cli = _reconcile_cli(settings)
     assert cli.returncode == 1
