@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
+    from sqlalchemy import TextClause
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from market.settings import Settings
@@ -347,10 +349,8 @@ class SchedulerService:
             event = self._event_decoder.decode(msg.data)
         except msgspec.DecodeError:
             return
-        if event.kind == "node_revoked" and event.node_id not in self.revoked:
-            self.revoked.add(event.node_id)
-            self.drain_ordered.discard(event.node_id)
-            self.fleet.forget(event.node_id)
+        if event.kind == "node_revoked":
+            self._revoke(event.node_id)
         elif event.kind == "node_draining" and event.node_id not in self.revoked:
             # From the api (a provider's drain) or from a replica that heard the node say so. Until
             # the node itself says it drains, it gets nothing (its order may have been lost).
@@ -359,6 +359,12 @@ class SchedulerService:
                 self.drain_ordered.add(event.node_id)
                 if node is not None:
                     node.status = "draining"
+
+    def _revoke(self, node_id: str) -> None:
+        if node_id not in self.revoked:
+            self.revoked.add(node_id)
+            self.drain_ordered.discard(node_id)
+            self.fleet.forget(node_id)
 
     async def _order_drain(self, node_id: str) -> None:
         """Tell a node again to drain, as the api did (core NATS: an order can be lost)."""
@@ -410,37 +416,37 @@ class SchedulerService:
         """Enrolled nodes' providers, and the revoked ones, from ``nodes``: what a node claims in
         its heartbeats does not decide whose it is, and a revocation holds for replicas started
         after it. A DB outage keeps what was last read."""
-        if self._engine is None:
-            return True
-        try:
-            async with asyncio.timeout(5.0), self._engine.connect() as conn:
-                rows = (await conn.execute(_REGISTRY)).all()
-        except Exception as exc:
-            log.warning("could not read the node registry (keeping the last one): %s", exc)
-            return False
+        rows = await self._read(_REGISTRY, "the node registry")
+        if rows is None:
+            return self._engine is None
         self.providers = {node_id: provider_id for node_id, provider_id, _ in rows}
         for node in self.fleet.nodes.values():
             enrolled_by = self.providers.get(node.node_id)
             if enrolled_by is not None:
                 node.provider_id = enrolled_by
         for node_id, _, status in rows:
-            if status == "revoked" and node_id not in self.revoked:
-                self.revoked.add(node_id)
-                self.drain_ordered.discard(node_id)
-                self.fleet.forget(node_id)
+            if status == "revoked":
+                self._revoke(node_id)
         return True
+
+    async def _read(self, query: TextClause, what: str) -> Sequence[Any] | None:
+        """``query``'s rows, or None without a database or when it cannot be read (logged: the
+        caller keeps what it read last)."""
+        if self._engine is None:
+            return None
+        try:
+            async with asyncio.timeout(5.0), self._engine.connect() as conn:
+                return (await conn.execute(query)).all()
+        except Exception as exc:
+            log.warning("could not read %s (keeping the last one): %s", what, exc)
+            return None
 
     async def load_offers(self) -> bool:
         """Providers' asking prices (output price per 1M tokens) onto their nodes, for tenants'
         price ceilings and cheapest-wins ties. A DB outage keeps the last known offers."""
-        if self._engine is None:
-            return True
-        try:
-            async with asyncio.timeout(5.0), self._engine.connect() as conn:
-                rows = (await conn.execute(_OFFERS)).all()
-        except Exception as exc:
-            log.warning("could not read provider offers (keeping the last ones): %s", exc)
-            return False
+        rows = await self._read(_OFFERS, "provider offers")
+        if rows is None:
+            return self._engine is None
         by_provider: dict[str, dict[str, int]] = {}
         for provider_id, model, price in rows:
             by_provider.setdefault(provider_id, {})[model] = int(price)
