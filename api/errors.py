@@ -218,16 +218,15 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-_DATABASE_AWAY = (
-    OSError,
-    asyncpg.PostgresConnectionError,
+DATABASE_AWAY: tuple[type[BaseException], ...] = (
+    OSError,  # TimeoutError among them
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # shutting down, starting up (CannotConnectNowError)
     asyncpg.TooManyConnectionsError,
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    sa_exc.TimeoutError,
 )
+"""What a lost, restarting, full or unreachable PostgreSQL raises through asyncpg: a 503 to retry."""
+_SQLALCHEMY_AWAY = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
 
 
 def database_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -242,7 +241,7 @@ def database_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
         error = InvalidRequest("a number or date in the request is out of range", code="invalid_value")
     elif any(isinstance(e, asyncpg.UniqueViolationError) for e in chain):
         error = Conflict("a record with the same name or key was created at the same time", code="conflict")
-    elif any(isinstance(e, _DATABASE_AWAY) for e in chain):
+    elif any(isinstance(e, DATABASE_AWAY + _SQLALCHEMY_AWAY) for e in chain):
         error = Unavailable("a service this request needs is unavailable; retry shortly", code="unavailable")
         error.headers["Retry-After"] = "1"
     if error is None:

@@ -33,7 +33,15 @@ import asyncpg
 import msgspec
 
 from api.auth import Principal
-from api.errors import Forbidden, InvalidRequest, NotFound, QuotaExceeded, RateLimited, Unavailable
+from api.errors import (
+    DATABASE_AWAY,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    RateLimited,
+    Unavailable,
+)
 from api.state import AppState
 from market.db import plain_url
 from market.ids import new_id
@@ -239,16 +247,6 @@ class HotConnections:
                 await conn.close(timeout=5)
 
 
-_DATABASE_AWAY = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-)
-"""What a lost, restarting or unreachable PostgreSQL raises: the client gets a 503, not a 500."""
-
-
 def _unavailable(exc: BaseException) -> Unavailable:
     log.warning("admission failed, the database is unreachable: %r", exc)
     return Unavailable(
@@ -375,7 +373,7 @@ class Limiter:
             # A caller that leaves cancels ``done``: before its batch is sent it takes nothing,
             # after, the batch gives back what it held.
             row = await pending.done
-        except _DATABASE_AWAY as exc:
+        except DATABASE_AWAY as exc:
             raise _unavailable(exc) from exc
         status: str = row["status"]
         if status == "ok":
@@ -401,7 +399,7 @@ class Limiter:
         while self._admits:
             try:
                 conn = await self.hot.acquire()
-            except _DATABASE_AWAY as exc:
+            except DATABASE_AWAY as exc:
                 batch, self._admits = self._admits, []
                 for item in batch:
                     if not item.done.done():
