@@ -23,17 +23,19 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
 import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from sqlalchemy import String
 
 from billing import ingest
 from market import bus, subjects
 from market.db import plain_url
+from market.models import UsageRecord
 from market.wire import UsageEvent, decoder
 
 if TYPE_CHECKING:
@@ -55,7 +57,11 @@ _REFUSED_SQL = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 _MAX_TOKENS = 2**31 - 1
 _TIMES = (946_684_800.0, 253_402_300_799.0)
 """Unix times from 2000 to the end of year 9999: what a usage record's timestamps can hold."""
-_WIDTHS = {"request_id": 64, "tenant_id": 40, "key_id": 40, "model": 200, "node_id": 40, "provider_id": 40}
+_WIDTHS: dict[str, int] = {
+    name: cast(String, UsageRecord.__table__.c[name].type).length or 0
+    for name in ("request_id", "tenant_id", "key_id", "model", "node_id", "provider_id")
+}
+"""The usage record's column widths, read from its table."""
 
 
 def invalid(event: UsageEvent) -> str | None:
