@@ -161,6 +161,11 @@ class ProfileInfo(msgspec.Struct, kw_only=True):
     max_model_len: int = 4096
 
 
+MAX_REPORTED_COUNT = 1_000_000
+"""More requests than any node runs or queues: a heartbeat count beyond it is a broken report
+(nodes bound what they send by it, schedulers what they take in)."""
+
+
 class Heartbeat(msgspec.Struct, kw_only=True):
     """A node's periodic report; missing ones make the node unhealthy for placement."""
 

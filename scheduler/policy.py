@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from market.wire import Hardware, Heartbeat, Job, NodeStatus, ProfileInfo
+from market.wire import MAX_REPORTED_COUNT, Hardware, Heartbeat, Job, NodeStatus, ProfileInfo
 
 ANY_MODEL = "*"
 """Key of a node's offer price that applies to every model it has no specific offer for."""
@@ -354,9 +354,5 @@ def place(job: Job, fleet: FleetView, now: float) -> NodeState | None:
     return best
 
 
-_MAX_COUNT = 1_000_000
-"""More requests than any node runs: a count beyond it is a broken report."""
-
-
 def _count(value: int) -> int:
-    return min(max(value, 0), _MAX_COUNT)
+    return min(max(value, 0), MAX_REPORTED_COUNT)

@@ -37,7 +37,7 @@ import aiohttp
 import msgspec
 from aiohttp.http_exceptions import HttpProcessingError
 
-from market.wire import Job, Piece, Usage
+from market.wire import MAX_REPORTED_COUNT, Job, Piece, Usage
 from nodes.engines.base import Emission, EngineError, EngineLoad, EngineStatus, ErrorCode
 from nodes.profiles import LaunchPlan, ProcessSpec
 
@@ -120,12 +120,10 @@ def parse_metrics(text: str) -> EngineLoad:
         elif name == "vllm:kv_cache_usage_perc":
             kv = max(kv, value)
     return EngineLoad(
-        running=min(int(running), _MAX_COUNT), waiting=min(int(waiting), _MAX_COUNT), kv_cache_usage=min(kv, 1.0)
+        running=min(int(running), MAX_REPORTED_COUNT),
+        waiting=min(int(waiting), MAX_REPORTED_COUNT),
+        kv_cache_usage=min(kv, 1.0),
     )
-
-
-_MAX_COUNT = 1_000_000
-"""More requests than any engine holds: a gauge beyond it is broken, and must not break the heartbeat."""
 
 
 def _error_message(status: int, raw: bytes) -> str:
