@@ -24,6 +24,7 @@ from market import bus, subjects, wire
 from market.db import plain_url, session_factory
 from market.models import ApiKey
 from market.settings import Settings
+from tests.billing.conftest import usage_event as make_usage_event
 from tests.conftest import RunningApi
 from tests.token.conftest import FakeFleet, NodeBehaviour, TenantKey, chunk, echo_node
 
@@ -618,27 +619,6 @@ async def test_output_nobody_waits_for_is_cancelled_on_its_node_once(
     assert reasons == [(strays[0], "orphaned")]
 
 
-def _event(request_id: str, tenant_id: str = "ten_outbox") -> wire.UsageEvent:
-    return wire.UsageEvent(
-        request_id=request_id,
-        tenant_id=tenant_id,
-        key_id="key_x",
-        model="fake-model",
-        admission_class="on_demand",
-        node_id="node_a",
-        provider_id="prov_a",
-        prompt_tokens=3,
-        completion_tokens=2,
-        relayed_completion_tokens=2,
-        outcome="completed",
-        started_at=time.time(),
-        ended_at=time.time(),
-        ttft_ms=1.0,
-        engine_ttft_ms=0.5,
-        duration_ms=2.0,
-    )
-
-
 async def _outbox_ids(engine: AsyncEngine) -> list[str]:
     async with engine.connect() as conn:
         return list((await conn.execute(text("SELECT request_id FROM usage_outbox ORDER BY 1"))).scalars())
@@ -655,7 +635,7 @@ async def test_usage_events_wait_out_a_missing_stream_and_land_once(
     await inboxes.start()
     publisher = UsagePublisher(inboxes, UsageOutbox(plain_url(settings.require_database_url())), concurrency=2)
     await publisher.start()
-    event = _event("req_missing_stream")
+    event = make_usage_event("ten_outbox", request_id="req_missing_stream")
     try:
         await publisher.submit(event)
         await asyncio.sleep(0.5)
@@ -681,7 +661,7 @@ async def test_usage_events_an_api_process_left_behind_are_published_by_another(
 ) -> None:
     """Rows in the outbox that no live process published for a while (it died between storing
     and the ack) are claimed and published by a running api, once; fresh ones are left alone."""
-    left, fresh = _event("req_left_behind"), _event("req_just_stored")
+    left, fresh = (make_usage_event("ten_outbox", request_id=r) for r in ("req_left_behind", "req_just_stored"))
     async with engine.begin() as conn:
         for event, age in ((left, 120), (fresh, 0)):
             await conn.execute(
