@@ -1,7 +1,9 @@
 """Bearer-key authentication and role guards.
 
 A key is looked up by the sha256 of the presented secret (one indexed query), then cached for a
-few seconds so the token API's hot path rarely touches the database. Revocation is broadcast on
+few seconds so the token API's hot path rarely touches the database. A key in use is looked up
+again in the background during the last ``REFRESH_AHEAD_S`` of its entry, so its requests never
+wait for that query (once every TTL, each of them did, and as long as the database took). Revocation is broadcast on
 ``control.keys.revoked`` so every api replica drops the cached key at once; the short TTL bounds
 staleness if a broadcast is missed. Expired, revoked and unknown keys all get a 401; the code says
 which (``expired_api_key``, ``revoked_api_key``, ``invalid_api_key``) since the caller holds the key.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,7 +30,11 @@ from api.state import AppState
 from market import keys, subjects
 from market.models import ApiKey, Tenant
 
+log = logging.getLogger(__name__)
+
 CACHE_TTL_S = 5.0
+REFRESH_AHEAD_S = 1.0
+"""A cached key used within this long of its entry's expiry is looked up again in the background."""
 CACHE_MAX = 100_000
 
 
@@ -96,21 +103,31 @@ class Authenticator:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             principal = cached[1]
+            if cached[0] - now < REFRESH_AHEAD_S and digest not in self._loading:
+                self._lookup(digest)  # in the background: this request goes on with the entry
         else:
-            loading = self._loading.get(digest)
-            if loading is None:
-                loading = self._loading[digest] = asyncio.ensure_future(self._load_and_cache(digest))
-                loading.add_done_callback(functools.partial(self._loaded, digest))
-            principal = await asyncio.shield(loading)
+            principal = await asyncio.shield(self._loading.get(digest) or self._lookup(digest))
         if principal.expires_at is not None and principal.expires_at <= time.time():
             raise Unauthorized("API key has expired", code="expired_api_key")
         return principal
 
+    def _lookup(self, digest: str) -> asyncio.Future[Principal]:
+        """Start the one lookup of ``digest`` that concurrent callers share."""
+        loading = self._loading[digest] = asyncio.ensure_future(self._load_and_cache(digest))
+        loading.add_done_callback(functools.partial(self._loaded, digest))
+        return loading
+
     def _loaded(self, digest: str, loading: asyncio.Future[Principal]) -> None:
         if self._loading.get(digest) is loading:
             del self._loading[digest]
-        if not loading.cancelled():
-            loading.exception()  # retrieved: its callers may all have gone
+        if loading.cancelled():
+            return
+        exc = loading.exception()  # retrieved: its callers may all have gone
+        if isinstance(exc, (Unauthorized, Forbidden)):
+            # A refresh found the key revoked or its tenant suspended: the entry must not outlive that.
+            self._cache.pop(digest, None)
+        elif exc is not None and digest in self._cache:
+            log.warning("refreshing a cached API key failed; its entry is kept until it expires: %r", exc)
 
     async def _load_and_cache(self, digest: str) -> Principal:
         for _ in range(3):  # a key revoked during the lookup (maybe this one): look again

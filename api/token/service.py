@@ -40,6 +40,8 @@ T = TypeVar("T")
 MAX_ATTEMPTS = 3
 RETRYABLE = {"engine_unavailable", "draining", "engine_error", "node_lost", "accept_timeout"}
 CATALOG_TTL_S = 5.0
+CATALOG_REFRESH_AHEAD_S = 1.0
+"""Within this long of the catalog's expiry, a request reloads it in the background and goes on."""
 INTER_CHUNK_TIMEOUT_S = 60.0
 LOST_GRACE_S = 2.0
 """How long a node reported lost mid-stream may stay silent before its stream is given up on."""
@@ -65,23 +67,53 @@ class Limiter(Protocol):
 
 
 class Catalog:
-    """Active models from the database, cached for a few seconds per replica."""
+    """Active models from the database, cached for a few seconds per replica.
+
+    While requests keep coming the catalog is reloaded in the background before it expires
+    (``CATALOG_REFRESH_AHEAD_S``): otherwise every request in flight when it expired waited for
+    the query, once every ``CATALOG_TTL_S``, however long the database took. Only a catalog that
+    has expired (an idle replica, a failing database) is reloaded in line.
+    """
 
     def __init__(self, state: AppState) -> None:
         self.state = state
         self._models: dict[str, Model] = {}
-        self._loaded_at = 0.0
+        self._loaded_at = -CATALOG_TTL_S
         self._lock = asyncio.Lock()
+        self._refresh: asyncio.Task[None] | None = None
 
     async def all(self) -> dict[str, Model]:
-        if time.monotonic() - self._loaded_at > CATALOG_TTL_S:
+        age = time.monotonic() - self._loaded_at
+        if age > CATALOG_TTL_S:
             async with self._lock:
                 if time.monotonic() - self._loaded_at > CATALOG_TTL_S:
-                    async with self.state.sessions() as session:
-                        rows = (await session.scalars(select(Model).where(Model.active))).all()
-                    self._models = {m.name: m for m in rows}
-                    self._loaded_at = time.monotonic()
+                    await self._load()
+        elif age > CATALOG_TTL_S - CATALOG_REFRESH_AHEAD_S and self._refresh is None:
+            self._refresh = asyncio.create_task(self._reload_ahead(), name="catalog-refresh")
         return self._models
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        async with self.state.sessions() as session:
+            rows = (await session.scalars(select(Model).where(Model.active))).all()
+        self._models = {m.name: m for m in rows}
+        self._loaded_at = started
+
+    async def _reload_ahead(self) -> None:
+        try:
+            async with self._lock:
+                await self._load()
+        except Exception as exc:  # the entry stands until it expires; then a request reloads in line
+            log.warning("reloading the model catalog failed: %r", exc)
+        finally:
+            self._refresh = None
+
+    async def close(self) -> None:
+        """Stop a background reload (the database pool is closed after the token service)."""
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
 
     async def get(self, name: str) -> Model:
         model = (await self.all()).get(name)
@@ -92,9 +124,6 @@ class Catalog:
                 param="model",
             )
         return model
-
-    def invalidate(self) -> None:
-        self._loaded_at = 0.0
 
 
 @dataclass
@@ -479,6 +508,7 @@ class TokenService:
         """Let requests that are finishing (cancel, settle, usage) end, then flush usage events."""
         if self.background:
             await asyncio.wait(list(self.background), timeout=5)
+        await self.catalog.close()
         await self.usage.stop()
         await self.inboxes.stop()
 
