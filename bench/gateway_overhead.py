@@ -16,9 +16,23 @@
    are measured: requests/s and relayed tokens/s for one api process.
 
 Everything (PostgreSQL, NATS, vLLM, api, scheduler, agents, the load generator) shares this
-machine's cores, so the figures are a floor for a real deployment, where vLLM has a GPU.
+machine's cores, so the figures are a floor for a real deployment, where vLLM has a GPU and the
+agent, the marketplace's services and the clients are on machines of their own. ``--layout``
+says which processes share vLLM's core (the last one) and which the other(s):
+
+- ``shared`` (default): vLLM alone, as it would be alone on its GPU; everything else together.
+  The fair layout for throughput: nothing takes the engine's core.
+- ``node``: vLLM with its agent, as on a provider's machine; the marketplace's services and
+  the load generator together.
+- ``apart``: the marketplace's services (api, scheduler, NATS, PostgreSQL) alone, as on machines
+  of their own; vLLM, its agent and the load generator together. The layout for the
+  marketplace's own part of the TTFT: the other layouts add the time its processes wait for a
+  core that the agent (``shared``) or the load generator share with them. Its throughput
+  ratio means nothing: the agent and the load generator take the engine's core on one side
+  and not the other.
 
     python bench/gateway_overhead.py [--concurrency 50] [--requests 400] [--max-tokens 64]
+        [--layout shared|node|apart]
 """
 
 from __future__ import annotations
@@ -446,6 +460,12 @@ async def main() -> None:
         help="let vLLM and the control plane share every core (default: vLLM alone on the last core, "
         "as it would be alone on its GPU, everything else on the others)",
     )
+    parser.add_argument(
+        "--layout",
+        choices=("shared", "node", "apart"),
+        default="shared",
+        help="which processes share vLLM's core (see the module docstring); ignored with --no-pin",
+    )
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     pin = not args.no_pin and len(cores) >= 2
@@ -496,8 +516,11 @@ async def main() -> None:
                 ],
                 stack.env(settings, "admin"),
                 "agents-vllm",
+                engine_cores if args.layout in ("node", "apart") else None,
             )
             await wait_serving(api, MODEL_NAME, headers)
+            if engine_cores and args.layout == "apart":
+                os.sched_setaffinity(0, engine_cores)  # the load generator, with vLLM and its agent
             per_round = max(1, args.requests // args.rounds)
             warm = min(args.concurrency, per_round)
             await run_load(plan.engine_url + "/v1/completions", MODEL_NAME, {}, warm, warm, args.max_tokens)
@@ -541,6 +564,8 @@ async def main() -> None:
             rows.append(row("through the marketplace", market_total))
             stack.stop(agents)
             stack.stop(vllm_proc)
+            if plane_cores:
+                os.sched_setaffinity(0, plane_cores)  # the control plane's own layout, below
         if engine_cores:
             # The control plane alone: the api process gets the core vLLM had; the load generator,
             # NATS, PostgreSQL, the scheduler and the simulated nodes share the rest.
@@ -577,8 +602,14 @@ async def main() -> None:
         rows.append(row(f"control plane alone ({args.sim_nodes} simulated nodes)", control))
         split = await ttft_split(settings, [market_total, control])
 
+        together = {
+            "shared": ("vLLM", "everything else"),
+            "node": ("vLLM and its agent", "everything else"),
+            "apart": ("vLLM, its agent and the load generator", "api, scheduler, NATS and PostgreSQL"),
+        }[args.layout]
         placement = (
-            f"vLLM pinned to cores {sorted(engine_cores)}, everything else to {sorted(plane_cores or [])}"
+            f"layout {args.layout}: {together[0]} on cores {sorted(engine_cores)}, "
+            f"{together[1]} on {sorted(plane_cores or [])}"
             if engine_cores
             else f"{len(cores)} cores shared by everything"
         )
