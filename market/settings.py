@@ -81,6 +81,8 @@ class Settings:
     accept_timeout_s: float = 2.0
     queue_timeout_s: float = 10.0
     """How long the api waits for a free slot when every node serving the model is busy."""
+    usage_checkpoint_s: float = 2.0
+    """How often the api writes the usage its streams in flight would end with (billed if it dies)."""
     currency: str = "usd"
     stripe: StripeSettings = field(default_factory=StripeSettings)
 
@@ -107,6 +109,7 @@ class Settings:
             first_token_timeout_s=_env_float("MARKET_FIRST_TOKEN_TIMEOUT", 120.0),
             accept_timeout_s=_env_float("MARKET_ACCEPT_TIMEOUT", 2.0),
             queue_timeout_s=_env_float("MARKET_QUEUE_TIMEOUT", 10.0),
+            usage_checkpoint_s=_env_float("MARKET_USAGE_CHECKPOINT", 2.0),
             currency=(_env("MARKET_CURRENCY", "usd") or "usd").lower(),
             stripe=StripeSettings(
                 api_key=_env("MARKET_STRIPE_API_KEY"),

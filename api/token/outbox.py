@@ -10,6 +10,12 @@ repeated request id after it.
 Stores and deletes are group-committed like admissions (what arrives while a statement is in
 flight goes in the next one), on connections that wait for the WAL flush: these rows are what
 gets billed.
+
+Streams in flight are checkpointed too (``usage_in_flight``): every few seconds each api process
+writes the event each of its streams would end with if it ended now, under its limiter's id; the
+statement that stores a request's final event deletes that row. ``claim_orphaned`` moves the rows
+of processes that stopped heartbeating into the outbox (unless a final event is there already),
+so a stream whose api died mid-way is billed for what it had relayed by its last checkpoint.
 """
 
 from __future__ import annotations
@@ -23,10 +29,27 @@ from api.limits import HotConnections
 
 log = logging.getLogger(__name__)
 
-_STORE_SQL = (
-    "INSERT INTO usage_outbox (request_id, subject, event)"
-    " SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) ON CONFLICT (request_id) DO NOTHING"
-)
+_STORE_SQL = """
+WITH checkpoints AS (DELETE FROM usage_in_flight WHERE request_id = ANY($1::text[]))
+INSERT INTO usage_outbox (request_id, subject, event)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) ON CONFLICT (request_id) DO NOTHING
+"""
+_CHECKPOINT_SQL = """
+INSERT INTO usage_in_flight (request_id, holder, subject, event)
+SELECT i, $1, s, e FROM unnest($2::text[], $3::text[], $4::bytea[]) AS u(i, s, e)
+ON CONFLICT (request_id) DO UPDATE SET event = excluded.event, updated_at = now()
+"""
+_CLAIM_ORPHANED_SQL = """
+WITH orphaned AS (
+    DELETE FROM usage_in_flight f
+     WHERE NOT EXISTS (SELECT 1 FROM limiter_instances i
+                        WHERE i.id = f.holder AND i.seen_at >= now() - make_interval(secs => $1))
+    RETURNING request_id, subject, event)
+INSERT INTO usage_outbox (request_id, subject, event)
+SELECT request_id, subject, event FROM orphaned
+ON CONFLICT (request_id) DO NOTHING
+RETURNING request_id, subject, event
+"""
 _FORGET_SQL = "DELETE FROM usage_outbox WHERE request_id = ANY($1::text[])"
 _CLAIM_SQL = """
 UPDATE usage_outbox SET stored_at = now()
@@ -108,6 +131,23 @@ class UsageOutbox:
                 await self.conns.fetch(_FORGET_SQL, batch)
             except Exception as exc:  # left in place: published again later, dropped as a duplicate
                 log.warning("could not delete %d published usage events from the outbox: %s", len(batch), exc)
+
+    async def checkpoint(self, holder: str, events: list[StoredEvent]) -> None:
+        """Write (or overwrite) the events streams in flight would end with now, as ``holder``'s."""
+        if events:
+            await self.conns.fetch(
+                _CHECKPOINT_SQL,
+                holder,
+                [e.request_id for e in events],
+                [e.subject for e in events],
+                [e.payload for e in events],
+            )
+
+    async def claim_orphaned(self, stale_s: float) -> list[StoredEvent]:
+        """Move the checkpoints of api processes silent for ``stale_s`` into the outbox (a final
+        event stored there stands) and return them, claimed for ``LEFT_BEHIND_S`` like any row."""
+        rows = await self.conns.fetch(_CLAIM_ORPHANED_SQL, stale_s)
+        return [StoredEvent(r["request_id"], r["subject"], bytes(r["event"])) for r in rows]
 
     async def claim_left_behind(self, limit: int = 500) -> list[StoredEvent]:
         """Rows stored (or last claimed) over ``LEFT_BEHIND_S`` ago, claimed for this process for as long again."""

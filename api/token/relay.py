@@ -26,6 +26,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from api.limits import STALE_HOLDER_S
 from api.token.outbox import StoredEvent, UsageOutbox
 from market import aio, bus, subjects, wire
 from market.ids import ulid
@@ -287,14 +288,18 @@ class UsagePublisher:
         self.queue.put_nowait(stored)
 
     async def sweep(self) -> int:
-        """Queue the outbox's events left behind (by a process that died, or while JetStream was away)."""
+        """Queue the outbox's events left behind (by a process that died, or while JetStream was
+        away), and the last checkpoints of streams whose api process died mid-way."""
         if self.outbox is None:
             return 0
-        found = await self.outbox.claim_left_behind()
+        orphaned = await self.outbox.claim_orphaned(STALE_HOLDER_S)
+        found = orphaned + await self.outbox.claim_left_behind()
         for event in found:
             self.queue.put_nowait(event)
-        if found:
-            log.warning("publishing %d usage events left behind in the outbox", len(found))
+        if orphaned:
+            log.warning("billing %d streams whose api process died mid-way, as of their last checkpoint", len(orphaned))
+        if len(found) > len(orphaned):
+            log.warning("publishing %d usage events left behind in the outbox", len(found) - len(orphaned))
         return len(found)
 
     async def _sweep(self) -> None:

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from api.auth import Principal
 from api.errors import AppError, InvalidRequest, NotFound, Unavailable, UpstreamError
 from api.state import AppState
-from api.token.outbox import UsageOutbox
+from api.token.outbox import StoredEvent, UsageOutbox
 from api.token.relay import LOST, TIMED_OUT, FleetWatch, Inboxes, Mailbox, UsagePublisher
 from api.token.schemas import ChatCompletionRequest, CompletionRequest, estimate_tokens
 from market import subjects, wire
@@ -60,6 +60,9 @@ _placement_decoder = wire.decoder(wire.Placement)
 
 class Limiter(Protocol):
     """What the token path needs from the quota and rate-limit service (``api.limits``)."""
+
+    holder: str
+    """This process's id among the limiters (its liveness is their heartbeat)."""
 
     async def admit(self, principal: Principal, model: str, prompt_tokens: int, max_tokens: int) -> Any: ...
 
@@ -126,7 +129,7 @@ class Catalog:
         return model
 
 
-@dataclass
+@dataclass(eq=False)  # identity: runs are kept in a set while they stream
 class Run:
     """One request's journey; see the module docstring."""
 
@@ -155,6 +158,8 @@ class Run:
     placing: bool = False
     """The job was sent to the schedulers and no answer came back (one may hold it, waiting for a
     slot, or its answer was lost): a cancel then withdraws it there."""
+    checkpointing: asyncio.Future[None] | None = None
+    """Set while a checkpoint of this stream is being written: its final event waits for it."""
 
     # ---- placement -------------------------------------------------------------------------
     async def begin(self, client_left: Callable[[], Awaitable[object]] | None = None) -> None:
@@ -186,6 +191,7 @@ class Run:
                 self._release_attempt()
                 raise
             if failure is None:
+                self.service.live.add(self)
                 return
             last_error = failure
             await self._cancel("failover")  # a slow node must not run the job for nobody
@@ -444,41 +450,46 @@ class Run:
             self.engine_usage, self.first, self.relayed_tokens = None, None, 0
         self.outcome = outcome
         self._release_attempt()
-        ended = time.time()
+        self.service.live.discard(self)
+        if self.node_id is None and self.tried is not None:
+            self.node_id, self.provider_id = self.tried
+        event = self.usage_event(outcome, time.time())
+        if self.service.limiter is not None and self.admission is not None:
+            completion = event.completion_tokens if self.engine_usage else self.relayed_tokens
+            try:
+                await self.service.limiter.settle(self.admission, event.prompt_tokens + completion)
+            except Exception:
+                log.exception("quota settle failed", extra={"job": self.job.id})
+        if self.node_id is None and self.engine_usage is None and self.relayed_tokens == 0:
+            return  # never reached a node: nothing was consumed, nothing to record
+        if self.checkpointing is not None:  # its row must be written before the final event deletes it
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.checkpointing)
+        await self.service.usage.submit(event)
+
+    def usage_event(self, outcome: wire.Outcome, ended: float) -> wire.UsageEvent:
+        """The request's usage event, were it to end now with ``outcome``."""
         usage = self.engine_usage
         # Without the engine's report (lost mid-stream), a prompt that produced output was
         # processed: count the api's estimate of it, as the agent does for a cancelled job.
         prompt = usage.prompt_tokens if usage else (self.job.prompt_tokens if self.first is not None else 0)
-        completion = usage.completion_tokens if usage else 0
-        if self.service.limiter is not None and self.admission is not None:
-            used = prompt + (completion if usage else self.relayed_tokens)
-            try:
-                await self.service.limiter.settle(self.admission, used)
-            except Exception:
-                log.exception("quota settle failed", extra={"job": self.job.id})
-        if self.node_id is None and self.tried is not None:
-            self.node_id, self.provider_id = self.tried
-        if self.node_id is None and usage is None and self.relayed_tokens == 0:
-            return  # never reached a node: nothing was consumed, nothing to record
-        await self.service.usage.submit(
-            wire.UsageEvent(
-                request_id=self.job.id,
-                tenant_id=self.job.tenant_id,
-                key_id=self.job.key_id,
-                model=self.model,
-                admission_class=self.job.admission_class,
-                node_id=self.node_id,
-                provider_id=self.provider_id,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                relayed_completion_tokens=self.relayed_tokens,
-                outcome=outcome,
-                started_at=self.started_at,
-                ended_at=ended,
-                ttft_ms=round((self.first_token_at - self.started_at) * 1000, 3) if self.first_token_at else None,
-                engine_ttft_ms=self.engine_ttft_ms,
-                duration_ms=round((ended - self.started_at) * 1000, 3),
-            )
+        return wire.UsageEvent(
+            request_id=self.job.id,
+            tenant_id=self.job.tenant_id,
+            key_id=self.job.key_id,
+            model=self.model,
+            admission_class=self.job.admission_class,
+            node_id=self.node_id,
+            provider_id=self.provider_id,
+            prompt_tokens=prompt,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            relayed_completion_tokens=self.relayed_tokens,
+            outcome=outcome,
+            started_at=self.started_at,
+            ended_at=ended,
+            ttft_ms=round((self.first_token_at - self.started_at) * 1000, 3) if self.first_token_at else None,
+            engine_ttft_ms=self.engine_ttft_ms,
+            duration_ms=round((ended - self.started_at) * 1000, 3),
         )
 
 
@@ -493,6 +504,9 @@ class TokenService:
         self.fleet = FleetWatch(state.nc)
         self.usage = UsagePublisher(self.inboxes, UsageOutbox(plain_url(state.settings.require_database_url())))
         self.background: set[asyncio.Task[None]] = set()
+        self.live: set[Run] = set()
+        """Streams past their first token and not finished: what ``checkpoint`` writes."""
+        self._checkpoints: asyncio.Task[None] | None = None
 
     @property
     def limiter(self) -> Limiter | None:
@@ -503,14 +517,52 @@ class TokenService:
         await self.inboxes.start()
         await self.fleet.start()
         await self.usage.start()
+        self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="usage-checkpoints")
 
     async def stop(self) -> None:
         """Let requests that are finishing (cancel, settle, usage) end, then flush usage events."""
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
         if self.background:
             await asyncio.wait(list(self.background), timeout=5)
         await self.catalog.close()
         await self.usage.stop()
         await self.inboxes.stop()
+
+    async def checkpoint(self) -> int:
+        """Write the usage event each stream in flight would end with now (as a failure: its
+        client has a cut stream if this process dies), under this process's limiter id; see
+        ``api.token.outbox``. Returns how many were written."""
+        holder = getattr(self.limiter, "holder", None)
+        runs = [run for run in self.live if not run.finished]
+        if holder is None or self.usage.outbox is None or not runs:
+            return 0
+        now = time.time()
+        events = [
+            StoredEvent(run.job.id, subjects.usage(run.job.tenant_id), wire.encode(run.usage_event("failed", now)))
+            for run in runs
+        ]
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for run in runs:
+            run.checkpointing = written
+        try:
+            await self.usage.outbox.checkpoint(holder, events)
+        finally:
+            written.set_result(None)
+            for run in runs:
+                if run.checkpointing is written:
+                    run.checkpointing = None
+        return len(events)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.usage_checkpoint_s)
+            try:
+                await self.checkpoint()
+            except Exception as exc:  # the next one may succeed; the final events do not depend on it
+                log.warning("checkpointing streams in flight failed: %r", exc)
 
     def spawn(self, coro: Any) -> None:
         """Run cleanup that must outlive a cancelled request (anyio re-cancels awaits in its scope)."""

@@ -16,6 +16,7 @@ from market.models.billing import (
     ProviderStatement,
     StripeCustomer,
     StripeEvent,
+    UsageInFlight,
     UsageOutboxEntry,
     UsageRecord,
 )
@@ -46,6 +47,7 @@ __all__ += [
     "ProviderStatement",
     "StripeCustomer",
     "StripeEvent",
+    "UsageInFlight",
     "UsageOutboxEntry",
     "UsageRecord",
 ]

@@ -217,6 +217,26 @@ class UsageOutboxEntry(Base):
     """When stored, or last claimed by a replica publishing what another left behind."""
 
 
+class UsageInFlight(Base):
+    """The usage event a stream in flight would end with if it ended now, checkpointed by the api
+    process relaying it (``holder``, its limiter's id) every few seconds.
+
+    The request's final event replaces it (the statement that stores the final event in the
+    outbox deletes this row). The rows of an api process that stopped heartbeating are moved to
+    the outbox and published, so a stream whose api died mid-way is billed for what it had
+    relayed by the last checkpoint, and its provider paid for it.
+    """
+
+    __tablename__ = "usage_in_flight"
+    __table_args__ = (Index("ix_usage_in_flight_holder", "holder"),)
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(40))
+    subject: Mapped[str] = mapped_column(String(200))
+    event: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+
+
 class LedgerAccount(Base):
     """A ledger account, named ``<kind>:<owner>`` (``tenant:ten_...``, ``platform:revenue``)."""
 

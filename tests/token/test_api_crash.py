@@ -1,0 +1,139 @@
+"""Streams in flight are checkpointed: one whose api process dies mid-way is still billed (as of its
+last checkpoint) and its provider paid; one that ends has its checkpoint replaced by its final event."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from nats.aio.client import Client
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from market import wire
+from market.embedded import free_port
+from market.settings import Settings
+from tests.conftest import RunningApi
+from tests.token.conftest import FakeFleet, NodeBehaviour, TenantKey, echo_node
+from tests.token.test_token_api import usage_event
+
+ROOT = Path(__file__).resolve().parents[2]
+Fleet = Callable[[dict[str, NodeBehaviour]], Awaitable[FakeFleet]]
+
+
+async def _in_flight(engine: AsyncEngine) -> list[tuple[str, str, wire.UsageEvent]]:
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT request_id, holder, event FROM usage_in_flight"))).all()
+    return [(r[0], r[1], wire.decoder(wire.UsageEvent).decode(r[2])) for r in rows]
+
+
+async def _read_tokens(lines: Any, count: int) -> int:
+    """Read the stream until ``count`` tokens have come (one per event from the echo node)."""
+    seen = 0
+    async for line in lines:
+        if line.startswith("data: {"):
+            seen += 1
+            if seen == count:
+                return seen
+    raise AssertionError(f"the stream ended after {seen} tokens")
+
+
+def _body(max_tokens: int) -> dict[str, Any]:
+    return {"model": "fake-model", "prompt": "tell me a long story", "max_tokens": max_tokens, "stream": True}
+
+
+async def test_a_streams_checkpoint_gives_way_to_its_final_event(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client, engine: AsyncEngine
+) -> None:
+    await fleet({"slow": echo_node("slow", words=30, delay=0.02)})
+    service = api.app.state.app_state.services["token"]
+    headers = {"Authorization": f"Bearer {tenant.secret}"}
+    async with (
+        httpx.AsyncClient(base_url=api.url, headers=headers, timeout=30) as client,
+        client.stream("POST", "/v1/completions", json=_body(30)) as response,
+    ):
+        request_id = response.headers["x-request-id"]
+        lines = response.aiter_lines()
+        await _read_tokens(lines, 5)
+        assert await service.checkpoint() >= 1
+        [(_, holder, checkpoint)] = [row for row in await _in_flight(engine) if row[0] == request_id]
+        assert holder == service.limiter.holder
+        assert checkpoint.outcome == "failed"  # what it would be if this process died now
+        assert 5 <= checkpoint.relayed_completion_tokens < 30
+        assert (checkpoint.node_id, checkpoint.tenant_id) == ("slow", tenant.tenant_id)
+        async for _ in lines:
+            pass
+    final, _ = await usage_event(nc, tenant.tenant_id, request_id=request_id)
+    assert (final.outcome, final.completion_tokens, final.relayed_completion_tokens) == ("completed", 30, 30)
+    assert [row for row in await _in_flight(engine) if row[0] == request_id] == []
+
+
+async def test_a_stream_whose_api_process_dies_is_billed_as_of_its_last_checkpoint(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client, engine: AsyncEngine, settings: Settings
+) -> None:
+    await fleet({"slow": echo_node("slow", words=400, delay=0.02)})  # an 8 s stream
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
+    env.update(
+        MARKET_DATABASE_URL=settings.require_database_url(),
+        MARKET_NATS_URL=settings.require_nats_url(),
+        MARKET_NATS_USER=settings.nats_user or "",
+        MARKET_NATS_PASSWORD=settings.nats_password or "",
+        MARKET_DATA_DIR=str(settings.data_dir),
+        MARKET_LOG_LEVEL="WARNING",
+        MARKET_USAGE_CHECKPOINT="0.2",
+    )
+    doomed = subprocess.Popen(
+        [sys.executable, "-m", "api", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    usage = api.app.state.app_state.services["token"].usage
+    try:
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=url, timeout=30) as probe:
+            deadline = time.monotonic() + 60
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await probe.get("/readyz")).status_code == 200:
+                        break
+                assert doomed.poll() is None, "the api process stopped"
+                assert time.monotonic() < deadline, "the api process did not start"
+                await asyncio.sleep(0.1)
+        headers = {"Authorization": f"Bearer {tenant.secret}"}
+        async with (
+            httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client,
+            client.stream("POST", "/v1/completions", json=_body(400)) as response,
+        ):
+            request_id = response.headers["x-request-id"]
+            received = await _read_tokens(response.aiter_lines(), 20)
+            await asyncio.sleep(0.6)  # checkpoints are taken every 0.2 s
+            await usage.sweep()  # the process lives: its streams are nobody else's to bill
+            [(_, holder, _)] = [row for row in await _in_flight(engine) if row[0] == request_id]
+            doomed.kill()  # mid-stream: no final event, no settle, no goodbye
+            doomed.wait()
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+            doomed.wait()
+    async with engine.begin() as conn:  # its heartbeats stopped a minute ago (made so here)
+        await conn.execute(
+            text("UPDATE limiter_instances SET seen_at = now() - interval '1 hour' WHERE id = :id"), {"id": holder}
+        )
+    await usage.sweep()
+    event, _ = await usage_event(nc, tenant.tenant_id, request_id=request_id, timeout=10)
+    assert event.outcome == "failed"
+    assert (event.node_id, event.provider_id, event.key_id) == ("slow", "prov_fake", tenant.key_id)
+    assert event.prompt_tokens > 0
+    assert received <= event.relayed_completion_tokens < 400  # at least what the client had read
+    assert [row for row in await _in_flight(engine) if row[0] == request_id] == []
