@@ -25,7 +25,7 @@ import stripe
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
-from sqlalchemy import ColumnElement, Date, cast, func, select, update
+from sqlalchemy import ColumnElement, Date, Select, cast, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -94,6 +94,32 @@ class UsageReport(msgspec.Struct):
     total_cost_micros: int
 
 
+class LatencyRow(msgspec.Struct):
+    """A tenant's requests of one day (UTC) and model, as it saw them. Times are milliseconds,
+    ``None`` where no request of the row had one (no first token: failed before any output)."""
+
+    day: date
+    model: str
+    requests: int
+    failed: int
+    ttft_p50_ms: float | None
+    ttft_p90_ms: float | None
+    ttft_p99_ms: float | None
+    """From the request's arrival at the api to its first token leaving for the client."""
+    marketplace_ttft_p50_ms: float | None
+    marketplace_ttft_p99_ms: float | None
+    """The part of the TTFT not spent in the engine (admission, placement, relay), per request."""
+    duration_p50_ms: float | None
+    duration_p99_ms: float | None
+
+
+class LatencyReport(msgspec.Struct):
+    tenant_id: str
+    start: date
+    end: date
+    rows: list[LatencyRow]
+
+
 class BalanceOut(msgspec.Struct):
     tenant_id: str
     currency: str
@@ -150,6 +176,29 @@ class EarningsOut(msgspec.Struct):
     total_earnings_micros: int
     unpaid_balance_micros: int
     """Everything earned and not yet paid out, all periods."""
+
+
+class NodeLatencyRow(msgspec.Struct):
+    """One node's requests of one day (UTC) and model: the engine's time to first token as the
+    node's agent timed it (its request to the engine to the first output), and the duration."""
+
+    day: date
+    node_id: str
+    model: str
+    requests: int
+    failed: int
+    engine_ttft_p50_ms: float | None
+    engine_ttft_p90_ms: float | None
+    engine_ttft_p99_ms: float | None
+    duration_p50_ms: float | None
+    duration_p99_ms: float | None
+
+
+class NodeLatencyReport(msgspec.Struct):
+    provider_id: str
+    start: date
+    end: date
+    rows: list[NodeLatencyRow]
 
 
 class StatementOut(msgspec.Struct):
@@ -259,6 +308,28 @@ def _day(column: Any) -> ColumnElement[date]:
     return cast(func.timezone("UTC", column), Date)
 
 
+def _daily(
+    first: date, last: date, where: Sequence[ColumnElement[bool]], keys: Sequence[Any], values: Sequence[Any]
+) -> Select[Any]:
+    """Usage records ending in [first, last) that match ``where``, grouped and ordered by day (UTC)
+    and ``keys``: a row of the day, the keys and the aggregate ``values``."""
+    day = _day(UsageRecord.ended_at).label("day")
+    return (
+        select(day, *keys, *values)
+        .where(*where, UsageRecord.ended_at >= _midnight(first), UsageRecord.ended_at < _midnight(last))
+        .group_by(day, *keys)
+        .order_by(day, *keys)
+    )
+
+
+def _percentile(q: float, column: Any) -> ColumnElement[float]:
+    return func.percentile_cont(q).within_group(column)
+
+
+def _ms(value: Any) -> float | None:
+    return None if value is None else round(float(value), 1)
+
+
 async def _balance(session: AsyncSession, account_id: str) -> int:
     total = await session.scalar(
         select(func.coalesce(func.sum(LedgerEntry.amount_micros), 0)).where(LedgerEntry.account_id == account_id)
@@ -349,31 +420,56 @@ class TenantBillingController(Controller):
         """Usage by day (UTC), model, key and admission class; ``?format=csv`` downloads it."""
         tenant_id = _tenant(await principal_of(request))
         first, last = _range(start, end)
-        day = _day(UsageRecord.ended_at).label("day")
-        query = (
-            select(
-                day,
-                UsageRecord.model,
-                UsageRecord.key_id,
-                UsageRecord.admission_class,
+        query = _daily(
+            first,
+            last,
+            [UsageRecord.tenant_id == tenant_id],
+            [UsageRecord.model, UsageRecord.key_id, UsageRecord.admission_class],
+            [
                 func.count(),
                 func.sum(UsageRecord.prompt_tokens),
                 func.sum(UsageRecord.billed_completion_tokens),
                 func.coalesce(func.sum(UsageRecord.tenant_micros), 0),
-            )
-            .where(
-                UsageRecord.tenant_id == tenant_id,
-                UsageRecord.ended_at >= _midnight(first),
-                UsageRecord.ended_at < _midnight(last),
-            )
-            .group_by(day, UsageRecord.model, UsageRecord.key_id, UsageRecord.admission_class)
-            .order_by(day, UsageRecord.model, UsageRecord.key_id, UsageRecord.admission_class)
+            ],
         )
         async with app_state.sessions() as session:
             rows = [UsageRow(*(r[:4]), *(int(v or 0) for v in r[4:])) for r in await session.execute(query)]
         if output == "csv":
             return _csv(rows, f"usage-{tenant_id}-{first}-{last}.csv")
         return UsageReport(tenant_id, app_state.settings.currency, first, last, rows, sum(r.cost_micros for r in rows))
+
+    @get("/latency")
+    async def latency(
+        self,
+        request: Request[Any, Any, Any],
+        app_state: NamedDependency[AppState],
+        start: DateFrom = None,
+        end: DateTo = None,
+    ) -> LatencyReport:
+        """Time to first token and duration percentiles by day (UTC) and model."""
+        tenant_id = _tenant(await principal_of(request))
+        first, last = _range(start, end)
+        own = UsageRecord.ttft_ms - UsageRecord.engine_ttft_ms
+        query = _daily(
+            first,
+            last,
+            [UsageRecord.tenant_id == tenant_id],
+            [UsageRecord.model],
+            [
+                func.count(),
+                func.count().filter(UsageRecord.outcome == "failed"),
+                _percentile(0.5, UsageRecord.ttft_ms),
+                _percentile(0.9, UsageRecord.ttft_ms),
+                _percentile(0.99, UsageRecord.ttft_ms),
+                _percentile(0.5, own),
+                _percentile(0.99, own),
+                _percentile(0.5, UsageRecord.duration_ms),
+                _percentile(0.99, UsageRecord.duration_ms),
+            ],
+        )
+        async with app_state.sessions() as session:
+            rows = [LatencyRow(r[0], r[1], r[2], r[3], *(_ms(v) for v in r[4:])) for r in await session.execute(query)]
+        return LatencyReport(tenant_id, first, last, rows)
 
     @get("/balance")
     async def balance(self, request: Request[Any, Any, Any], app_state: NamedDependency[AppState]) -> BalanceOut:
@@ -447,23 +543,17 @@ class ProviderBillingController(Controller):
     ) -> EarningsOut:
         provider_id = _provider(await principal_of(request))
         first, last = _range(start, end)
-        day = _day(UsageRecord.ended_at).label("day")
-        query = (
-            select(
-                day,
-                UsageRecord.model,
+        query = _daily(
+            first,
+            last,
+            [UsageRecord.provider_id == provider_id],
+            [UsageRecord.model],
+            [
                 func.count(),
                 func.sum(UsageRecord.prompt_tokens),
                 func.sum(UsageRecord.billed_completion_tokens),
                 func.coalesce(func.sum(UsageRecord.provider_micros), 0),
-            )
-            .where(
-                UsageRecord.provider_id == provider_id,
-                UsageRecord.ended_at >= _midnight(first),
-                UsageRecord.ended_at < _midnight(last),
-            )
-            .group_by(day, UsageRecord.model)
-            .order_by(day, UsageRecord.model)
+            ],
         )
         async with app_state.sessions() as session:
             rows = [EarningsRow(r[0], r[1], *(int(v or 0) for v in r[2:])) for r in await session.execute(query)]
@@ -477,6 +567,39 @@ class ProviderBillingController(Controller):
             total_earnings_micros=sum(r.earnings_micros for r in rows),
             unpaid_balance_micros=unpaid,
         )
+
+    @get("/latency")
+    async def latency(
+        self,
+        request: Request[Any, Any, Any],
+        app_state: NamedDependency[AppState],
+        start: DateFrom = None,
+        end: DateTo = None,
+    ) -> NodeLatencyReport:
+        """The engine's time to first token and the duration, by day (UTC), node and model."""
+        provider_id = _provider(await principal_of(request))
+        first, last = _range(start, end)
+        query = _daily(
+            first,
+            last,
+            [UsageRecord.provider_id == provider_id, UsageRecord.node_id.is_not(None)],
+            [UsageRecord.node_id, UsageRecord.model],
+            [
+                func.count(),
+                func.count().filter(UsageRecord.outcome == "failed"),
+                _percentile(0.5, UsageRecord.engine_ttft_ms),
+                _percentile(0.9, UsageRecord.engine_ttft_ms),
+                _percentile(0.99, UsageRecord.engine_ttft_ms),
+                _percentile(0.5, UsageRecord.duration_ms),
+                _percentile(0.99, UsageRecord.duration_ms),
+            ],
+        )
+        async with app_state.sessions() as session:
+            rows = [
+                NodeLatencyRow(r[0], r[1] or "", r[2], r[3], r[4], *(_ms(v) for v in r[5:]))
+                for r in await session.execute(query)
+            ]
+        return NodeLatencyReport(provider_id, first, last, rows)
 
     @get("/statements")
     async def statements(
@@ -523,19 +646,17 @@ class AdminBillingController(Controller):
     ) -> RevenueOut:
         """Charges, payouts and platform margin by day and model; reservation commitments beside."""
         first, last = _range(start, end)
-        day = _day(UsageRecord.ended_at).label("day")
-        query = (
-            select(
-                day,
-                UsageRecord.model,
+        query = _daily(
+            first,
+            last,
+            [],
+            [UsageRecord.model],
+            [
                 func.count(),
                 func.coalesce(func.sum(UsageRecord.tenant_micros), 0),
                 func.coalesce(func.sum(UsageRecord.provider_micros), 0),
                 func.coalesce(func.sum(UsageRecord.platform_micros), 0),
-            )
-            .where(UsageRecord.ended_at >= _midnight(first), UsageRecord.ended_at < _midnight(last))
-            .group_by(day, UsageRecord.model)
-            .order_by(day, UsageRecord.model)
+            ],
         )
         reservations = (
             select(func.coalesce(-func.sum(LedgerEntry.amount_micros), 0))

@@ -535,7 +535,7 @@ class TokenService:
         """Write the usage event each stream in flight would end with now (as a failure: its
         client has a cut stream if this process dies), under this process's limiter id; see
         ``api.token.outbox``. Returns how many were written."""
-        holder = getattr(self.limiter, "holder", None)
+        holder = self.limiter.holder if self.limiter is not None else None
         runs = [run for run in self.live if not run.finished]
         if holder is None or self.usage.outbox is None or not runs:
             return 0

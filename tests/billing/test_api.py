@@ -13,6 +13,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import msgspec
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -279,6 +280,61 @@ async def test_provider_earnings_and_platform_revenue(
     assert row["requests"] == 2
     assert row["tenant_charges_micros"] == row["provider_payouts_micros"] + row["platform_revenue_micros"]
     assert revenue["usage_revenue_micros"] == 90_000_000 + 5 * 90 - 60_000_000 - 5 * 60
+
+
+async def test_latency_reports_for_tenants_and_providers(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], billing_api: RunningApi
+) -> None:
+    """A tenant sees its requests' TTFT (and the marketplace's part of it) and durations by day and
+    model; a provider its nodes' engine TTFT; neither sees anyone else's."""
+    tenant, other = await make_tenant(sessions), await make_tenant(sessions)
+    provider, rival = await make_provider(sessions), await make_provider(sessions)
+    tenant_key = await make_key(sessions, "tenant", tenant_id=tenant)
+    provider_key = await make_key(sessions, "provider", provider_id=provider)
+    at = datetime(2026, 10, 9, 12, tzinfo=UTC).timestamp()
+    events = [
+        msgspec.structs.replace(
+            usage_event(tenant, provider_id=provider, at=at),
+            node_id="node_a" if ttft <= 500 else "node_b",
+            ttft_ms=float(ttft),
+            engine_ttft_ms=ttft - 4.0,
+            duration_ms=ttft + 1000.0,
+        )
+        for ttft in range(100, 1001, 100)
+    ]
+    failed = msgspec.structs.replace(
+        usage_event(tenant, provider_id=provider, at=at, completion=0),
+        node_id="node_a",
+        outcome="failed",
+        ttft_ms=None,
+        engine_ttft_ms=None,
+        duration_ms=50.0,
+    )
+    elsewhere = [
+        msgspec.structs.replace(usage_event(other, provider_id=provider, at=at), node_id="node_a", ttft_ms=9999.0),
+        msgspec.structs.replace(usage_event(tenant, provider_id=rival, at=at), node_id="node_r"),
+    ]
+    await store(settings, [*events, failed, *elsewhere])
+    async with httpx.AsyncClient(base_url=billing_api.url) as client:
+        seen = (await client.get("/api/tenant/latency", params=OCT, headers=bearer(tenant_key))).json()
+        nodes = (await client.get("/api/provider/latency", params=OCT, headers=bearer(provider_key))).json()
+        assert (await client.get("/api/provider/latency", headers=bearer(tenant_key))).status_code == 403
+        backwards = {"from": "2026-10-05", "to": "2026-10-01"}
+        bad = await client.get("/api/tenant/latency", params=backwards, headers=bearer(tenant_key))
+        assert bad.status_code == 400
+    [row] = seen["rows"]
+    assert (row["day"], row["model"], row["requests"], row["failed"]) == ("2026-10-09", "llama-3-8b", 12, 1)
+    # The rival's request is the tenant's too (120 ms, as the helper makes it); the failed one has no TTFT.
+    assert (row["ttft_p50_ms"], row["ttft_p90_ms"]) == (500.0, 900.0)
+    assert row["marketplace_ttft_p50_ms"] == 4.0
+    assert row["duration_p99_ms"] is not None
+    assert [(r["node_id"], r["requests"], r["failed"]) for r in nodes["rows"]] == [
+        ("node_a", 7, 1),  # five of the tenant's, its failure, and the other tenant's
+        ("node_b", 5, 0),
+    ]
+    node_b = nodes["rows"][1]
+    assert (node_b["engine_ttft_p50_ms"], node_b["engine_ttft_p99_ms"]) == (796.0, 992.0)
+    assert nodes["provider_id"] == provider
 
 
 def _signed(payload: bytes, secret: str = WEBHOOK_SECRET) -> dict[str, str]:
