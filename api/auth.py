@@ -111,6 +111,11 @@ class Authenticator:
             raise Unauthorized("API key has expired", code="expired_api_key")
         return principal
 
+    async def close(self) -> None:
+        """Let lookups under way (background refreshes among them) end before the pool closes."""
+        if self._loading:
+            await asyncio.wait(list(self._loading.values()), timeout=5)
+
     def _lookup(self, digest: str) -> asyncio.Future[Principal]:
         """Start the one lookup of ``digest`` that concurrent callers share."""
         loading = self._loading[digest] = asyncio.ensure_future(self._load_and_cache(digest))
@@ -125,7 +130,9 @@ class Authenticator:
         exc = loading.exception()  # retrieved: its callers may all have gone
         if isinstance(exc, (Unauthorized, Forbidden)):
             # A refresh found the key revoked or its tenant suspended: the entry must not outlive that.
-            self._cache.pop(digest, None)
+            entry = self._cache.pop(digest, None)
+            if entry is not None:
+                self._by_key_id.pop(entry[1].key_id, None)
         elif exc is not None and digest in self._cache:
             log.warning("refreshing a cached API key failed; its entry is kept until it expires: %r", exc)
 

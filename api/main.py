@@ -26,6 +26,7 @@ async def _start_auth(state: AppState) -> None:
     auth = Authenticator(state)
     await auth.start()
     state.services["auth"] = auth
+    state.closers.append(auth.close)
 
 
 def route_handlers() -> list[Any]:

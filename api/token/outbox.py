@@ -12,10 +12,13 @@ flight goes in the next one), on connections that wait for the WAL flush: these 
 gets billed.
 
 Streams in flight are checkpointed too (``usage_in_flight``): every few seconds each api process
-writes the event each of its streams would end with if it ended now, under its limiter's id; the
-statement that stores a request's final event deletes that row. ``claim_orphaned`` moves the rows
-of processes that stopped heartbeating into the outbox (unless a final event is there already),
-so a stream whose api died mid-way is billed for what it had relayed by its last checkpoint.
+writes the event each of its streams would end with if it ended now, under its limiter's id. The
+statement that stores a checkpointed request's final event turns its row into a tombstone
+(``final``) that no checkpoint overwrites, even one whose statement was already running: the
+primary key orders the two in the database, so nothing in the process waits for anything.
+``claim_orphaned`` moves the non-final rows of processes that stopped heartbeating, and that
+nobody rewrote for as long, into the outbox (unless a final event is there already), so a stream
+whose api died mid-way is billed for what it had relayed by its last checkpoint.
 """
 
 from __future__ import annotations
@@ -30,21 +33,27 @@ from api.limits import HotConnections
 log = logging.getLogger(__name__)
 
 _STORE_SQL = """
-WITH checkpoints AS (DELETE FROM usage_in_flight WHERE request_id = ANY($1::text[]))
+WITH ended AS (
+    INSERT INTO usage_in_flight (request_id, holder, subject, event, final)
+    SELECT i, '', '', ''::bytea, true FROM unnest($1::text[], $4::boolean[]) AS u(i, checkpointed) WHERE checkpointed
+    ON CONFLICT (request_id) DO UPDATE SET final = true, event = ''::bytea, updated_at = now())
 INSERT INTO usage_outbox (request_id, subject, event)
 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) ON CONFLICT (request_id) DO NOTHING
 """
 _CHECKPOINT_SQL = """
 INSERT INTO usage_in_flight (request_id, holder, subject, event)
 SELECT i, $1, s, e FROM unnest($2::text[], $3::text[], $4::bytea[]) AS u(i, s, e)
-ON CONFLICT (request_id) DO UPDATE SET event = excluded.event, updated_at = now()
+ON CONFLICT (request_id) DO UPDATE SET event = excluded.event, updated_at = now() WHERE NOT usage_in_flight.final
 """
 _CLAIM_ORPHANED_SQL = """
 WITH orphaned AS (
     DELETE FROM usage_in_flight f
-     WHERE NOT EXISTS (SELECT 1 FROM limiter_instances i
+     WHERE NOT f.final
+       AND f.updated_at < now() - make_interval(secs => $1)
+       AND NOT EXISTS (SELECT 1 FROM limiter_instances i
                         WHERE i.id = f.holder AND i.seen_at >= now() - make_interval(secs => $1))
-    RETURNING request_id, subject, event)
+    RETURNING request_id, subject, event),
+tombstones AS (DELETE FROM usage_in_flight WHERE final AND updated_at < now() - make_interval(secs => $2))
 INSERT INTO usage_outbox (request_id, subject, event)
 SELECT request_id, subject, event FROM orphaned
 ON CONFLICT (request_id) DO NOTHING
@@ -67,6 +76,9 @@ class StoredEvent:
     request_id: str
     subject: str
     payload: bytes
+    checkpointed: bool = False
+    """A checkpoint of the request may exist (or be being written): storing this final event
+    turns it into a tombstone."""
 
 
 @dataclass(slots=True)
@@ -78,6 +90,9 @@ class _PendingStore:
 class UsageOutbox:
     LEFT_BEHIND_S = 30.0
     """A row this old was left behind: its process died, or it cannot reach JetStream."""
+    TOMBSTONE_S = 600.0
+    """How long a final event's tombstone outlives it in ``usage_in_flight``: far longer than any
+    checkpoint statement still running can take."""
     STATEMENTS = 2
     """Store statements in flight at once."""
 
@@ -108,6 +123,7 @@ class UsageOutbox:
                     [e.request_id for e in events],
                     [e.subject for e in events],
                     [e.payload for e in events],
+                    [e.checkpointed for e in events],
                 )
             except Exception as exc:
                 for item in batch:
@@ -144,9 +160,10 @@ class UsageOutbox:
             )
 
     async def claim_orphaned(self, stale_s: float) -> list[StoredEvent]:
-        """Move the checkpoints of api processes silent for ``stale_s`` into the outbox (a final
-        event stored there stands) and return them, claimed for ``LEFT_BEHIND_S`` like any row."""
-        rows = await self.conns.fetch(_CLAIM_ORPHANED_SQL, stale_s)
+        """Move the checkpoints of api processes silent for ``stale_s``, and not rewritten for as
+        long, into the outbox (a final event stored there stands) and return them, claimed for
+        ``LEFT_BEHIND_S`` like any row; drop tombstones older than ``TOMBSTONE_S``."""
+        rows = await self.conns.fetch(_CLAIM_ORPHANED_SQL, stale_s, self.TOMBSTONE_S)
         return [StoredEvent(r["request_id"], r["subject"], bytes(r["event"])) for r in rows]
 
     async def claim_left_behind(self, limit: int = 500) -> list[StoredEvent]:

@@ -277,9 +277,12 @@ class UsagePublisher:
         if self.outbox is not None:
             self._tasks.append(asyncio.create_task(self._sweep(), name="usage-outbox-sweep"))
 
-    async def submit(self, event: wire.UsageEvent) -> None:
-        """Keep ``event`` (stored before this returns, unless the database is away) and publish it."""
-        stored = StoredEvent(event.request_id, subjects.usage(event.tenant_id), wire.encode(event))
+    async def submit(self, event: wire.UsageEvent, *, checkpointed: bool = False) -> None:
+        """Keep ``event`` (stored before this returns, unless the database is away) and publish it.
+
+        ``checkpointed``: the request's stream was checkpointed (``api.token.outbox``); its
+        checkpoint becomes a tombstone in the same statement."""
+        stored = StoredEvent(event.request_id, subjects.usage(event.tenant_id), wire.encode(event), checkpointed)
         if self.outbox is not None:
             try:
                 await self.outbox.store(stored)

@@ -158,8 +158,11 @@ class Run:
     placing: bool = False
     """The job was sent to the schedulers and no answer came back (one may hold it, waiting for a
     slot, or its answer was lost): a cancel then withdraws it there."""
-    checkpointing: asyncio.Future[None] | None = None
-    """Set while a checkpoint of this stream is being written: its final event waits for it."""
+    streamed: bool = False
+    """The client gets the output as it comes (SSE): a stream is checkpointed while it runs, as
+    its client has what was relayed even if this process dies; a whole response is not."""
+    checkpointed: bool = False
+    """A checkpoint of this stream was (or is being) written: its final event tombstones it."""
 
     # ---- placement -------------------------------------------------------------------------
     async def begin(self, client_left: Callable[[], Awaitable[object]] | None = None) -> None:
@@ -191,7 +194,8 @@ class Run:
                 self._release_attempt()
                 raise
             if failure is None:
-                self.service.live.add(self)
+                if self.streamed:
+                    self.service.live.add(self)
                 return
             last_error = failure
             await self._cancel("failover")  # a slow node must not run the job for nobody
@@ -462,10 +466,7 @@ class Run:
                 log.exception("quota settle failed", extra={"job": self.job.id})
         if self.node_id is None and self.engine_usage is None and self.relayed_tokens == 0:
             return  # never reached a node: nothing was consumed, nothing to record
-        if self.checkpointing is not None:  # its row must be written before the final event deletes it
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.checkpointing)
-        await self.service.usage.submit(event)
+        await self.service.usage.submit(event, checkpointed=self.checkpointed)
 
     def usage_event(self, outcome: wire.Outcome, ended: float) -> wire.UsageEvent:
         """The request's usage event, were it to end now with ``outcome``."""
@@ -507,6 +508,9 @@ class TokenService:
         self.live: set[Run] = set()
         """Streams past their first token and not finished: what ``checkpoint`` writes."""
         self._checkpoints: asyncio.Task[None] | None = None
+        self._checkpoint: asyncio.Task[int] | None = None
+        """The checkpoint statement under way, if one is: stopping waits for it rather than
+        cancelling it (a cancelled statement may still commit, later than anyone expects)."""
 
     @property
     def limiter(self) -> Limiter | None:
@@ -525,6 +529,9 @@ class TokenService:
             self._checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpoints
+        if self._checkpoint is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpoint
         if self.background:
             await asyncio.wait(list(self.background), timeout=5)
         await self.catalog.close()
@@ -544,23 +551,19 @@ class TokenService:
             StoredEvent(run.job.id, subjects.usage(run.job.tenant_id), wire.encode(run.usage_event("failed", now)))
             for run in runs
         ]
-        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for run in runs:
-            run.checkpointing = written
-        try:
-            await self.usage.outbox.checkpoint(holder, events)
-        finally:
-            written.set_result(None)
-            for run in runs:
-                if run.checkpointing is written:
-                    run.checkpointing = None
+            run.checkpointed = True  # before the statement: a final stored meanwhile must tombstone it
+        await self.usage.outbox.checkpoint(holder, events)
         return len(events)
 
     async def _checkpoint_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.usage_checkpoint_s)
+            self._checkpoint = asyncio.ensure_future(self.checkpoint())
             try:
-                await self.checkpoint()
+                await asyncio.shield(self._checkpoint)
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:  # the next one may succeed; the final events do not depend on it
                 log.warning("checkpointing streams in flight failed: %r", exc)
 
@@ -639,6 +642,7 @@ class TokenService:
             job=job,
             admission=admission,
             started_at=arrived if arrived is not None else time.time(),
+            streamed=bool(request.stream),
         )
 
 

@@ -221,10 +221,12 @@ class UsageInFlight(Base):
     """The usage event a stream in flight would end with if it ended now, checkpointed by the api
     process relaying it (``holder``, its limiter's id) every few seconds.
 
-    The request's final event replaces it (the statement that stores the final event in the
-    outbox deletes this row). The rows of an api process that stopped heartbeating are moved to
-    the outbox and published, so a stream whose api died mid-way is billed for what it had
-    relayed by the last checkpoint, and its provider paid for it.
+    The statement that stores the request's final event in the outbox marks this row ``final``: a
+    tombstone that a checkpoint still in flight cannot overwrite (the ordering is the database's,
+    through the primary key), removed after ten minutes. The non-final rows of an api process
+    that stopped heartbeating, not rewritten for as long, are moved to the outbox and published,
+    so a stream whose api died mid-way is billed for what it had relayed by the last checkpoint,
+    and its provider paid for it.
     """
 
     __tablename__ = "usage_in_flight"
@@ -234,6 +236,7 @@ class UsageInFlight(Base):
     holder: Mapped[str] = mapped_column(String(40))
     subject: Mapped[str] = mapped_column(String(200))
     event: Mapped[bytes] = mapped_column(LargeBinary)
+    final: Mapped[bool] = mapped_column(server_default="false")
     updated_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
 
 

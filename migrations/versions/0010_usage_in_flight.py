@@ -3,8 +3,9 @@
 An api process that died while relaying a stream left no usage event for it: the tenant had the
 tokens, the provider did the work, nobody was billed or paid. Every api process now writes, every
 ``MARKET_USAGE_CHECKPOINT`` seconds, the usage event each of its streams would end with if it
-ended now; the request's final event replaces it. Rows of a process that stopped heartbeating are
-moved to ``usage_outbox`` and published by a live replica.
+ended now. The statement that stores a checkpointed request's final event marks its row ``final``
+(a tombstone no later checkpoint overwrites, kept ten minutes). Non-final rows of a process that
+stopped heartbeating are moved to ``usage_outbox`` and published by a live replica.
 
 Revision ID: 0010
 Revises: 0009
@@ -29,6 +30,7 @@ def upgrade() -> None:
         sa.Column("holder", sa.String(40), nullable=False),
         sa.Column("subject", sa.String(200), nullable=False),
         sa.Column("event", sa.LargeBinary(), nullable=False),
+        sa.Column("final", sa.Boolean(), server_default="false", nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.PrimaryKeyConstraint("request_id", name=op.f("pk_usage_in_flight")),
     )

@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy import event
 
 import api.auth
 import api.token.service
@@ -48,12 +50,21 @@ async def test_a_key_in_use_is_looked_up_again_before_its_entry_expires(
     world = await make_world(admin)
     replica = await replicas()
     await replica.principal(world.key)
+    lookups: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "api_keys" in statement:
+            lookups.append(statement)
+
+    event.listen(replica.state.engine.sync_engine, "before_cursor_execute", count)
     await asyncio.sleep(0.7)
     async with table_locked(settings, "api_keys"):
         # The entry is in its last second: the request is answered from it, and its lookup,
         # stuck behind the lock, runs in the background.
         assert await timed(replica.principal(world.key)) < 0.2
-        assert await timed(replica.principal(world.key)) < 0.2  # one lookup in flight, not one each
+        assert await timed(replica.principal(world.key)) < 0.2
+        await asyncio.sleep(0.05)
+        assert len(lookups) == 1  # one lookup in flight, not one per request
     await asyncio.sleep(1.0)  # past the old entry's expiry: the refreshed one serves
     async with table_locked(settings, "api_keys"):
         assert await timed(replica.principal(world.key)) < 0.2

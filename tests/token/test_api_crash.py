@@ -1,5 +1,6 @@
 """Streams in flight are checkpointed: one whose api process dies mid-way is still billed (as of its
-last checkpoint) and its provider paid; one that ends has its checkpoint replaced by its final event."""
+last checkpoint) and its provider paid; one that ends has its checkpoint turned into a tombstone
+that no late checkpoint overwrites; a whole (not streamed) response is never checkpointed."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from nats.aio.client import Client
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from market import wire
+from api.token.outbox import StoredEvent
+from market import subjects, wire
 from market.embedded import free_port
 from market.settings import Settings
 from tests.conftest import RunningApi
@@ -29,10 +31,26 @@ ROOT = Path(__file__).resolve().parents[2]
 Fleet = Callable[[dict[str, NodeBehaviour]], Awaitable[FakeFleet]]
 
 
-async def _in_flight(engine: AsyncEngine) -> list[tuple[str, str, wire.UsageEvent]]:
+async def _in_flight(engine: AsyncEngine, request_id: str) -> list[tuple[str, wire.UsageEvent | None]]:
+    """The request's row in ``usage_in_flight``, if any: its holder and its event (None: a tombstone)."""
     async with engine.connect() as conn:
-        rows = (await conn.execute(text("SELECT request_id, holder, event FROM usage_in_flight"))).all()
-    return [(r[0], r[1], wire.decoder(wire.UsageEvent).decode(r[2])) for r in rows]
+        rows = (
+            await conn.execute(
+                text("SELECT holder, event, final FROM usage_in_flight WHERE request_id = :id"), {"id": request_id}
+            )
+        ).all()
+    return [(r[0], None if r[2] else wire.decoder(wire.UsageEvent).decode(r[1])) for r in rows]
+
+
+async def _holder_silent(engine: AsyncEngine, holder: str) -> None:
+    """As if ``holder``'s heartbeats, and its checkpoints, had stopped an hour ago."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE limiter_instances SET seen_at = now() - interval '1 hour' WHERE id = :id"), {"id": holder}
+        )
+        await conn.execute(
+            text("UPDATE usage_in_flight SET updated_at = now() - interval '1 hour' WHERE holder = :id"), {"id": holder}
+        )
 
 
 async def _read_tokens(lines: Any, count: int) -> int:
@@ -53,27 +71,62 @@ def _body(max_tokens: int) -> dict[str, Any]:
 async def test_a_streams_checkpoint_gives_way_to_its_final_event(
     api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client, engine: AsyncEngine
 ) -> None:
-    await fleet({"slow": echo_node("slow", words=30, delay=0.02)})
+    await fleet({"slow": echo_node("slow", words=100, delay=0.02)})  # a 2 s stream
     service = api.app.state.app_state.services["token"]
     headers = {"Authorization": f"Bearer {tenant.secret}"}
     async with (
         httpx.AsyncClient(base_url=api.url, headers=headers, timeout=30) as client,
-        client.stream("POST", "/v1/completions", json=_body(30)) as response,
+        client.stream("POST", "/v1/completions", json=_body(100)) as response,
     ):
         request_id = response.headers["x-request-id"]
         lines = response.aiter_lines()
         await _read_tokens(lines, 5)
         assert await service.checkpoint() >= 1
-        [(_, holder, checkpoint)] = [row for row in await _in_flight(engine) if row[0] == request_id]
+        [(holder, checkpoint)] = await _in_flight(engine, request_id)
         assert holder == service.limiter.holder
+        assert checkpoint is not None
         assert checkpoint.outcome == "failed"  # what it would be if this process died now
-        assert 5 <= checkpoint.relayed_completion_tokens < 30
+        assert 5 <= checkpoint.relayed_completion_tokens < 100
         assert (checkpoint.node_id, checkpoint.tenant_id) == ("slow", tenant.tenant_id)
         async for _ in lines:
             pass
     final, _ = await usage_event(nc, tenant.tenant_id, request_id=request_id)
-    assert (final.outcome, final.completion_tokens, final.relayed_completion_tokens) == ("completed", 30, 30)
-    assert [row for row in await _in_flight(engine) if row[0] == request_id] == []
+    assert (final.outcome, final.completion_tokens, final.relayed_completion_tokens) == ("completed", 100, 100)
+    assert await _in_flight(engine, request_id) == [(holder, None)]  # a tombstone
+
+    # A checkpoint statement that ran late (as one cancelled mid-way at shutdown may) finds the
+    # tombstone and changes nothing; were this process then taken for dead, nothing is billed again.
+    late = StoredEvent(request_id, subjects.usage(tenant.tenant_id), wire.encode(checkpoint))
+    await service.usage.outbox.checkpoint(holder, [late])
+    assert await _in_flight(engine, request_id) == [(holder, None)]
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE usage_in_flight SET updated_at = now() - interval '1 hour' WHERE request_id = :id"),
+            {"id": request_id},
+        )
+    assert [e.request_id for e in await service.usage.outbox.claim_orphaned(0.0)] == []
+    assert await _in_flight(engine, request_id) == []  # an hour-old tombstone is dropped
+
+
+async def test_a_whole_response_is_not_checkpointed(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, engine: AsyncEngine
+) -> None:
+    """Its client gets nothing until the end: if the api died before, nothing was delivered to bill."""
+    nodes = await fleet({"slow": echo_node("slow", words=100, delay=0.02)})  # 2 s of output
+    service = api.app.state.app_state.services["token"]
+    headers = {"Authorization": f"Bearer {tenant.secret}"}
+    async with httpx.AsyncClient(base_url=api.url, headers=headers, timeout=30) as client:
+        whole = asyncio.create_task(client.post("/v1/completions", json={**_body(100), "stream": False}))
+        for _ in range(500):
+            if nodes.placed:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # well into its output
+        assert not whole.done()
+        assert await service.checkpoint() == 0
+        response = await whole
+    assert response.status_code == 200
+    assert await _in_flight(engine, response.headers["x-request-id"]) == []
 
 
 async def test_a_stream_whose_api_process_dies_is_billed_as_of_its_last_checkpoint(
@@ -119,21 +172,18 @@ async def test_a_stream_whose_api_process_dies_is_billed_as_of_its_last_checkpoi
             received = await _read_tokens(response.aiter_lines(), 20)
             await asyncio.sleep(0.6)  # checkpoints are taken every 0.2 s
             await usage.sweep()  # the process lives: its streams are nobody else's to bill
-            [(_, holder, _)] = [row for row in await _in_flight(engine) if row[0] == request_id]
+            [(holder, _)] = await _in_flight(engine, request_id)
             doomed.kill()  # mid-stream: no final event, no settle, no goodbye
             doomed.wait()
     finally:
         if doomed.poll() is None:
             doomed.kill()
             doomed.wait()
-    async with engine.begin() as conn:  # its heartbeats stopped a minute ago (made so here)
-        await conn.execute(
-            text("UPDATE limiter_instances SET seen_at = now() - interval '1 hour' WHERE id = :id"), {"id": holder}
-        )
+    await _holder_silent(engine, holder)  # a minute later, as far as the sweep can tell
     await usage.sweep()
     event, _ = await usage_event(nc, tenant.tenant_id, request_id=request_id, timeout=10)
     assert event.outcome == "failed"
     assert (event.node_id, event.provider_id, event.key_id) == ("slow", "prov_fake", tenant.key_id)
     assert event.prompt_tokens > 0
     assert received <= event.relayed_completion_tokens < 400  # at least what the client had read
-    assert [row for row in await _in_flight(engine) if row[0] == request_id] == []
+    assert await _in_flight(engine, request_id) == []
