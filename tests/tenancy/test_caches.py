@@ -43,10 +43,18 @@ async def timed(work: Awaitable[object]) -> float:
     return time.monotonic() - started
 
 
+def short_ttls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries live 4 s and are refreshed in their last 2 (wide margins for a slow machine)."""
+    monkeypatch.setattr(api.auth, "CACHE_TTL_S", 4.0)
+    monkeypatch.setattr(api.auth, "REFRESH_AHEAD_S", 2.0)
+    monkeypatch.setattr(api.token.service, "CATALOG_TTL_S", 4.0)
+    monkeypatch.setattr(api.token.service, "CATALOG_REFRESH_AHEAD_S", 2.0)
+
+
 async def test_a_key_in_use_is_looked_up_again_before_its_entry_expires(
     admin: httpx.AsyncClient, replicas: Start, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(api.auth, "CACHE_TTL_S", 1.5)  # refreshed during its last second
+    short_ttls(monkeypatch)
     world = await make_world(admin)
     replica = await replicas()
     await replica.principal(world.key)
@@ -57,15 +65,15 @@ async def test_a_key_in_use_is_looked_up_again_before_its_entry_expires(
             lookups.append(statement)
 
     event.listen(replica.state.engine.sync_engine, "before_cursor_execute", count)
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(2.2)
     async with table_locked(settings, "api_keys"):
-        # The entry is in its last second: the request is answered from it, and its lookup,
+        # The entry is in its last seconds: the request is answered from it, and its lookup,
         # stuck behind the lock, runs in the background.
         assert await timed(replica.principal(world.key)) < 0.2
         assert await timed(replica.principal(world.key)) < 0.2
         await asyncio.sleep(0.05)
         assert len(lookups) == 1  # one lookup in flight, not one per request
-    await asyncio.sleep(1.0)  # past the old entry's expiry: the refreshed one serves
+    await asyncio.sleep(2.0)  # past the old entry's expiry (4 s): the refreshed one serves
     async with table_locked(settings, "api_keys"):
         assert await timed(replica.principal(world.key)) < 0.2
 
@@ -74,7 +82,7 @@ async def test_a_refresh_that_finds_the_key_revoked_drops_it(
     admin: httpx.AsyncClient, replicas: Start, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A revocation whose broadcast this replica missed ends the key's use within the refresh."""
-    monkeypatch.setattr(api.auth, "CACHE_TTL_S", 1.5)
+    short_ttls(monkeypatch)
     world = await make_world(admin)
     replica = await replicas()
     await replica.principal(world.key)
@@ -84,10 +92,10 @@ async def test_a_refresh_that_finds_the_key_revoked_drops_it(
         await conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", world.key_id)
     finally:
         await conn.close()
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(2.2)
     await replica.principal(world.key)  # still cached: served, and looked up again meanwhile
     refused: Unauthorized | None = None
-    while refused is None and time.monotonic() - cached_at < 1.4:  # the entry expires at 1.5 s
+    while refused is None and time.monotonic() - cached_at < 3.9:  # the entry expires at 4 s
         await asyncio.sleep(0.02)
         try:
             await replica.principal(world.key)
@@ -100,22 +108,21 @@ async def test_a_refresh_that_finds_the_key_revoked_drops_it(
 async def test_the_model_catalog_in_use_is_reloaded_before_it_expires(
     admin: httpx.AsyncClient, replicas: Start, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(api.token.service, "CATALOG_TTL_S", 1.5)
+    short_ttls(monkeypatch)
     world = await make_world(admin)
     catalog = Catalog((await replicas()).state)
     assert (await catalog.get(world.model)).name == world.model
-    await asyncio.sleep(0.7)
-    await catalog.get(world.model)  # in the catalog's last second: reloaded in the background
-    await asyncio.sleep(0.9)  # past the first load's expiry
+    await asyncio.sleep(2.2)
+    await catalog.get(world.model)  # in the catalog's last seconds: reloaded in the background
+    await asyncio.sleep(2.1)  # past the first load's expiry (4 s)
     async with table_locked(settings, "models"):
         assert await timed(catalog.get(world.model)) < 0.2
     r = await admin.post("/api/admin/models", json={"name": "org/new-model", "context_length": 4096})
     assert r.status_code == 201, r.text
     # Reloaded ahead of expiry while in use, the catalog picks up a new model within a TTL.
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 6
     while "org/new-model" not in await catalog.all():
         assert time.monotonic() < deadline, "the catalog never picked up the new model"
         await asyncio.sleep(0.05)
-    await asyncio.sleep(0.9)
     async with table_locked(settings, "models"):
         assert await timed(catalog.get("org/new-model")) < 0.2
