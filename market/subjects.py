@@ -30,6 +30,11 @@ def node_cancel(node_id: str) -> str:
     return f"node.{node_id}.cancel"
 
 
+def node_keepalive(node_id: str) -> str:
+    """Api -> node: the jobs it still wants (``wire.Keepalive``)."""
+    return f"node.{node_id}.keepalive"
+
+
 def node_control(node_id: str) -> str:
     """Platform -> node: drain and revoke orders."""
     return f"node.{node_id}.control"

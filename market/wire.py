@@ -62,6 +62,10 @@ class Job(msgspec.Struct, kw_only=True):
     """The api replica's relay id. When set, the node may send this job's chunks together with other
     jobs' for the same replica, as ``ChunkBatch`` messages on ``subjects.node_relay``, instead of
     one message per chunk to ``reply``."""
+    keepalive_s: float = 0.0
+    """How often the api says it still wants the job (``Keepalive`` on ``subjects.node_keepalive``);
+    a node aborts a job not confirmed for ``KEEPALIVE_MISSES`` times this (its api process died:
+    nobody reads the output). 0: the api never says (the job runs to its end or deadline)."""
 
 
 class Placement(msgspec.Struct, kw_only=True):
@@ -134,6 +138,17 @@ class ChunkBatch(msgspec.Struct):
     """
 
     items: list[RelayedChunk]
+
+
+KEEPALIVE_MISSES = 5
+"""Keepalives a node waits for in vain before it aborts a job (see ``Job.keepalive_s``)."""
+
+
+class Keepalive(msgspec.Struct, kw_only=True):
+    """Api replica -> node on ``node.<id>.keepalive``, every ``Job.keepalive_s``: the node's jobs
+    it still relays (placed and not finished)."""
+
+    job_ids: list[str]
 
 
 class Cancel(msgspec.Struct, kw_only=True):

@@ -95,12 +95,22 @@ class _Running:
     task: asyncio.Task[None] | None = None
     pump: asyncio.Task[None] | None = None
     stop_reason: str | None = None
-    """Why the engine stream was aborted early: ``cancelled`` (by the api), ``deadline``, or the
-    node's own doing: ``node_stopping`` (revoked, or a drain that ran out of time) or
-    ``engine_unhealthy`` (before any output)."""
+    """Why the engine stream was aborted early: ``cancelled`` (by the api), ``deadline``,
+    ``api_lost`` (its api stopped sending keepalives), or the node's own doing: ``node_stopping``
+    (revoked, or a drain that ran out of time) or ``engine_unhealthy`` (before any output)."""
     engine_sent_at: float = 0.0
     engine_first_at: float | None = None
     """Monotonic times of the request to the engine and of its first output (the engine's TTFT)."""
+    wanted_at: float = 0.0
+    """Monotonic time the api last said it wants the job (its arrival, then each keepalive)."""
+
+
+_NODE_GAVE_UP = {
+    "node_stopping": "the node left",
+    "engine_unhealthy": "the node's engine stopped answering",
+    "api_lost": "the api stopped asking for the job",
+}
+"""The node's own reasons to abort a job, each ended with a retryable error rather than ``end``."""
 
 
 class _Done:
@@ -180,6 +190,7 @@ class NodeAgent:
         self._outbox_sleep: asyncio.Future[None] | None = None
         self._job_decoder = wire.decoder(Job)
         self._cancel_decoder = wire.decoder(wire.Cancel)
+        self._keepalive_decoder = wire.decoder(wire.Keepalive)
         self._interval = config.heartbeat_interval_s or config.settings.heartbeat_interval_s
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -208,6 +219,7 @@ class NodeAgent:
                 subjects.node_cancel(cfg.node_id), cb=self._on_cancel, pending_msgs_limit=msgs, pending_bytes_limit=size
             ),
             await self.nc.subscribe(subjects.node_control(cfg.node_id), cb=self._on_control),
+            await self.nc.subscribe(subjects.node_keepalive(cfg.node_id), cb=self._on_keepalive),
         ]
         await self.nc.flush()  # the server knows our subscriptions before anyone sees us healthy
         await self._publish_heartbeat()
@@ -394,10 +406,33 @@ class NodeAgent:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
+            self._abort_unwanted()
             try:
                 await self._publish_heartbeat()
             except Exception:
                 log.exception("heartbeat failed")
+
+    async def _on_keepalive(self, msg: Msg) -> None:
+        try:
+            keepalive = self._keepalive_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            log.warning("undecodable keepalive on %s", msg.subject)
+            return
+        now = time.monotonic()
+        for job_id in keepalive.job_ids:
+            running = self._jobs.get(job_id)
+            if running is not None:
+                running.wanted_at = now
+
+    def _abort_unwanted(self) -> None:
+        """Abort the jobs whose api stopped saying it wants them (``Job.keepalive_s``): its process
+        died, nobody reads their output, and they hold slots (and the engine) for nothing."""
+        now = time.monotonic()
+        for running in list(self._jobs.values()):
+            every = running.job.keepalive_s
+            if every > 0 and now - running.wanted_at > wire.KEEPALIVE_MISSES * every and running.stop_reason is None:
+                log.warning("job %s: its api stopped asking for it; aborting", running.job.id)
+                self._abort(running, "api_lost")
 
     # --- control and cancel ----------------------------------------------------------------------
 
@@ -453,7 +488,7 @@ class NodeAgent:
             return
         if job.id in self._jobs:  # a redelivery: the running task answers
             return
-        running = _Running(job, reply)
+        running = _Running(job, reply, wanted_at=time.monotonic())
         self._jobs[job.id] = running
         self._jobs_since_beat += 1
         if self._quick_at is not None:
@@ -582,13 +617,14 @@ class NodeAgent:
             await self._publish(
                 running, chunk("end", pieces=pending, usage=final, engine_ttft_ms=None if sent_data else _ttft(running))
             )
-        elif isinstance(outcome, _Stopped) and running.stop_reason in ("node_stopping", "engine_unhealthy"):
+        elif isinstance(outcome, _Stopped) and running.stop_reason in _NODE_GAVE_UP:
             # The node gave up on the job, not the api: an error it can act on (before the first
             # token it places the job elsewhere; after, it ends the stream and bills what was sent),
-            # never an ``end`` that would pass for a finished completion.
+            # never an ``end`` that would pass for a finished completion. (``api_lost``: should the
+            # api be alive after all, only stalled, its client sees the stream fail, not end early.)
             if pending:
                 await self._publish(running, chunk("data", pieces=pending))
-            why = "the node left" if running.stop_reason == "node_stopping" else "the node's engine stopped answering"
+            why = _NODE_GAVE_UP[running.stop_reason]
             await self._publish(
                 running, chunk("error", error=f"{why} before the job finished", error_code="engine_unavailable")
             )

@@ -39,6 +39,9 @@ T = TypeVar("T")
 
 MAX_ATTEMPTS = 3
 RETRYABLE = {"engine_unavailable", "draining", "engine_error", "node_lost", "accept_timeout"}
+KEEPALIVE_S = 3.0
+"""How often the api tells each node which of its jobs it still relays (``wire.Keepalive``): a node
+aborts a job its api stopped asking for (the process died) after ``wire.KEEPALIVE_MISSES`` of these."""
 CATALOG_TTL_S = 5.0
 CATALOG_REFRESH_AHEAD_S = 1.0
 """Within this long of the catalog's expiry, a request reloads it in the background and goes on."""
@@ -188,6 +191,7 @@ class Run:
                     )
                 self.node_id, self.provider_id = placement.node_id, placement.provider_id
                 assert self.node_id is not None
+                self.service.placed.add(self)
                 self.service.fleet.watch(self.node_id, self.subject, self.queue)
                 failure = await self._await_first()
             except BaseException:
@@ -455,6 +459,7 @@ class Run:
         self.outcome = outcome
         self._release_attempt()
         self.service.live.discard(self)
+        self.service.placed.discard(self)
         if self.node_id is None and self.tried is not None:
             self.node_id, self.provider_id = self.tried
         event = self.usage_event(outcome, time.time())
@@ -507,6 +512,9 @@ class TokenService:
         self.background: set[asyncio.Task[None]] = set()
         self.live: set[Run] = set()
         """Streams past their first token and not finished: what ``checkpoint`` writes."""
+        self.placed: set[Run] = set()
+        """Runs placed on a node and not finished: what the keepalives name."""
+        self._keepalives: asyncio.Task[None] | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._checkpoint: asyncio.Task[int] | None = None
         """The checkpoint statement under way, if one is: stopping waits for it rather than
@@ -522,9 +530,12 @@ class TokenService:
         await self.fleet.start()
         await self.usage.start()
         self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="usage-checkpoints")
+        self._keepalives = asyncio.create_task(self._keepalive_loop(), name="job-keepalives")
 
     async def stop(self) -> None:
         """Let requests that are finishing (cancel, settle, usage) end, then flush usage events."""
+        if self._keepalives is not None:
+            self._keepalives.cancel()
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -555,6 +566,24 @@ class TokenService:
             run.checkpointed = True  # before the statement: a final stored meanwhile must tombstone it
         await self.usage.outbox.checkpoint(holder, events)
         return len(events)
+
+    async def keepalive(self) -> int:
+        """Tell each node the jobs this process still relays there; returns how many nodes were told."""
+        by_node: dict[str, list[str]] = {}
+        for run in list(self.placed):
+            if run.node_id is not None and not run.finished:
+                by_node.setdefault(run.node_id, []).append(run.job.id)
+        for node_id, job_ids in by_node.items():
+            await self.state.nc.publish(subjects.node_keepalive(node_id), wire.encode(wire.Keepalive(job_ids=job_ids)))
+        return len(by_node)
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KEEPALIVE_S)
+            try:
+                await self.keepalive()
+            except Exception as exc:  # NATS away: the nodes wait KEEPALIVE_MISSES intervals
+                log.warning("sending job keepalives failed: %r", exc)
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -633,6 +662,7 @@ class TokenService:
             deadline=time.time() + self.settings.first_token_timeout_s + 600,
             allowed_providers=list(principal.allowed_providers) if principal.allowed_providers else None,
             max_price_minor_per_million=principal.max_price_minor_per_million,
+            keepalive_s=KEEPALIVE_S,
         )
         return Run(
             service=self,

@@ -436,3 +436,29 @@ async def test_a_node_that_leaves_mid_job_says_so_rather_than_ending_it(nc: Clie
     for watch in (queued, busy):
         last = await watch.done(5)
         assert (last.kind, last.error_code) == ("error", "engine_unavailable")
+
+
+async def test_a_job_its_api_stopped_asking_for_is_aborted(nc: Client, make_agent: AgentFactory) -> None:
+    """An api process that died sends no more keepalives: its node stops generating for nobody
+    (with an error, should the api only have stalled), while the jobs still asked for go on, and
+    a job from an api that never sends keepalives (``keepalive_s`` 0) is left alone."""
+    agent = await make_agent(speedup=1.0)
+    forgotten, asked_for, unannounced = (
+        msgspec.structs.replace(make_job(MODEL, max_tokens=5000), keepalive_s=every) for every in (0.1, 0.1, 0.0)
+    )
+    watches = [await JobWatch(nc, job).submit(agent.node_id) for job in (forgotten, asked_for, unannounced)]
+    for watch in watches:
+        await asyncio.wait_for(watch.first_data.wait(), 10)
+    keepalive = wire.encode(wire.Keepalive(job_ids=[asked_for.id]))
+    deadline = time.monotonic() + 1.5  # three times the 0.5 s a job waits for its keepalive
+    while time.monotonic() < deadline:
+        await nc.publish(subjects.node_keepalive(agent.node_id), keepalive)
+        await asyncio.sleep(0.05)
+    last = await watches[0].done(5)
+    assert (last.kind, last.error_code) == ("error", "engine_unavailable")
+    assert "api stopped asking" in (last.error or "")
+    assert not watches[1].finished.is_set()
+    assert not watches[2].finished.is_set()
+    for watch in watches[1:]:
+        await watch.cancel(agent.node_id)
+        await watch.done(5)

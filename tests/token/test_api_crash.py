@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.token.outbox import StoredEvent
+from api.token.service import KEEPALIVE_S
 from market import subjects, wire
 from market.embedded import free_port
 from market.settings import Settings
@@ -187,3 +188,47 @@ async def test_a_stream_whose_api_process_dies_is_billed_as_of_its_last_checkpoi
     assert event.prompt_tokens > 0
     assert received <= event.relayed_completion_tokens < 400  # at least what the client had read
     assert await _in_flight(engine, request_id) == []
+
+
+async def test_the_api_tells_nodes_which_of_their_jobs_it_still_relays(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client
+) -> None:
+    """So a node can stop a job whose api process died (the agent's side: tests/nodes)."""
+    jobs: list[wire.Job] = []
+    slow = echo_node("slow", words=100, delay=0.02)
+
+    async def recorded(job: wire.Job, reply: str, client: Client) -> None:
+        jobs.append(job)
+        await slow(job, reply, client)
+
+    await fleet({"slow": recorded})
+    heard: list[wire.Keepalive] = []
+
+    async def on_keepalive(msg: Any) -> None:
+        heard.append(wire.decoder(wire.Keepalive).decode(msg.data))
+
+    sub = await nc.subscribe(subjects.node_keepalive("slow"), cb=on_keepalive)
+    service = api.app.state.app_state.services["token"]
+    headers = {"Authorization": f"Bearer {tenant.secret}"}
+    try:
+        async with (
+            httpx.AsyncClient(base_url=api.url, headers=headers, timeout=30) as client,
+            client.stream("POST", "/v1/completions", json=_body(100)) as response,
+        ):
+            request_id = response.headers["x-request-id"]
+            lines = response.aiter_lines()
+            await _read_tokens(lines, 3)
+            assert await service.keepalive() >= 1
+            async for _ in lines:
+                pass
+        await nc.flush()
+        await asyncio.sleep(0.1)
+        assert any(request_id in k.job_ids for k in heard)
+        assert [job.keepalive_s for job in jobs] == [KEEPALIVE_S]
+        heard.clear()
+        await service.keepalive()
+        await nc.flush()
+        await asyncio.sleep(0.1)
+        assert not any(request_id in k.job_ids for k in heard)  # ended: no longer asked for
+    finally:
+        await sub.unsubscribe()
