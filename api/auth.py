@@ -3,10 +3,11 @@
 A key is looked up by the sha256 of the presented secret (one indexed query), then cached for a
 few seconds so the token API's hot path rarely touches the database. A key in use is looked up
 again in the background during the last ``REFRESH_AHEAD_S`` of its entry, so its requests never
-wait for that query (once every TTL, each of them did, and as long as the database took). Revocation is broadcast on
-``control.keys.revoked`` so every api replica drops the cached key at once; the short TTL bounds
-staleness if a broadcast is missed. Expired, revoked and unknown keys all get a 401; the code says
-which (``expired_api_key``, ``revoked_api_key``, ``invalid_api_key``) since the caller holds the key.
+wait for that query (once every TTL, each of them did, for as long as the database took).
+Revocation is broadcast on ``control.keys.revoked`` so every api replica drops the cached key at
+once; the short TTL bounds staleness if a broadcast is missed. Expired, revoked and unknown keys
+all get a 401; the code says which (``expired_api_key``, ``revoked_api_key``, ``invalid_api_key``)
+since the caller holds the key.
 """
 
 from __future__ import annotations
