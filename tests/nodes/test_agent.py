@@ -444,13 +444,13 @@ async def test_a_job_its_api_stopped_asking_for_is_aborted(nc: Client, make_agen
     a job from an api that never sends keepalives (``keepalive_s`` 0) is left alone."""
     agent = await make_agent(speedup=1.0)
     forgotten, asked_for, unannounced = (
-        msgspec.structs.replace(make_job(MODEL, max_tokens=5000), keepalive_s=every) for every in (0.1, 0.1, 0.0)
+        msgspec.structs.replace(make_job(MODEL, max_tokens=5000), keepalive_s=every) for every in (0.3, 0.3, 0.0)
     )
     watches = [await JobWatch(nc, job).submit(agent.node_id) for job in (forgotten, asked_for, unannounced)]
     for watch in watches:
         await asyncio.wait_for(watch.first_data.wait(), 10)
     keepalive = wire.encode(wire.Keepalive(job_ids=[asked_for.id]))
-    deadline = time.monotonic() + 1.5  # three times the 0.5 s a job waits for its keepalive
+    deadline = time.monotonic() + 3.0  # twice the 1.5 s a job waits for its keepalive
     while time.monotonic() < deadline:
         await nc.publish(subjects.node_keepalive(agent.node_id), keepalive)
         await asyncio.sleep(0.05)
