@@ -132,7 +132,7 @@ class Catalog:
         return model
 
 
-@dataclass(eq=False)  # identity: runs are kept in a set while they stream
+@dataclass(eq=False)  # identity: runs are kept in a set while placed
 class Run:
     """One request's journey; see the module docstring."""
 
@@ -198,8 +198,6 @@ class Run:
                 self._release_attempt()
                 raise
             if failure is None:
-                if self.streamed:
-                    self.service.live.add(self)
                 return
             last_error = failure
             await self._cancel("failover")  # a slow node must not run the job for nobody
@@ -458,7 +456,6 @@ class Run:
             self.engine_usage, self.first, self.relayed_tokens = None, None, 0
         self.outcome = outcome
         self._release_attempt()
-        self.service.live.discard(self)
         self.service.placed.discard(self)
         if self.node_id is None and self.tried is not None:
             self.node_id, self.provider_id = self.tried
@@ -510,10 +507,9 @@ class TokenService:
         self.fleet = FleetWatch(state.nc)
         self.usage = UsagePublisher(self.inboxes, UsageOutbox(plain_url(state.settings.require_database_url())))
         self.background: set[asyncio.Task[None]] = set()
-        self.live: set[Run] = set()
-        """Streams past their first token and not finished: what ``checkpoint`` writes."""
         self.placed: set[Run] = set()
-        """Runs placed on a node and not finished: what the keepalives name."""
+        """Runs placed on a node and not finished: what the keepalives name, and (the streams
+        past their first token) what ``checkpoint`` writes."""
         self._keepalives: asyncio.Task[None] | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._checkpoint: asyncio.Task[int] | None = None
@@ -554,7 +550,7 @@ class TokenService:
         client has a cut stream if this process dies), under this process's limiter id; see
         ``api.token.outbox``. Returns how many were written."""
         holder = self.limiter.holder if self.limiter is not None else None
-        runs = [run for run in self.live if not run.finished]
+        runs = [run for run in self.placed if run.streamed and run.first is not None and not run.finished]
         if holder is None or self.usage.outbox is None or not runs:
             return 0
         now = time.time()
