@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import event
 
 from api.auth import Authenticator, Principal
 from api.limits import Limiter
@@ -21,6 +22,18 @@ from market import bus, db
 from market.admin_keys import create_platform_admin_key
 from market.settings import Settings
 from tests.conftest import RunningApi
+
+
+def count_queries(replica: Replica, table: str) -> list[str]:
+    """The statements naming ``table`` that ``replica`` sends from now on (the list grows)."""
+    seen: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if table in statement:
+            seen.append(statement)
+
+    event.listen(replica.state.engine.sync_engine, "before_cursor_execute", count)
+    return seen
 
 
 def client(api: RunningApi, secret: str) -> httpx.AsyncClient:

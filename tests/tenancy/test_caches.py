@@ -7,12 +7,10 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from sqlalchemy import event
 
 import api.auth
 import api.token.service
@@ -20,7 +18,7 @@ from api.errors import Unauthorized
 from api.token.service import Catalog
 from market.db import plain_url
 from market.settings import Settings
-from tests.tenancy.conftest import Replica, make_world
+from tests.tenancy.conftest import Replica, count_queries, make_world
 
 Start = Callable[[], Awaitable[Replica]]
 
@@ -58,13 +56,7 @@ async def test_a_key_in_use_is_looked_up_again_before_its_entry_expires(
     world = await make_world(admin)
     replica = await replicas()
     await replica.principal(world.key)
-    lookups: list[str] = []
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if "api_keys" in statement:
-            lookups.append(statement)
-
-    event.listen(replica.state.engine.sync_engine, "before_cursor_execute", count)
+    lookups = count_queries(replica, "api_keys")
     await asyncio.sleep(2.2)
     async with table_locked(settings, "api_keys"):
         # The entry is in its last seconds: the request is answered from it, and its lookup,

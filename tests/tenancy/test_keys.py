@@ -6,18 +6,16 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import event
 
 from api.errors import Unauthorized
 from api.main import build_app
 from market.embedded import free_port
 from market.settings import Settings
 from tests.conftest import RunningApi
-from tests.tenancy.conftest import Replica, client, make_world, ok
+from tests.tenancy.conftest import Replica, client, count_queries, make_world, ok
 
 Start = Callable[[], Awaitable[Replica]]
 
@@ -84,13 +82,7 @@ async def test_a_burst_on_a_cold_key_costs_one_lookup(admin: httpx.AsyncClient, 
     """Fifty requests arriving together with an uncached key wait for one query, not fifty."""
     world = await make_world(admin, grant=100)
     replica = await replicas()
-    queries: list[str] = []
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if "api_keys" in statement:
-            queries.append(statement)
-
-    event.listen(replica.state.engine.sync_engine, "before_cursor_execute", count)
+    queries = count_queries(replica, "api_keys")
     principals = await asyncio.gather(*(replica.principal(world.key) for _ in range(50)))
     assert {p.tenant_id for p in principals} == {world.tenant_id}
     assert len(queries) == 1

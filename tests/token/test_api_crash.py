@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,18 +69,23 @@ def _body(max_tokens: int) -> dict[str, Any]:
     return {"model": "fake-model", "prompt": "tell me a long story", "max_tokens": max_tokens, "stream": True}
 
 
+@contextlib.asynccontextmanager
+async def _streaming(url: str, secret: str, max_tokens: int) -> AsyncIterator[tuple[str, AsyncIterator[str]]]:
+    """A streamed completion in progress: its request id and its lines, until the block ends."""
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with (
+        httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client,
+        client.stream("POST", "/v1/completions", json=_body(max_tokens)) as response,
+    ):
+        yield response.headers["x-request-id"], response.aiter_lines()
+
+
 async def test_a_streams_checkpoint_gives_way_to_its_final_event(
     api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client, engine: AsyncEngine
 ) -> None:
     await fleet({"slow": echo_node("slow", words=200, delay=0.02)})  # a 4 s stream
     service = api.app.state.app_state.services["token"]
-    headers = {"Authorization": f"Bearer {tenant.secret}"}
-    async with (
-        httpx.AsyncClient(base_url=api.url, headers=headers, timeout=30) as client,
-        client.stream("POST", "/v1/completions", json=_body(200)) as response,
-    ):
-        request_id = response.headers["x-request-id"]
-        lines = response.aiter_lines()
+    async with _streaming(api.url, tenant.secret, 200) as (request_id, lines):
         await _read_tokens(lines, 5)
         assert await service.checkpoint() >= 1
         [(holder, checkpoint)] = await _in_flight(engine, request_id)
@@ -164,13 +169,8 @@ async def test_a_stream_whose_api_process_dies_is_billed_as_of_its_last_checkpoi
                 assert doomed.poll() is None, "the api process stopped"
                 assert time.monotonic() < deadline, "the api process did not start"
                 await asyncio.sleep(0.1)
-        headers = {"Authorization": f"Bearer {tenant.secret}"}
-        async with (
-            httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client,
-            client.stream("POST", "/v1/completions", json=_body(1000)) as response,
-        ):
-            request_id = response.headers["x-request-id"]
-            received = await _read_tokens(response.aiter_lines(), 20)
+        async with _streaming(url, tenant.secret, 1000) as (request_id, lines):
+            received = await _read_tokens(lines, 20)
             deadline = time.monotonic() + 10
             while True:  # a checkpoint (one every 0.2 s) with at least what the client has read
                 rows = await _in_flight(engine, request_id)
@@ -215,14 +215,8 @@ async def test_the_api_tells_nodes_which_of_their_jobs_it_still_relays(
 
     sub = await nc.subscribe(subjects.node_keepalive("slow"), cb=on_keepalive)
     service = api.app.state.app_state.services["token"]
-    headers = {"Authorization": f"Bearer {tenant.secret}"}
     try:
-        async with (
-            httpx.AsyncClient(base_url=api.url, headers=headers, timeout=30) as client,
-            client.stream("POST", "/v1/completions", json=_body(100)) as response,
-        ):
-            request_id = response.headers["x-request-id"]
-            lines = response.aiter_lines()
+        async with _streaming(api.url, tenant.secret, 100) as (request_id, lines):
             await _read_tokens(lines, 3)
             assert await service.keepalive() >= 1
             async for _ in lines:
