@@ -88,6 +88,10 @@ class Admission:
     """The limiter (api process) that holds the tokens; any limiter may settle."""
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    room: tuple[int | None, int | None, int] = (None, None, 0)
+    """What was left when this was admitted: requests and tokens before a rate limit (None: no
+    limit), and quota tokens. The token path reads it to judge whether the next admission of
+    the same key can run beside placement (``api.token.service``)."""
 
 
 class SoftThresholdReached(msgspec.Struct):
@@ -385,6 +389,7 @@ class Limiter:
                 held_tokens=prompt_tokens + max_tokens,
                 holder=self.holder,
                 headers=_headers(row),
+                room=(row["remaining_requests"], row["remaining_tokens"], row["granted"] - row["held"] - row["used"]),
             )
         raise self._refusal(status, row, model, prompt_tokens + max_tokens)
 

@@ -91,8 +91,6 @@ async def _complete(request: Request[Any, Any, Any], kind: Literal["chat", "comp
     # From here on the request is its job: responses (errors too) and logs carry the usage event's id.
     request.scope["state"]["request_id"] = run.job.id
     request_id_var.set(run.job.id)
-    headers = dict(getattr(run.admission, "headers", None) or {})
-    headers["x-request-id"] = run.job.id
     try:
         await run.begin(lambda: _wait_disconnect(request))
     except ClientGone:
@@ -105,6 +103,9 @@ async def _complete(request: Request[Any, Any, Any], kind: Literal["chat", "comp
     except BaseException:
         run.service.spawn(run.finish("failed"))
         raise
+    # The admission may have run beside placement: its headers are known only now.
+    headers = dict(getattr(run.admission, "headers", None) or {})
+    headers["x-request-id"] = run.job.id
     created = int(run.started_at)
     if parsed.stream:
         return RelayStream(

@@ -7,6 +7,14 @@ ends the response with an error event and only what was delivered is billed. ``f
 exactly once whatever happens (completion, error, client disconnect): it settles the quota hold
 and stores one UsageEvent in the usage outbox (before the client sees the response end), from
 which it is published.
+
+Admission (a PostgreSQL round trip) usually runs beside placement rather than before it: for a
+key whose last admission here was recent and left room (``SPECULATE_WINDOW_S``), the job is
+submitted at once and the admission's answer is awaited before the client sees anything. A
+refusal then cancels the job on its node and is the client's error, as if it had come first:
+nothing is held, billed or paid. Its price is the node's work on a refused request until the
+cancel arrives (usually less than the prefill), which the room rule keeps to the rare request
+that runs into a limit another replica or key reached meanwhile.
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ RETRYABLE = {"engine_unavailable", "draining", "engine_error", "node_lost", "acc
 KEEPALIVE_S = 3.0
 """How often the api tells each node which of its jobs it still relays (``wire.Keepalive``): a node
 aborts a job its api stopped asking for (the process died) after ``wire.KEEPALIVE_MISSES`` of these."""
+SPECULATE_WINDOW_S = 10.0
+"""A key admitted this recently, with room left for another request like the one at hand, has its
+next job placed while its admission runs (see the module docstring)."""
 CATALOG_TTL_S = 5.0
 CATALOG_REFRESH_AHEAD_S = 1.0
 """Within this long of the catalog's expiry, a request reloads it in the background and goes on."""
@@ -166,6 +177,10 @@ class Run:
     its client has what was relayed even if this process dies; a whole response is not."""
     checkpointed: bool = False
     """A checkpoint of this stream was (or is being) written: its final event tombstones it."""
+    admitting: asyncio.Task[Any] | None = None
+    """The admission, while it runs beside placement; ``admission`` or ``refusal`` once it ends."""
+    refusal: BaseException | None = None
+    """Why the admission that ran beside placement refused the request (what the client gets)."""
 
     # ---- placement -------------------------------------------------------------------------
     async def begin(self, client_left: Callable[[], Awaitable[object]] | None = None) -> None:
@@ -173,7 +188,40 @@ class Run:
 
         ``client_left`` returns when the client disconnects: it is watched while the job waits
         for a free slot (and only then, as it costs a task), and ends the wait with ClientGone.
+
+        An admission running beside placement is awaited before this returns: its refusal (and
+        not, say, a 503 for want of capacity meanwhile) is what the client gets.
         """
+        try:
+            await self._place_and_start(client_left)
+        except AppError:
+            refusal = await self.admitted()
+            if refusal is not None:
+                raise refusal from None
+            raise
+        refusal = await self.admitted()
+        if refusal is not None:
+            await self._cancel("not_admitted")
+            await self.finish("failed")
+            raise refusal
+
+    async def admitted(self) -> BaseException | None:
+        """Wait for an admission running beside placement: None once admitted (or when none ran),
+        else its refusal. Waiting does not cancel the admission (a hold it took is never lost)."""
+        task = self.admitting
+        if task is not None:
+            if not task.done():
+                await asyncio.wait((task,))
+            self.admitting = None
+            if task.cancelled():
+                self.refusal = Unavailable("admission was interrupted; retry shortly", headers={"Retry-After": "1"})
+            elif task.exception() is not None:
+                self.refusal = task.exception()
+            else:
+                self.admission = task.result()
+        return self.refusal
+
+    async def _place_and_start(self, client_left: Callable[[], Awaitable[object]] | None) -> None:
         last_error = "no node could serve the request"
         for attempt in range(1, MAX_ATTEMPTS + 1):
             self.job.attempt = attempt
@@ -457,6 +505,8 @@ class Run:
         self.outcome = outcome
         self._release_attempt()
         self.service.placed.discard(self)
+        if await self.admitted() is not None:
+            return  # refused: nothing was held, nothing is billed
         if self.node_id is None and self.tried is not None:
             self.node_id, self.provider_id = self.tried
         event = self.usage_event(outcome, time.time())
@@ -510,6 +560,9 @@ class TokenService:
         self.placed: set[Run] = set()
         """Runs placed on a node and not finished: what the keepalives name, and (the streams
         past their first token) what ``checkpoint`` writes."""
+        self.room: dict[str, tuple[float, tuple[int | None, int | None, int]]] = {}
+        """Per key: when it was last admitted here, and the room its admission left
+        (``Admission.room``); what decides whether its next admission runs beside placement."""
         self._keepalives: asyncio.Task[None] | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._checkpoint: asyncio.Task[int] | None = None
@@ -550,7 +603,11 @@ class TokenService:
         client has a cut stream if this process dies), under this process's limiter id; see
         ``api.token.outbox``. Returns how many were written."""
         holder = self.limiter.holder if self.limiter is not None else None
-        runs = [run for run in self.placed if run.streamed and run.first is not None and not run.finished]
+        runs = [
+            run
+            for run in self.placed
+            if run.streamed and run.first is not None and not run.finished and run.admitting is None
+        ]
         if holder is None or self.usage.outbox is None or not runs:
             return 0
         now = time.time()
@@ -634,9 +691,14 @@ class TokenService:
             )
         max_tokens = requested if requested is not None else max(1, model.context_length - prompt_tokens)
         max_tokens = min(max_tokens, model.context_length)
-        admission = None
+        admission, admitting = None, None
+        hold = prompt_tokens + max_tokens * request.choices
         if self.limiter is not None:
-            admission = await self.limiter.admit(principal, model.name, prompt_tokens, max_tokens * request.choices)
+            admit = self._admit(self.limiter, principal, model.name, prompt_tokens, max_tokens * request.choices)
+            if self._has_room(principal.key_id, hold):
+                admitting = asyncio.ensure_future(admit)
+            else:
+                admission = await admit
         body: dict[str, Any] = {"model": model.name, **request.sampling()}
         if isinstance(request, ChatCompletionRequest):
             body["messages"] = [_message(m) for m in request.messages]
@@ -669,7 +731,33 @@ class TokenService:
             admission=admission,
             started_at=arrived if arrived is not None else time.time(),
             streamed=bool(request.stream),
+            admitting=admitting,
         )
+
+    async def _admit(
+        self, limiter: Limiter, principal: Principal, model: str, prompt_tokens: int, max_tokens: int
+    ) -> Any:
+        """``limiter.admit``, remembering the room it left for the key (or, refused, that it has none)."""
+        try:
+            admission = await limiter.admit(principal, model, prompt_tokens, max_tokens)
+        except AppError:
+            self.room.pop(principal.key_id, None)
+            raise
+        room = getattr(admission, "room", None)
+        if room is not None:
+            if len(self.room) >= 100_000:  # keys seen once long ago: forget them all at once
+                self.room.clear()
+            self.room[principal.key_id] = (time.monotonic(), room)
+        return admission
+
+    def _has_room(self, key_id: str, hold: int) -> bool:
+        """Whether the key's last admission here was recent and left room for ``hold`` more tokens
+        and one more request: then its admission may run beside placement."""
+        seen = self.room.get(key_id)
+        if seen is None or time.monotonic() - seen[0] > SPECULATE_WINDOW_S:
+            return False
+        requests, tokens, quota = seen[1]
+        return (requests is None or requests >= 1) and (tokens is None or tokens >= hold) and quota >= hold
 
 
 async def _unless(work: Awaitable[T], watcher: asyncio.Future[object] | None) -> T:

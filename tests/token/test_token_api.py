@@ -373,6 +373,72 @@ async def test_a_burst_waits_briefly_for_a_free_slot(api: RunningApi, tenant: Te
     assert f.busy_answers == 0
 
 
+async def test_an_admission_beside_placement_refuses_before_any_output(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client, engine: AsyncEngine
+) -> None:
+    """A key admitted with room left has its next job placed while its admission runs. When that
+    admission refuses (the quota ran out meanwhile), the client gets the refusal and no output,
+    the node is told to abort, and nothing stays held or is billed; the key's next request is
+    judged before it is placed. Over quota with no capacity either, the quota is the error."""
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(update(ApiKey).where(ApiKey.id == tenant.key_id).values(requests_per_minute=100))
+    f = await fleet({"node_a": echo_node("node_a", delay=0.05)})
+    remaining = []
+    async with httpx.AsyncClient(base_url=api.url, headers={"Authorization": f"Bearer {tenant.secret}"}) as client:
+        for stream in (False, True):
+            response = await client.post(
+                "/v1/completions", json={"model": "fake-model", "prompt": "x", "max_tokens": 2, "stream": stream}
+            )
+            assert response.status_code == 200
+            remaining.append(response.headers["x-ratelimit-remaining-requests"])
+    assert remaining == ["99", "98"]  # the second was admitted beside its placement, headers and all
+    billed, _ = await usage_event(nc, tenant.tenant_id, request_id=response.headers["x-request-id"])
+    assert len(f.placed) == 2
+
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(
+            text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
+        )
+    client = sdk(api, tenant.secret)
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True
+        )
+    assert refused.value.code == "insufficient_quota"
+    assert len(f.placed) == 3  # placed while its admission ran...
+    refused_job = f.placed[-1][0]
+    for _ in range(100):  # ...and aborted on its node
+        if refused_job in f.cancels:
+            break
+        await asyncio.sleep(0.02)
+    assert refused_job in f.cancels
+
+    with pytest.raises(openai.RateLimitError):
+        await client.completions.create(model="fake-model", prompt="x", max_tokens=2)
+    assert len(f.placed) == 3  # the refusal closed the way: this one was judged first
+
+    await asyncio.sleep(0.3)
+    newest, _ = await usage_event(nc, tenant.tenant_id)
+    assert newest.request_id == billed.request_id  # neither refusal is billed
+    async with session_factory(engine)() as session:
+        held = await session.scalar(
+            text("SELECT sum(held) FROM tenant_quotas WHERE tenant_id = :t"), {"t": tenant.tenant_id}
+        )
+    assert held == 0
+
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(text("UPDATE tenant_quotas SET used = 0 WHERE tenant_id = :t"), {"t": tenant.tenant_id})
+    await client.completions.create(model="fake-model", prompt="x", max_tokens=2)  # room again
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(
+            text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
+        )
+    f.busy_answers = 1000
+    with pytest.raises(openai.RateLimitError) as both:
+        await client.completions.create(model="fake-model", prompt="x", max_tokens=2)
+    assert both.value.code == "insufficient_quota"
+
+
 async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
     with pytest.raises(openai.InternalServerError) as err:
         await sdk(api, tenant.secret).chat.completions.create(
