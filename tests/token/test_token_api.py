@@ -399,9 +399,9 @@ async def test_an_admission_beside_placement_refuses_before_any_output(
         await session.execute(
             text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
         )
-    client = sdk(api, tenant.secret)
+    tenant_sdk = sdk(api, tenant.secret)
     with pytest.raises(openai.RateLimitError) as refused:
-        await client.chat.completions.create(
+        await tenant_sdk.chat.completions.create(
             model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True
         )
     assert refused.value.code == "insufficient_quota"
@@ -414,7 +414,7 @@ async def test_an_admission_beside_placement_refuses_before_any_output(
     assert refused_job in f.cancels
 
     with pytest.raises(openai.RateLimitError):
-        await client.completions.create(model="fake-model", prompt="x", max_tokens=2)
+        await tenant_sdk.completions.create(model="fake-model", prompt="x", max_tokens=2)
     assert len(f.placed) == 3  # the refusal closed the way: this one was judged first
 
     await asyncio.sleep(0.3)
@@ -428,14 +428,14 @@ async def test_an_admission_beside_placement_refuses_before_any_output(
 
     async with session_factory(engine)() as session, session.begin():
         await session.execute(text("UPDATE tenant_quotas SET used = 0 WHERE tenant_id = :t"), {"t": tenant.tenant_id})
-    await client.completions.create(model="fake-model", prompt="x", max_tokens=2)  # room again
+    await tenant_sdk.completions.create(model="fake-model", prompt="x", max_tokens=2)  # room again
     async with session_factory(engine)() as session, session.begin():
         await session.execute(
             text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
         )
     f.busy_answers = 1000
     with pytest.raises(openai.RateLimitError) as both:
-        await client.completions.create(model="fake-model", prompt="x", max_tokens=2)
+        await tenant_sdk.completions.create(model="fake-model", prompt="x", max_tokens=2)
     assert both.value.code == "insufficient_quota"
 
 
