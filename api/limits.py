@@ -1,6 +1,7 @@
 """Admission limits: allowed models, requests and tokens per minute, and the period quota.
 
-The token API calls ``Limiter.admit`` before it submits a job and ``Limiter.settle`` exactly once
+The token API calls ``Limiter.admit`` before any output reaches the client (for a key with room
+left, while its job is being placed: see ``api.token.service``) and ``Limiter.settle`` exactly once
 when the request ends (completed, failed or cancelled). All state lives in PostgreSQL and is
 changed only by the ``market_admit``/``market_settle`` functions (migration 0003): one round trip
 per admission, serialised on the tenant's quota row, so any number of api replicas enforce one
@@ -43,6 +44,7 @@ from api.errors import (
     Unavailable,
 )
 from api.state import AppState
+from market.aio import Drainers
 from market.db import plain_url
 from market.ids import new_id
 
@@ -294,7 +296,7 @@ class Limiter:
         self._hot: HotConnections | None = None
         self._pending: list[_PendingSettle] = []
         self._admits: list[_PendingAdmit] = []
-        self._admitters: set[asyncio.Task[None]] = set()
+        self._admitters = Drainers(ADMIT_STATEMENTS, self._admit_batches, "limiter-admit")
         self.admit_statements = 0
         """Admit statements sent (a batch counts once)."""
         self._retry: list[_PendingSettle] = []
@@ -314,8 +316,7 @@ class Limiter:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
-        if self._admitters:  # their releases of orphaned holds join the settles below
-            await asyncio.wait(list(self._admitters))
+        await self._admitters.wait()  # their releases of orphaned holds join the settles below
         if self._flusher is not None:
             with contextlib.suppress(Exception):
                 await self._flusher
@@ -369,10 +370,7 @@ class Limiter:
         )
         pending = _PendingAdmit(args, asyncio.get_running_loop().create_future())
         self._admits.append(pending)
-        if len(self._admitters) < ADMIT_STATEMENTS:
-            task = asyncio.create_task(self._admit_batches(), name="limiter-admit")
-            self._admitters.add(task)
-            task.add_done_callback(self._admitters.discard)
+        self._admitters.kick()
         try:
             # A caller that leaves cancels ``done``: before its batch is sent it takes nothing,
             # after, the batch gives back what it held.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -29,6 +29,35 @@ def wake(future: asyncio.Future[Any]) -> None:
     """Resolve a bare wake-up future unless something already did (a timer's callback)."""
     if not future.done():
         future.set_result(None)
+
+
+class Drainers:
+    """At most ``limit`` tasks each running ``work``: a loop that takes a shared queue's items in
+    batches until the queue is empty (group commit). Queue an item, then ``kick()``.
+
+    A task counts as running until its coroutine has returned, not until its done-callbacks have
+    run: a count kept by such a callback lags a loop iteration behind, and an item queued in that
+    moment waited for the next item to come along and start a task, for ever if none came (a
+    request's last usage store or admission; seen as streams that never ended).
+    """
+
+    def __init__(self, limit: int, work: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        self.limit = limit
+        self._work = work
+        self._name = name
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def kick(self) -> None:
+        """Start a task unless ``limit`` are running (one running will take the new item)."""
+        self._tasks = [task for task in self._tasks if not task.done()]
+        if len(self._tasks) < self.limit:
+            self._tasks.append(asyncio.create_task(self._work(), name=self._name))
+
+    async def wait(self) -> None:
+        """Until every task has drained the queue and stopped."""
+        running = [task for task in self._tasks if not task.done()]
+        if running:
+            await asyncio.wait(running)
 
 
 def settle_heap(young_threshold: int = 50_000) -> None:

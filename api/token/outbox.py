@@ -29,6 +29,7 @@ import logging
 from dataclasses import dataclass
 
 from api.limits import HotConnections
+from market.aio import Drainers
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class UsageOutbox:
     def __init__(self, url: str) -> None:
         self.conns = HotConnections(url, self.STATEMENTS + 1, synchronous_commit=True)
         self._stores: list[_PendingStore] = []
-        self._writers: set[asyncio.Task[None]] = set()
+        self._writers = Drainers(self.STATEMENTS, self._write, "usage-outbox-store")
         self._forgets: list[str] = []
         self._forgetter: asyncio.Task[None] | None = None
 
@@ -107,10 +108,7 @@ class UsageOutbox:
         """Return once ``event`` is committed; raise if the database refused or is away."""
         pending = _PendingStore(event, asyncio.get_running_loop().create_future())
         self._stores.append(pending)
-        if len(self._writers) < self.STATEMENTS:
-            task = asyncio.create_task(self._write(), name="usage-outbox-store")
-            self._writers.add(task)
-            task.add_done_callback(self._writers.discard)
+        self._writers.kick()
         await asyncio.shield(pending.done)  # a caller that leaves does not take its row back
 
     async def _write(self) -> None:
@@ -172,8 +170,7 @@ class UsageOutbox:
         return [StoredEvent(r["request_id"], r["subject"], bytes(r["event"])) for r in rows]
 
     async def close(self) -> None:
-        if self._writers:
-            await asyncio.wait(list(self._writers))
+        await self._writers.wait()
         if self._forgetter is not None:
             with contextlib.suppress(Exception):
                 await self._forgetter

@@ -7,6 +7,7 @@ paths through the real scheduler, node agent and vLLM are in tests/e2e.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +19,7 @@ from nats.aio.client import Client
 from sqlalchemy import text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.token.outbox import UsageOutbox
+from api.token.outbox import StoredEvent, UsageOutbox
 from api.token.relay import Inboxes, UsagePublisher
 from market import bus, subjects, wire
 from market.db import plain_url, session_factory
@@ -720,6 +721,28 @@ async def test_usage_events_wait_out_a_missing_stream_and_land_once(
         await publisher.stop()
         await inboxes.stop()
         await bus.ensure_usage_stream(js)
+
+
+async def test_a_store_arriving_as_the_last_statement_ends_is_not_left_waiting(settings: Settings) -> None:
+    """Stores are group-committed by at most ``STATEMENTS`` writers. A store that comes just as
+    the last writers finish (their loop done, not yet counted out) must start a writer of its own,
+    not wait for the next store to come along: a request's last store would wait forever, its
+    response never ending (seen in a benchmark: 3 of 1,048 streams hung after their last token).
+    Sixteen callers storing with a random phase against the loop make that moment likely."""
+    outbox = UsageOutbox(plain_url(settings.require_database_url()))
+    rng = random.Random(7)
+
+    async def caller(trial: int, c: int) -> None:
+        for _ in range(rng.randint(0, 6)):
+            await asyncio.sleep(0)
+        await outbox.store(StoredEvent(f"req_phase_{trial}_{c}", "usage.ten_phase", b"{}"))
+
+    try:
+        for trial in range(400):  # each trial's last store has no later one to take it along
+            calls = asyncio.gather(*(caller(trial, c) for c in range(rng.randint(2, 8))))
+            await asyncio.wait_for(calls, 5)
+    finally:
+        await outbox.close()
 
 
 async def test_usage_events_an_api_process_left_behind_are_published_by_another(
