@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import openai
 import pytest
 from nats.aio.client import Client
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.admin.quota import quota_of
@@ -107,3 +108,32 @@ async def test_a_client_that_leaves_while_queued_gives_up_its_place(
     await asyncio.sleep(0.3)
     info = await nc.jetstream().stream_info(subjects.USAGE_STREAM, subjects_filter=usage)
     assert (info.state.subjects or {}).get(usage) == 2  # no usage event for the request that never ran
+
+
+async def test_a_request_refused_beside_its_placement_is_aborted_on_its_node(
+    api: RunningApi, engine: AsyncEngine, scheduler: SchedulerService, one_slot_node: NodeAgent, nc: Client
+) -> None:
+    """A key admitted with room has its next job placed while its admission runs. When the quota
+    ran out meanwhile, the client gets the 429, the node aborts the job, so its one slot is free
+    for the next request at once (not after 2,000 tokens: that request would find no slot within
+    its queue time), and the refused request holds nothing and is not billed."""
+    tenant = await make_tenant(engine, "refused", models=((MODEL, 8192),))
+    client = openai.AsyncOpenAI(api_key=tenant.secret, base_url=f"{api.url}/v1", max_retries=0)
+    await client.completions.create(model=MODEL, prompt="first", max_tokens=5)  # admitted, with room
+    used = text("UPDATE tenant_quotas SET used = :used WHERE tenant_id = :t")
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(used.bindparams(used=10**12, t=tenant.tenant_id))
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.completions.create(model=MODEL, prompt="refused", max_tokens=2000, stream=True)
+    assert refused.value.code == "insufficient_quota"
+    assert scheduler.counters["placed"] == 2  # the refused job was placed while its admission ran
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(used.bindparams(used=0, t=tenant.tenant_id))
+    after = await client.completions.create(model=MODEL, prompt="next", max_tokens=5)
+    assert after.choices[0].text
+    async with session_factory(engine)() as session:
+        assert (await quota_of(session, tenant.tenant_id)).held == 0
+    usage = subjects.usage(tenant.tenant_id)
+    await asyncio.sleep(0.5)
+    info = await nc.jetstream().stream_info(subjects.USAGE_STREAM, subjects_filter=usage)
+    assert (info.state.subjects or {}).get(usage) == 2  # the first and the last: the refused one is not billed
