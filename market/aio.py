@@ -54,9 +54,8 @@ class Drainers:
             self._tasks.append(asyncio.create_task(self._work(), name=self._name))
 
     async def wait(self) -> None:
-        """Until every task has drained the queue and stopped."""
-        running = [task for task in self._tasks if not task.done()]
-        if running:
+        """Until every task has drained the queue and stopped (those started meanwhile too)."""
+        while running := [task for task in self._tasks if not task.done()]:
             await asyncio.wait(running)
 
 

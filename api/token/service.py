@@ -9,11 +9,12 @@ and stores one UsageEvent in the usage outbox (before the client sees the respon
 which it is published.
 
 Admission (a PostgreSQL round trip) usually runs beside placement rather than before it: for a
-key whose last admission here was recent and left room (``SPECULATE_WINDOW_S``), the job is
-submitted at once and the admission's answer is awaited before the client sees anything. A
-refusal then cancels the job on its node and is the client's error, as if it had come first:
-nothing is held, billed or paid. Its price is the node's work on a refused request until the
-cancel arrives (usually less than the prefill), which the room rule keeps to the rare request
+key whose last admission here for the model was recent and left room (``SPECULATE_WINDOW_S``;
+each such request takes its share of that room), the job is submitted at once and the admission's
+answer is awaited before the client sees anything. A refusal withdraws the job wherever it is (a
+scheduler's queue, its node) as soon as it comes, and is the client's error, as if it had come
+first: nothing is held, billed or paid. Its price is the node's work on a refused request until
+the cancel arrives (usually less than the prefill), which the room rule keeps to the rare request
 that runs into a limit another replica or key reached meanwhile.
 """
 
@@ -63,10 +64,16 @@ _STALLED = object()
 """Queued by a run's watchdog when its node sent nothing for ``INTER_CHUNK_TIMEOUT_S``."""
 _CLIENT_GONE = object()
 """Queued by ``Run.client_gone``: the client of a streamed response disconnected."""
+_REFUSED = object()
+"""Queued when an admission running beside placement refuses: the job is not waited for further."""
 
 
 class ClientGone(Exception):
     """Raised by ``Run.batches`` once the client of a streamed response has disconnected."""
+
+
+class _NotAdmitted(Exception):
+    """The admission running beside placement refused while the job was being placed or started."""
 
 
 _placement_decoder = wire.decoder(wire.Placement)
@@ -192,18 +199,34 @@ class Run:
         An admission running beside placement is awaited before this returns: its refusal (and
         not, say, a 503 for want of capacity meanwhile) is what the client gets.
         """
+        if self.admitting is not None:
+            self.admitting.add_done_callback(self._admission_done)
         try:
             await self._place_and_start(client_left)
-        except AppError:
+        except (AppError, _NotAdmitted):
             refusal = await self.admitted()
-            if refusal is not None:
-                raise refusal from None
-            raise
-        refusal = await self.admitted()
-        if refusal is not None:
-            await self._cancel("not_admitted")
-            await self.finish("failed")
-            raise refusal
+            if refusal is None:
+                raise
+        else:
+            refusal = await self.admitted()
+            if refusal is None:
+                return
+        # Withdrawn where it is (waiting at a scheduler, or on its node) and given up on at once.
+        await self._cancel("not_admitted")
+        await self.finish("failed")
+        raise refusal from None
+
+    def _admission_done(self, task: asyncio.Task[Any]) -> None:
+        """A refusal stops the wait for a slot or for the first token (placing a refused job on
+        and on, or waiting out its prefill, only takes capacity from admitted work)."""
+        if not task.cancelled() and task.exception() is not None and self.queue is not None:
+            self.queue.put_nowait(_REFUSED)
+
+    def _refused(self) -> bool:
+        task = self.admitting
+        return self.refusal is not None or (
+            task is not None and task.done() and (task.cancelled() or task.exception() is not None)
+        )
 
     async def admitted(self) -> BaseException | None:
         """Wait for an admission running beside placement: None once admitted (or when none ran),
@@ -282,12 +305,13 @@ class Run:
         try:
             while placement.error == "no_capacity":
                 self.job.wait_s = deadline - time.monotonic()
-                if self.job.wait_s <= 0:
+                if self.job.wait_s <= 0 or self._refused():
                     break
-                placement = await _unless(self._submit(), watcher)
+                placement = await _unless(self._submit(), watcher, self.admitting)
                 if placement.error == "no_capacity" and placement.retry_after_s > 0:
                     # Answered before the time was up by a scheduler that does not keep jobs.
-                    await _unless(asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic()))), watcher)
+                    pause_s = min(pause, max(0.0, deadline - time.monotonic()))
+                    await _unless(asyncio.sleep(pause_s), watcher, self.admitting)
                     pause = min(pause * 2, 0.2)
         finally:
             if watcher is not None:
@@ -326,8 +350,12 @@ class Run:
         token_deadline = time.monotonic() + settings.first_token_timeout_s
         accepted = False
         while True:
+            if self._refused():
+                raise _NotAdmitted
             deadline = token_deadline if accepted else accept_deadline
             item = await self.queue.get_within(deadline - time.monotonic())
+            if item is _REFUSED:
+                continue  # seen at the top
             if item is TIMED_OUT:
                 if not accepted:
                     return "accept_timeout"
@@ -560,9 +588,10 @@ class TokenService:
         self.placed: set[Run] = set()
         """Runs placed on a node and not finished: what the keepalives name, and (the streams
         past their first token) what ``checkpoint`` writes."""
-        self.room: dict[str, tuple[float, tuple[int | None, int | None, int]]] = {}
-        """Per key: when it was last admitted here, and the room its admission left
-        (``Admission.room``); what decides whether its next admission runs beside placement."""
+        self.room: dict[tuple[str, str], tuple[float, tuple[int | None, int | None, int]]] = {}
+        """Per key and model: when it was last admitted here, and the room its admission left
+        (``Admission.room``) less what admissions running beside placement since may take; what
+        decides whether its next admission runs beside placement."""
         self._keepalives: asyncio.Task[None] | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._checkpoint: asyncio.Task[int] | None = None
@@ -606,7 +635,11 @@ class TokenService:
         runs = [
             run
             for run in self.placed
-            if run.streamed and run.first is not None and not run.finished and run.admitting is None
+            if run.streamed
+            and run.first is not None
+            and not run.finished
+            and run.admitting is None
+            and run.refusal is None
         ]
         if holder is None or self.usage.outbox is None or not runs:
             return 0
@@ -695,7 +728,7 @@ class TokenService:
         hold = prompt_tokens + max_tokens * request.choices
         if self.limiter is not None:
             admit = self._admit(self.limiter, principal, model.name, prompt_tokens, max_tokens * request.choices)
-            if self._has_room(principal.key_id, hold):
+            if self._take_room((principal.key_id, model.name), hold):
                 admitting = asyncio.ensure_future(admit)
             else:
                 admission = await admit
@@ -738,43 +771,64 @@ class TokenService:
         self, limiter: Limiter, principal: Principal, model: str, prompt_tokens: int, max_tokens: int
     ) -> Any:
         """``limiter.admit``, remembering the room it left for the key (or, refused, that it has none)."""
+        key = (principal.key_id, model)
         try:
             admission = await limiter.admit(principal, model, prompt_tokens, max_tokens)
         except AppError:
-            self.room.pop(principal.key_id, None)
+            self.room.pop(key, None)
             raise
         room = getattr(admission, "room", None)
         if room is not None:
             if len(self.room) >= 100_000:  # keys seen once long ago: forget them all at once
                 self.room.clear()
-            self.room[principal.key_id] = (time.monotonic(), room)
+            self.room[key] = (time.monotonic(), room)
         return admission
 
-    def _has_room(self, key_id: str, hold: int) -> bool:
-        """Whether the key's last admission here was recent and left room for ``hold`` more tokens
-        and one more request: then its admission may run beside placement."""
-        seen = self.room.get(key_id)
+    def _take_room(self, key: tuple[str, str], hold: int) -> bool:
+        """Whether the key's last admission here for this model was recent and left room for one
+        more request of ``hold`` tokens; if so the request takes that room, so that a burst runs
+        beside placement only as far as the last admission's room goes."""
+        seen = self.room.get(key)
         if seen is None or time.monotonic() - seen[0] > SPECULATE_WINDOW_S:
             return False
         requests, tokens, quota = seen[1]
-        return (requests is None or requests >= 1) and (tokens is None or tokens >= hold) and quota >= hold
+        if (requests is not None and requests < 1) or (tokens is not None and tokens < hold) or quota < hold:
+            return False
+        left = (
+            None if requests is None else requests - 1,
+            None if tokens is None else tokens - hold,
+            quota - hold,
+        )
+        self.room[key] = (seen[0], left)
+        return True
 
 
-async def _unless(work: Awaitable[T], watcher: asyncio.Future[object] | None) -> T:
-    """``work``'s result, unless ``watcher`` (the client leaving) finishes first: then ClientGone."""
-    if watcher is None:
+async def _unless(
+    work: Awaitable[T], watcher: asyncio.Future[object] | None, admitting: asyncio.Task[Any] | None = None
+) -> T:
+    """``work``'s result, unless ``watcher`` (the client leaving) finishes first: then ClientGone;
+    or ``admitting`` (an admission running beside placement) refuses first: then _NotAdmitted."""
+    if watcher is None and admitting is None:
         return await work
     task = asyncio.ensure_future(work)
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # our caller was cancelled: so is the work
-        task.cancel()
-        raise
-    if task.done():
-        return task.result()
+    while True:
+        others = [w for w in (watcher, admitting) if w is not None and not w.done()]
+        try:
+            await asyncio.wait((task, *others), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # our caller was cancelled: so is the work
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        refused = admitting is not None and admitting.done() and (admitting.cancelled() or admitting.exception())
+        if refused or (watcher is not None and watcher.done()):
+            break
+        # the admission ended and admitted: go on waiting for the work (and the client)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    if refused:
+        raise _NotAdmitted
     raise ClientGone
 
 

@@ -5,18 +5,21 @@ engine with room for one sequence at a time)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import asyncpg
 import openai
 import pytest
 from nats.aio.client import Client
-from sqlalchemy import text
+from sqlalchemy import text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.admin.quota import quota_of
 from market import subjects
-from market.db import session_factory
+from market.db import plain_url, session_factory
+from market.models import ApiKey
 from market.settings import Settings
 from market.wire import ProfileInfo
 from nodes.agent import AgentConfig, NodeAgent
@@ -137,3 +140,55 @@ async def test_a_request_refused_beside_its_placement_is_aborted_on_its_node(
     await asyncio.sleep(0.5)
     info = await nc.jetstream().stream_info(subjects.USAGE_STREAM, subjects_filter=usage)
     assert (info.state.subjects or {}).get(usage) == 2  # the first and the last: the refused one is not billed
+
+
+async def test_a_request_refused_while_it_waits_for_a_slot_is_withdrawn_at_once(
+    api: RunningApi, engine: AsyncEngine, scheduler: SchedulerService, one_slot_node: NodeAgent
+) -> None:
+    """Placed beside its admission, a request waiting at the scheduler for the one busy slot is
+    withdrawn the moment its admission refuses: the client gets the 429 then, not after its 30 s
+    of queue time, and the job never runs."""
+    tenant = await make_tenant(engine, "withdrawn", models=((MODEL, 8192),))
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(update(ApiKey).where(ApiKey.id == tenant.key_id).values(requests_per_minute=100))
+    client = openai.AsyncOpenAI(api_key=tenant.secret, base_url=f"{api.url}/v1", max_retries=0)
+    await client.completions.create(model=MODEL, prompt="first", max_tokens=5)  # admitted, with room
+    with api.token_settings(queue_timeout_s=30.0):
+        busy = asyncio.create_task(client.completions.create(model=MODEL, prompt="long", max_tokens=4000))
+        for _ in range(100):
+            if scheduler.counters["placed"] == 2:
+                break
+            await asyncio.sleep(0.02)
+        async with session_factory(engine)() as session, session.begin():
+            await session.execute(
+                text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
+            )
+        # The key's rate-limit row locked: the next admission waits while its job queues for the slot.
+        blocker = await asyncpg.connect(plain_url(engine.url.render_as_string(hide_password=False)))
+        try:
+            lock = blocker.transaction()
+            await lock.start()
+            await blocker.execute("SELECT 1 FROM rate_limit_buckets WHERE scope = $1 FOR UPDATE", tenant.key_id)
+            refused = asyncio.create_task(client.completions.create(model=MODEL, prompt="refused", max_tokens=5))
+            for _ in range(100):
+                if scheduler.counters["queued"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert scheduler.counters["queued"] == 1
+            await lock.rollback()
+            started = time.monotonic()
+            with pytest.raises(openai.RateLimitError) as error:
+                await refused
+            assert time.monotonic() - started < 5
+        finally:
+            await blocker.close()
+        assert error.value.code == "insufficient_quota"
+        for _ in range(100):
+            if scheduler.counters["withdrawn"]:
+                break
+            await asyncio.sleep(0.02)
+        assert scheduler.counters["withdrawn"] == 1
+        assert scheduler.counters["placed"] == 2  # the first and the busy one: never the refused one
+        busy.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await busy

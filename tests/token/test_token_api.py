@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import httpx
 import openai
 import pytest
@@ -27,7 +28,7 @@ from market.models import ApiKey
 from market.settings import Settings
 from tests.billing.conftest import usage_event as make_usage_event
 from tests.conftest import RunningApi
-from tests.token.conftest import FakeFleet, NodeBehaviour, TenantKey, chunk, echo_node
+from tests.token.conftest import FakeFleet, NodeBehaviour, TenantKey, chunk, echo_node, make_tenant
 
 Fleet = Callable[..., Awaitable[FakeFleet]]
 
@@ -438,6 +439,53 @@ async def test_an_admission_beside_placement_refuses_before_any_output(
     with pytest.raises(openai.RateLimitError) as both:
         await tenant_sdk.completions.create(model="fake-model", prompt="x", max_tokens=2)
     assert both.value.code == "insufficient_quota"
+
+
+async def test_admissions_beside_placement_go_only_as_far_as_the_room_left_for_that_model(
+    api: RunningApi, engine: AsyncEngine, fleet: Fleet
+) -> None:
+    """The room a key's last admission left (two more requests here) is taken by each request
+    placed while its admission runs: of a burst of five into a quota that ran out meanwhile, two
+    are placed (and refused), three are refused before placement. The room is the model's: a
+    request for a model the tenant may not use is judged before it is placed."""
+    tenant = await make_tenant(engine, "burst", models=(("fake-model", 2048), ("other-model", 2048)))
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(update(ApiKey).where(ApiKey.id == tenant.key_id).values(requests_per_minute=3))
+        await session.execute(
+            text("INSERT INTO tenant_models (tenant_id, model_name) VALUES (:t, 'fake-model')"),
+            {"t": tenant.tenant_id},
+        )
+    f = await fleet({"node_a": echo_node("node_a", delay=0.05)})
+    tenant_sdk = sdk(api, tenant.secret)
+    await tenant_sdk.completions.create(model="fake-model", prompt="x", max_tokens=2)  # two requests of room left
+    with pytest.raises(openai.PermissionDeniedError):
+        await tenant_sdk.completions.create(model="other-model", prompt="x", max_tokens=2)
+    assert len(f.placed) == 1  # not placed: no room was ever left for that model
+    exhaust = text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t")
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(exhaust, {"t": tenant.tenant_id})
+
+    async def refused() -> str:
+        with pytest.raises(openai.RateLimitError) as error:
+            await tenant_sdk.completions.create(model="fake-model", prompt="x", max_tokens=2)
+        return str(error.value.code)
+
+    # The key's rate-limit row locked: every admission of the burst waits, so all five find the same room.
+    blocker = await asyncpg.connect(plain_url(engine.url.render_as_string(hide_password=False)))
+    try:
+        lock = blocker.transaction()
+        await lock.start()
+        await blocker.execute("SELECT 1 FROM rate_limit_buckets WHERE scope = $1 FOR UPDATE", tenant.key_id)
+        burst = asyncio.gather(*(refused() for _ in range(5)))
+        await asyncio.sleep(0.5)
+        placed_while_admitting = len(f.placed) - 1
+        await lock.rollback()
+        codes = await burst
+    finally:
+        await blocker.close()
+    assert placed_while_admitting == 2  # the two the room let through; the rest wait for their admission
+    assert codes == ["insufficient_quota"] * 5
+    assert len(f.placed) == 3
 
 
 async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
