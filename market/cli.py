@@ -139,7 +139,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         stop_signal["received"] = True
         raise KeyboardInterrupt
 
+    # SIGINT too, explicitly: started in the background by a script (``market up &`` without job
+    # control), a process inherits SIGINT ignored and Ctrl-C's signal would otherwise do nothing.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         if not settings.database_url:
             pg = EmbeddedPostgres(data_dir / "postgres" / "data", port=int(os.environ.get("MARKET_PG_PORT", "0")))

@@ -21,8 +21,15 @@ _OUTPUT: dict[int, list[str]] = {}
 _READERS: dict[int, threading.Thread] = {}
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _start(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[str]:
-    """``market up`` as a user starts it; its output is collected line by line as it comes."""
+    """``market up`` as a user starts it; its output is collected line by line as it comes.
+
+    Started with SIGINT ignored, as a script's background job (``market up &`` without job
+    control) is: the SIGINT that ``_stop`` sends must stop it all the same."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "market.cli", "up", "--data-dir", str(data_dir), "--port", str(port), *extra],
@@ -31,6 +38,7 @@ def _start(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[str]:
         text=True,
         env=env,
         start_new_session=True,
+        preexec_fn=_ignore_sigint,
     )
     lines = _OUTPUT[proc.pid] = []
 
