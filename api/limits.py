@@ -300,7 +300,7 @@ class Limiter:
         self.admit_statements = 0
         """Admit statements sent (a batch counts once)."""
         self._retry: list[_PendingSettle] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._settlers = Drainers(1, self._flush_loop, "limiter-settle")
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -317,9 +317,7 @@ class Limiter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
         await self._admitters.wait()  # their releases of orphaned holds join the settles below
-        if self._flusher is not None:
-            with contextlib.suppress(Exception):
-                await self._flusher
+        await self._settlers.wait()
         self._pending.extend(self._retry)
         self._retry.clear()
         if self._pending:
@@ -486,8 +484,7 @@ class Limiter:
 
     def _queue(self, item: _PendingSettle) -> None:
         self._pending.append(item)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop(), name="limiter-settle")
+        self._settlers.kick()
 
     async def _flush_loop(self) -> None:
         while self._pending:
@@ -558,8 +555,7 @@ class Limiter:
                 if self._retry:
                     self._pending.extend(self._retry)
                     self._retry.clear()
-                    if self._flusher is None or self._flusher.done():
-                        self._flusher = asyncio.create_task(self._flush_loop(), name="limiter-settle")
+                    self._settlers.kick()
                 released = await self.pool.fetchval("SELECT market_release_dead_holders($1)", STALE_HOLDER_S)
                 if released:
                     log.warning("released %d tokens held by api processes that stopped", released)

@@ -24,7 +24,6 @@ whose api died mid-way is billed for what it had relayed by its last checkpoint.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -102,7 +101,7 @@ class UsageOutbox:
         self._stores: list[_PendingStore] = []
         self._writers = Drainers(self.STATEMENTS, self._write, "usage-outbox-store")
         self._forgets: list[str] = []
-        self._forgetter: asyncio.Task[None] | None = None
+        self._forgetters = Drainers(1, self._delete, "usage-outbox-forget")
 
     async def store(self, event: StoredEvent) -> None:
         """Return once ``event`` is committed; raise if the database refused or is away."""
@@ -135,8 +134,7 @@ class UsageOutbox:
     def forget(self, request_id: str) -> None:
         """JetStream has the event: delete its row (in the next batch; a row left is published again, harmlessly)."""
         self._forgets.append(request_id)
-        if self._forgetter is None or self._forgetter.done():
-            self._forgetter = asyncio.create_task(self._delete(), name="usage-outbox-forget")
+        self._forgetters.kick()
 
     async def _delete(self) -> None:
         while self._forgets:
@@ -171,7 +169,5 @@ class UsageOutbox:
 
     async def close(self) -> None:
         await self._writers.wait()
-        if self._forgetter is not None:
-            with contextlib.suppress(Exception):
-                await self._forgetter
+        await self._forgetters.wait()
         await self.conns.close()
