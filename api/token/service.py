@@ -219,14 +219,11 @@ class Run:
     def _admission_done(self, task: asyncio.Task[Any]) -> None:
         """A refusal stops the wait for a slot or for the first token (placing a refused job on
         and on, or waiting out its prefill, only takes capacity from admitted work)."""
-        if not task.cancelled() and task.exception() is not None and self.queue is not None:
+        if _refused(task) and self.queue is not None:
             self.queue.put_nowait(_REFUSED)
 
     def _refused(self) -> bool:
-        task = self.admitting
-        return self.refusal is not None or (
-            task is not None and task.done() and (task.cancelled() or task.exception() is not None)
-        )
+        return self.refusal is not None or (self.admitting is not None and _refused(self.admitting))
 
     async def admitted(self) -> BaseException | None:
         """Wait for an admission running beside placement: None once admitted (or when none ran),
@@ -820,7 +817,7 @@ async def _unless(
             raise
         if task.done():
             return task.result()
-        refused = admitting is not None and admitting.done() and (admitting.cancelled() or admitting.exception())
+        refused = admitting is not None and _refused(admitting)
         if refused or (watcher is not None and watcher.done()):
             break
         # the admission ended and admitted: go on waiting for the work (and the client)
@@ -830,6 +827,12 @@ async def _unless(
     if refused:
         raise _NotAdmitted
     raise ClientGone
+
+
+def _refused(admitting: asyncio.Task[Any]) -> bool:
+    """Whether an admission running beside placement has ended without admitting (refused, or
+    interrupted: ``Run.admitted`` turns either into the client's error)."""
+    return admitting.done() and (admitting.cancelled() or admitting.exception() is not None)
 
 
 def _message(message: Any) -> dict[str, Any]:
