@@ -1,5 +1,5 @@
 """A stand-in for an engine's HTTP surface, for tests of the agent's supervision only (the real
-vLLM path has its own tests): ``/health`` (slow while ``<dir>/slow_health`` exists), ``/metrics``
+vLLM path has its own tests): ``/health`` (slow once each time ``<dir>/slow_health`` is made), ``/metrics``
 (the text of ``<dir>/metrics`` if present) and a streamed completion.
 
     python tests/nodes/fake_openai_server.py PORT DIR
@@ -18,7 +18,11 @@ PORT, DIR = int(sys.argv[1]), Path(sys.argv[2])
 
 
 async def health(_: web.Request) -> web.Response:
-    if (DIR / "slow_health").exists():
+    slow = DIR / "slow_health"
+    if slow.exists():
+        # One slow answer per file: the check after it (0.2 s later) must not also be slow, or
+        # two timed-out checks back to back decide the test by where the loop's phase fell.
+        slow.unlink(missing_ok=True)
         await asyncio.sleep(6)  # longer than the engine's health-check timeout
     return web.Response(text="")
 
