@@ -647,6 +647,8 @@ async def main() -> None:
             )
             print(f"CPU (share of one core) during the direct rounds: {cpu_share(direct_cpu, direct_total.wall)}")
             print(f"CPU during the marketplace rounds: {cpu_share(market_cpu, market_total.wall)}")
+        if not control.requests:
+            return  # --cp-requests 0: the vLLM rounds alone
         print(
             f"control plane: {control.requests / control.wall:,.0f} requests/s, "
             f"{control.tokens_per_s:,.0f} relayed tokens/s through one api process, which was busy "

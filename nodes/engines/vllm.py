@@ -81,6 +81,8 @@ class _Event(msgspec.Struct):
 
 _decode_event = msgspec.json.Decoder(_Event).decode
 _JSON = {"Content-Type": "application/json"}
+_END_TIMEOUT_S = 5.0
+"""How long a stream's body may take to end after its ``[DONE]`` before its connection is closed."""
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10.0, sock_connect=10.0)
 _HEALTH_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
 _METRICS_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
@@ -256,6 +258,8 @@ class VllmEngine:
         self._client: aiohttp.ClientSession | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._check_now = asyncio.Event()
+        self._ending: set[asyncio.Task[None]] = set()
+        """Streams past their ``[DONE]`` whose body's end is still being read (``_read_end``)."""
         self._last_load = EngineLoad()
         self.restarts = 0
         """How many times a crashed vLLM was restarted (tests and logs)."""
@@ -462,6 +466,32 @@ class VllmEngine:
         async for emission in self._stream(url + path, body, chat=job.kind == "chat"):
             yield emission
 
+    def _read_end(self, resp: aiohttp.ClientResponse) -> bool:
+        """Keep the connection of a stream read to its ``[DONE]`` for the next job.
+
+        aiohttp closes a connection released with its body unread, and under load vLLM's chunked
+        body ends a moment after its ``[DONE]``: a connection per job would cost the agent and
+        vLLM a connect each on the way to the first token. The job must not wait for that moment
+        (its end would reach the client later), so the rest is read in the background, which
+        then releases the response. False when there is nothing left to read.
+        """
+        if resp.content.is_eof():
+            return False
+
+        async def read_end() -> None:
+            try:
+                async with asyncio.timeout(_END_TIMEOUT_S):
+                    await resp.content.read()
+            except (Exception, asyncio.CancelledError):
+                resp.close()
+            finally:
+                resp.release()  # back to the pool if the body ended, else closed
+
+        task = asyncio.create_task(read_end(), name="vllm read end")
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+        return True
+
     async def _remote_prefill(self, url: str, body: dict[str, Any]) -> Any:
         """Disaggregated proxy step: prefill with max_tokens=1; its kv_transfer_params go to decode."""
         assert self._client is not None
@@ -488,7 +518,9 @@ class VllmEngine:
         counted = 0
         yielded = False
         try:
-            async with self._client.post(url, data=msgspec.json.encode(body), headers=_JSON) as resp:
+            resp = await self._client.post(url, data=msgspec.json.encode(body), headers=_JSON)
+            ending = False
+            try:
                 if resp.status >= 400:
                     _raise_for_status(resp.status, await resp.read())
                 async for line in resp.content:
@@ -496,6 +528,7 @@ class VllmEngine:
                         continue
                     data = line[5:].strip()
                     if data == b"[DONE]":
+                        ending = self._read_end(resp)
                         return
                     event = _decode_event(data)
                     if event.error is not None:
@@ -518,6 +551,9 @@ class VllmEngine:
                     if pieces or usage is not None:
                         yielded = True
                         yield Emission(pieces, usage)
+            finally:
+                if not ending:
+                    resp.release()  # with its body unread (a cancelled job): closed, which aborts it in vLLM
         except aiohttp.ClientError as exc:
             self._check_now.set()  # maybe the engine died: re-check health now, not in a second
             code: ErrorCode = "engine_error" if yielded else "engine_unavailable"

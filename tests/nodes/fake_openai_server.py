@@ -1,6 +1,7 @@
 """A stand-in for an engine's HTTP surface, for tests of the agent's supervision only (the real
 vLLM path has its own tests): ``/health`` (slow once each time ``<dir>/slow_health`` is made), ``/metrics``
-(the text of ``<dir>/metrics`` if present) and a streamed completion.
+(the text of ``<dir>/metrics`` if present) and a streamed completion whose body ends 0.2 s after
+its ``[DONE]`` (each end adds a byte to ``<dir>/ended``).
 
     python tests/nodes/fake_openai_server.py PORT DIR
 """
@@ -44,6 +45,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
         }
         await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
     await response.write(b"data: [DONE]\n\n")
+    await asyncio.sleep(0.2)  # the body's end comes apart from [DONE], as vLLM's may under load
+    await response.write_eof()
+    with (DIR / "ended").open("a") as ended:
+        ended.write("1")
     return response
 
 

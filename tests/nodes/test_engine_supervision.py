@@ -7,9 +7,12 @@ import asyncio
 import sys
 from pathlib import Path
 
+import psutil
+
 from market.embedded import free_port
 from nodes.engines.vllm import VllmEngine, parse_metrics
 from nodes.profiles import LaunchPlan, ProcessSpec
+from tests.nodes.helpers import make_job
 
 SERVER = Path(__file__).with_name("fake_openai_server.py")
 
@@ -52,5 +55,38 @@ async def test_one_slow_health_check_does_not_restart_an_engine_up_for_long(tmp_
         await engine.wait_ready(10)
         await asyncio.sleep(1.0)  # a restart would have been counted by now
         assert engine.restarts == 0
+    finally:
+        await engine.stop()
+
+
+async def test_jobs_reuse_the_connections_to_the_engine(tmp_path: Path) -> None:
+    """A stream read to its ``[DONE]`` ends at once, and its connection goes back for the next
+    job when the body's end comes (as vLLM's may under load, a moment later): aiohttp closes a
+    connection released with its body unread, and a connection per job would cost the agent and
+    the engine a connect each on the way to the first token."""
+    port = free_port()
+    spec = ProcessSpec(
+        name="vllm", role="engine", argv=[sys.executable, str(SERVER), str(port), str(tmp_path)], port=port
+    )
+    engine = VllmEngine(LaunchPlan("unified", "fake", [spec]), served_model_name="fake", log_dir=tmp_path)
+    ended = tmp_path / "ended"
+    await engine.start()
+    try:
+        await engine.wait_ready(30)
+        await asyncio.sleep(0.4)  # the readiness probe's completion has ended
+        local_ports: set[int] = set()
+        for _ in range(4):
+            before = ended.read_text() if ended.exists() else ""
+            async for _emission in engine.generate(make_job("fake", max_tokens=2)):
+                local_ports |= {
+                    c.laddr.port
+                    for c in psutil.Process().net_connections(kind="tcp")
+                    if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+                }
+            # The job ended with its [DONE], before its body did (0.2 s later) ...
+            assert (ended.read_text() if ended.exists() else "") == before
+            await asyncio.sleep(0.4)
+            assert ended.read_text() == before + "1"  # ... which was then read to its end
+        assert 1 <= len(local_ports) <= 2  # a health check may hold one while a job starts
     finally:
         await engine.stop()
