@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shutil
@@ -119,6 +118,24 @@ class Result:
         return len(self.ttft) + len(self.ramp)
 
 
+class _Choice(msgspec.Struct):
+    text: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    completion_tokens: int = 0
+
+
+class _Event(msgspec.Struct):
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+
+
+_decode_event = msgspec.json.Decoder(_Event).decode
+"""The load generator reads only what it counts: its CPU shares a core with the services in
+the ``shared`` layout, and typed decoding of two fields costs a fraction of ``json.loads``."""
+
+
 async def one_stream(
     session: aiohttp.ClientSession,
     url: str,
@@ -143,16 +160,15 @@ async def one_stream(
                 line = raw.strip()
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
-                event = json.loads(line[6:])
-                for choice in event.get("choices", []):
-                    if choice.get("text"):
+                event = _decode_event(line[6:])
+                for choice in event.choices:
+                    if choice.text:
                         if first is None:
                             first = time.perf_counter() - started
                         tokens += 1
                         events += 1
-                usage = event.get("usage")
-                if usage:
-                    tokens = usage["completion_tokens"]
+                if event.usage is not None:
+                    tokens = event.usage.completion_tokens
     except aiohttp.ClientError:
         result.errors += 1
         return

@@ -5,6 +5,9 @@ from __future__ import annotations
 JOBS_SUBMIT = "jobs.submit"
 """Request/reply: api -> scheduler queue group ``SCHEDULERS_QUEUE``; payload Job, reply Placement."""
 SCHEDULERS_QUEUE = "schedulers"
+SCHEDULERS_ALIVE = "schedulers.alive"
+"""Scheduler -> api: ``SchedulerAlive`` every heartbeat interval; a job waiting at a replica whose
+beats stopped is submitted again."""
 JOBS_WITHDRAW = "jobs.withdraw"
 """Api -> every scheduler replica: Cancel for a job that waits for a slot and is no longer wanted."""
 

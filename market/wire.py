@@ -6,6 +6,7 @@ field is documented and changes must stay backward compatible (add fields with d
 Data path of one request::
 
     api --request jobs.submit (Job)--> scheduler --reply Placement--> api   (at once, or when a slot frees)
+    scheduler --publish schedulers.alive (SchedulerAlive)--> api   (its jobs' waits end when the beats do)
     api --publish jobs.withdraw (Cancel)--> schedulers          (gave up while the job waited for a slot)
     scheduler --publish node.<id>.jobs (Job, reply=Job.reply)--> node agent
     node --publish Job.reply (Chunk: [accepted], data..., end | error)--> api
@@ -62,6 +63,10 @@ class Job(msgspec.Struct, kw_only=True):
     """The api replica's relay id. When set, the node may send this job's chunks together with other
     jobs' for the same replica, as ``ChunkBatch`` messages on ``subjects.node_relay``, instead of
     one message per chunk to ``reply``."""
+    hold_notice: bool = False
+    """Ask a scheduler that keeps the job waiting for a slot to say so at once (``Placement``
+    ``queued``), so the api can watch that replica's ``SchedulerAlive`` beats and submit the job
+    again should it die (its waiting jobs' answers die with it)."""
     keepalive_s: float = 0.0
     """How often the api says it still wants the job (``Keepalive`` on ``subjects.node_keepalive``);
     a node aborts a job not confirmed for ``KEEPALIVE_MISSES`` times this (its api process died:
@@ -75,8 +80,12 @@ class Placement(msgspec.Struct, kw_only=True):
     node_id: str | None = None
     provider_id: str | None = None
     error: str | None = None
-    """Set when no node could take the job: ``no_capacity`` or ``unknown_model``."""
+    """Set when no node could take the job: ``no_capacity`` or ``unknown_model``; or ``queued``:
+    the job waits at replica ``scheduler`` (for a ``Job.hold_notice`` job), which answers again
+    on the same subject when it places the job or gives up on it."""
     retry_after_s: float = 1.0
+    scheduler: str | None = None
+    """The replica that answered (its ``SchedulerAlive.replica``)."""
 
 
 class Piece(msgspec.Struct, array_like=True):
@@ -149,6 +158,12 @@ class Keepalive(msgspec.Struct, kw_only=True):
     it still relays (placed and not finished)."""
 
     job_ids: list[str]
+
+
+class SchedulerAlive(msgspec.Struct, kw_only=True):
+    """A scheduler replica's beat on ``schedulers.alive``, every heartbeat interval."""
+
+    replica: str
 
 
 class Cancel(msgspec.Struct, kw_only=True):

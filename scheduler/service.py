@@ -24,6 +24,7 @@ import msgspec
 from sqlalchemy import text
 
 from market import bus, db, subjects, wire
+from market.ids import ulid
 from scheduler.policy import DEFAULT_POLICY, FleetView, NodeState, PolicyConfig, place
 from scheduler.waiting import Waiting, WaitQueue
 
@@ -87,6 +88,8 @@ class SchedulerService:
         self.settings = settings
         self.nc = nc
         self.name = name
+        self.replica = f"{name}-{ulid()[-10:].lower()}"
+        """This replica's id in its ``SchedulerAlive`` beats and its ``queued`` answers."""
         self.fleet = FleetView(settings.heartbeat_timeout_s, policy)
         self.warmup_s = settings.heartbeat_interval_s * 1.5 if warmup_s is None else warmup_s
         self.persist_interval_s = persist_interval_s
@@ -134,6 +137,7 @@ class SchedulerService:
         self._subs.append(await nc.subscribe(subjects.JOBS_SUBMIT, queue=subjects.SCHEDULERS_QUEUE, cb=self._on_job))
         await nc.flush()
         self._tasks.append(asyncio.create_task(self._watch(), name=f"{self.name}-watch"))
+        self._tasks.append(asyncio.create_task(self._beat(), name=f"{self.name}-beat"))
         if self._engine is not None:
             self._tasks.append(asyncio.create_task(self._persist_loop(), name=f"{self.name}-persist"))
         log.info("scheduler started", extra={"replica": self.name})
@@ -188,7 +192,8 @@ class SchedulerService:
             await msg.respond(wire.encode(placement))
 
     async def _handle_job(self, msg: Msg) -> wire.Placement | None:
-        """The job's placement, or None when it waits here for a slot (answered later)."""
+        """The job's placement; when it waits here for a slot (answered later), ``queued`` if it
+        asked for a notice, else None."""
         try:
             job = self._job_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
@@ -209,6 +214,8 @@ class SchedulerService:
             wait = min(job.wait_s, job.deadline - time.time())
             if wait > 0 and msg.reply:
                 self._park(job, msg, wait)
+                if job.hold_notice:
+                    return wire.Placement(job_id=job.id, error="queued", scheduler=self.replica)
                 return None
             self.counters["no_capacity"] += 1
             # Capacity news arrives with heartbeats: asking again before the next one is pointless.
@@ -396,6 +403,16 @@ class SchedulerService:
                     await self._publish_event("node_lost", node)
             except Exception:
                 log.exception("fleet watch failed")
+
+    async def _beat(self) -> None:
+        """Say this replica is alive: the api submits again the jobs waiting at a replica whose
+        beats stopped (their answers died with it), instead of waiting out their time."""
+        assert self.nc is not None
+        beat = wire.encode(wire.SchedulerAlive(replica=self.replica))
+        while True:
+            with contextlib.suppress(Exception):  # a connection being re-established
+                await self.nc.publish(subjects.SCHEDULERS_ALIVE, beat)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def _publish_event(self, kind: EventKind, node: NodeState) -> None:
         assert self.nc is not None

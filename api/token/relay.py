@@ -111,7 +111,7 @@ class Inboxes:
         self._batch_sub: Subscription | None = None
         self._orphans: dict[tuple[str, str], None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._answers: dict[str, asyncio.Future[Msg | None]] = {}
+        self._answers: dict[str, Mailbox] = {}
         self._numbers = itertools.count()
 
     async def request(self, subject: str, payload: bytes, timeout: float, headers: dict[str, str] | None = None) -> Msg:
@@ -120,22 +120,23 @@ class Inboxes:
         through a callback of its own, a few percent of the api's CPU at two requests per job (its
         placement, its usage event's JetStream publish). Raises ``nats.errors.NoRespondersError``
         and ``nats.errors.TimeoutError`` as it does."""
+        question = await self.ask(subject, payload, headers)
+        try:
+            return await question.answer(timeout)
+        finally:
+            question.close()
+
+    async def ask(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> Question:
+        """Publish a request whose answers (one or more) come to this replica's inbox."""
         reply = f"{self.prefix}.a.{next(self._numbers)}"
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Msg | None] = loop.create_future()
-        self._answers[reply] = answer
-        timer = loop.call_later(timeout, aio.wake, answer)
+        question = Question(self, reply)
+        self._answers[reply] = question.answers
         try:
             await self.nc.publish(subject, payload, reply=reply, headers=headers)
-            msg = await answer
-        finally:
-            timer.cancel()
-            self._answers.pop(reply, None)
-        if msg is None:
-            raise nats.errors.TimeoutError
-        if not msg.data and (msg.headers or {}).get("Status") == "503":
-            raise nats.errors.NoRespondersError
-        return msg
+        except BaseException:
+            question.close()
+            raise
+        return question
 
     def _orphan(self, node_id: str, chunk: wire.Chunk) -> None:
         """A node sends output for a job attempt that has no mailbox here (finished, failed over,
@@ -155,9 +156,9 @@ class Inboxes:
         def on_chunk(msg: Any) -> None:
             queue = self.queues.get(msg.subject)
             if queue is None:
-                answer = self._answers.get(msg.subject)
-                if answer is not None and not answer.done():
-                    answer.set_result(msg)
+                answers = self._answers.get(msg.subject)
+                if answers is not None:
+                    answers.put_nowait(msg)
                     return
                 # A late chunk for a finished attempt. Orphaned output is cancelled only from
                 # batches, whose sender NATS vouches for; here the node id is the body's word.
@@ -205,6 +206,63 @@ class Inboxes:
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+
+class Question:
+    """A request's answers on an api replica's inbox (``Inboxes.ask``); ``close`` when done."""
+
+    __slots__ = ("answers", "inboxes", "reply")
+
+    def __init__(self, inboxes: Inboxes, reply: str) -> None:
+        self.inboxes = inboxes
+        self.reply = reply
+        self.answers = Mailbox()
+
+    async def answer(self, timeout: float) -> Msg:
+        """The next answer; ``nats.errors.TimeoutError`` after ``timeout`` seconds without one,
+        ``nats.errors.NoRespondersError`` when nobody received the request."""
+        msg = await self.answers.get_within(timeout)
+        if msg is TIMED_OUT:
+            raise nats.errors.TimeoutError
+        if not msg.data and (msg.headers or {}).get("Status") == "503":
+            raise nats.errors.NoRespondersError
+        return msg  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.inboxes._answers.pop(self.reply, None)
+
+
+class SchedulerWatch:
+    """When each scheduler replica was last heard from (``SchedulerAlive`` beats)."""
+
+    def __init__(self, nc: Client, timeout_s: float) -> None:
+        self.nc = nc
+        self.timeout_s = timeout_s
+        self.seen: dict[str, float] = {}
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        decode = wire.decoder(wire.SchedulerAlive).decode
+        loop = asyncio.get_running_loop()
+
+        def on_beat(msg: Any) -> None:
+            try:
+                self.seen[decode(msg.data).replica] = loop.time()
+            except msgspec.DecodeError:
+                log.warning("undecodable scheduler beat")
+
+        self._sub = await bus.subscribe_inline(self.nc, subjects.SCHEDULERS_ALIVE, on_beat)
+
+    def gone(self, replica: str, since: float) -> bool:
+        """No beat from ``replica`` for ``timeout_s``, counting from ``since`` (loop time) at the
+        latest: a replica not heard from yet (this api just started) has that long to be."""
+        last = max(self.seen.get(replica, since), since)
+        return asyncio.get_running_loop().time() - last > self.timeout_s
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
 
 
 class FleetWatch:

@@ -36,7 +36,16 @@ from api.auth import Principal
 from api.errors import AppError, InvalidRequest, NotFound, Unavailable, UpstreamError
 from api.state import AppState
 from api.token.outbox import StoredEvent, UsageOutbox
-from api.token.relay import LOST, TIMED_OUT, FleetWatch, Inboxes, Mailbox, UsagePublisher
+from api.token.relay import (
+    LOST,
+    TIMED_OUT,
+    FleetWatch,
+    Inboxes,
+    Mailbox,
+    Question,
+    SchedulerWatch,
+    UsagePublisher,
+)
 from api.token.schemas import ChatCompletionRequest, CompletionRequest, estimate_tokens
 from market import subjects, wire
 from market.db import plain_url
@@ -316,15 +325,27 @@ class Run:
         return placement
 
     async def _submit(self) -> wire.Placement:
-        """Ask a scheduler; a replica restarting (no responders for a moment) is retried briefly."""
+        """Ask a scheduler; a replica restarting (no responders for a moment) is retried briefly.
+
+        A job that may wait asks the replica that keeps it to say so (``queued``), and the wait
+        for its answer then ends early should that replica's beats stop: it died, and the answer
+        with it. The job is then handed back as ``no_capacity`` with no pause, which submits it
+        again (to a live replica) for the time left.
+        """
         timeout = self.service.settings.accept_timeout_s * 2 + self.job.wait_s
+        self.job.hold_notice = self.job.wait_s > 0
         for pause in (0.1, 0.3, None):
             self.placing = True
             try:
-                job = wire.encode(self.job)
-                reply = await self.service.inboxes.request(subjects.JOBS_SUBMIT, job, timeout)
+                question = await self.service.inboxes.ask(subjects.JOBS_SUBMIT, wire.encode(self.job))
+                try:
+                    placement = _placement_decoder.decode((await question.answer(timeout)).data)
+                    if placement.error == "queued" and placement.scheduler:
+                        placement = await self._held(question, placement.scheduler, timeout)
+                finally:
+                    question.close()
                 self.placing = False
-                return _placement_decoder.decode(reply.data)
+                return placement
             except nats.errors.NoRespondersError:
                 # Nobody received it, so sending it again cannot place it twice.
                 self.placing = False
@@ -338,6 +359,27 @@ class Run:
         raise Unavailable(
             "no scheduler is answering; retry shortly", code="no_capacity", headers={"Retry-After": "1"}
         ) from None
+
+    async def _held(self, question: Question, replica: str, timeout: float) -> wire.Placement:
+        """The answer of the replica that keeps the job waiting, or ``no_capacity`` to submit it
+        again at once if that replica's beats stop first (nats TimeoutError after ``timeout``)."""
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        deadline = since + timeout
+        watch = self.service.schedulers
+        check = self.service.settings.heartbeat_interval_s
+        while True:
+            try:
+                return _placement_decoder.decode((await question.answer(min(check, deadline - loop.time()))).data)
+            except nats.errors.TimeoutError:
+                if loop.time() >= deadline:
+                    raise
+                if watch.gone(replica, since):
+                    log.warning(
+                        "scheduler replica went silent with a job waiting there; submitting it again",
+                        extra={"job": self.job.id, "replica": replica},
+                    )
+                    return wire.Placement(job_id=self.job.id, error="no_capacity", retry_after_s=0.0)
 
     async def _await_first(self) -> str | None:
         """None when the first output arrived (kept in ``self.first``), else why this attempt failed."""
@@ -580,6 +622,7 @@ class TokenService:
         self.catalog = Catalog(state)
         self.inboxes = Inboxes(state.nc)
         self.fleet = FleetWatch(state.nc)
+        self.schedulers = SchedulerWatch(state.nc, state.settings.heartbeat_timeout_s)
         self.usage = UsagePublisher(self.inboxes, UsageOutbox(plain_url(state.settings.require_database_url())))
         self.background: set[asyncio.Task[None]] = set()
         self.placed: set[Run] = set()
@@ -603,6 +646,7 @@ class TokenService:
     async def start(self) -> None:
         await self.inboxes.start()
         await self.fleet.start()
+        await self.schedulers.start()
         await self.usage.start()
         self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="usage-checkpoints")
         self._keepalives = asyncio.create_task(self._keepalive_loop(), name="job-keepalives")
@@ -622,6 +666,7 @@ class TokenService:
             await asyncio.wait(list(self.background), timeout=5)
         await self.catalog.close()
         await self.usage.stop()
+        await self.schedulers.stop()
         await self.inboxes.stop()
 
     async def checkpoint(self) -> int:

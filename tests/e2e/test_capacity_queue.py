@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import openai
@@ -29,6 +33,7 @@ from tests.conftest import RunningApi, wait_healthy
 from tests.token.conftest import make_tenant
 
 MODEL = "sim-llama-3-8b"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -192,3 +197,74 @@ async def test_a_request_refused_while_it_waits_for_a_slot_is_withdrawn_at_once(
         busy.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await busy
+
+
+async def test_a_request_waiting_at_a_scheduler_replica_that_dies_is_submitted_again(
+    api: RunningApi, engine: AsyncEngine, settings: Settings
+) -> None:
+    """A request waits for the one busy slot at a scheduler replica, a process of its own, which
+    is then killed: its answer died with it. The api sees the replica's beats stop and submits
+    the job again, to the live replica, which places it when the slot frees: the client gets its
+    answer then, not a 503 after its 30 s of queue time."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
+    env.update(
+        MARKET_DATABASE_URL=settings.require_database_url(),
+        MARKET_NATS_URL=settings.require_nats_url(),
+        MARKET_NATS_USER=settings.nats_user or "",
+        MARKET_NATS_PASSWORD=settings.nats_password or "",
+        MARKET_DATA_DIR=str(settings.data_dir),
+        MARKET_LOG_LEVEL="WARNING",
+        MARKET_HEARTBEAT_INTERVAL=str(settings.heartbeat_interval_s),
+        MARKET_HEARTBEAT_TIMEOUT=str(settings.heartbeat_timeout_s),
+    )
+    doomed = subprocess.Popen(
+        [sys.executable, "-m", "scheduler"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    agent = NodeAgent(
+        AgentConfig(
+            node_id="node_one_slot_left",
+            provider_id="prov_queue",
+            settings=settings,
+            models=[MODEL],
+            profile=ProfileInfo(max_num_seqs=1, max_model_len=8192),
+            queue_share=0.0,
+        ),
+        SimEngine(SimConfig(max_num_seqs=1, speedup=1.0)),
+    )
+    await agent.start()
+    live: SchedulerService | None = None
+    try:
+        tenant = await make_tenant(engine, "replica-died", models=((MODEL, 8192),))
+        client = openai.AsyncOpenAI(api_key=tenant.secret, base_url=f"{api.url}/v1", max_retries=0)
+        deadline = time.monotonic() + 60
+        while True:  # until the doomed replica (the only one) has heard from the node
+            with contextlib.suppress(openai.APIStatusError):
+                await client.completions.create(model=MODEL, prompt="warm", max_tokens=1)
+                break
+            assert doomed.poll() is None, "the scheduler process stopped"
+            assert time.monotonic() < deadline, "the scheduler process did not start"
+            await asyncio.sleep(0.2)
+        with api.token_settings(queue_timeout_s=30.0):
+            busy = await client.completions.create(model=MODEL, prompt="long", max_tokens=4000, stream=True)
+            await anext(aiter(busy))  # running on the one slot
+            waiting = asyncio.create_task(client.completions.create(model=MODEL, prompt="next", max_tokens=5))
+            await asyncio.sleep(0.5)  # at the doomed replica, waiting for the slot
+            assert not waiting.done()
+            live = SchedulerService(settings)
+            await live.start()
+            doomed.kill()
+            for _ in range(250):  # the api gives up on the dead replica within its heartbeat timeout
+                if live.counters["queued"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert live.counters["queued"] == 1, "the waiting job was submitted again to the live replica"
+            await busy.close()  # the slot frees: the live replica places the job
+            answer = await asyncio.wait_for(waiting, 10)
+        assert answer.choices[0].text
+        assert live.counters["placed"] == 1
+    finally:
+        doomed.kill()
+        doomed.wait()
+        if live is not None:
+            await live.stop()
+        await agent.stop(drain=False)
