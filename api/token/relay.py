@@ -138,9 +138,10 @@ class Inboxes:
             raise
         return question
 
-    def _orphan(self, node_id: str, chunk: wire.Chunk) -> None:
+    def orphan(self, node_id: str, chunk: wire.Chunk) -> None:
         """A node sends output for a job attempt that has no mailbox here (finished, failed over,
-        or placed by a scheduler just as the api withdrew it): cancel it there, once."""
+        or placed by a scheduler just as the api withdrew it), or that runs elsewhere (placed
+        twice: by a scheduler replica taken for dead, which woke): cancel it there, once."""
         key = (node_id, chunk.job_id)
         if chunk.kind in ("end", "error") or key in self._orphans:
             return  # an ending job needs no cancel; late chunks after a cancel are normal
@@ -185,7 +186,7 @@ class Inboxes:
                     continue
                 queue = self.queues.get(item.reply)
                 if queue is None:
-                    self._orphan(node_id, chunk)
+                    self.orphan(node_id, chunk)
                 else:
                     queue.put_nowait(chunk)
 

@@ -405,7 +405,10 @@ class Run:
                 return "node_lost"
             chunk: wire.Chunk = item
             if chunk.node_id != self.node_id:
-                continue  # only the node the job was placed on speaks for it (see Inboxes)
+                # Only the node the job was placed on speaks for it (see Inboxes); another one
+                # runs it for nobody (placed twice, by a scheduler replica taken for dead).
+                self.service.inboxes.orphan(chunk.node_id, chunk)
+                continue
             if chunk.kind == "accepted":
                 accepted = True
                 continue
@@ -488,7 +491,8 @@ class Run:
                         continue
                     chunk: wire.Chunk = item
                     if chunk.node_id != node_id:
-                        continue  # only the node the job was placed on speaks for it (see Inboxes)
+                        self.service.inboxes.orphan(chunk.node_id, chunk)  # as in _await_first
+                        continue
                     if chunk.kind == "data" or chunk.kind == "end":
                         lost, last_output = False, loop.time()
                         for piece in chunk.pieces:

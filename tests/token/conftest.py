@@ -66,6 +66,11 @@ class FakeFleet:
     order: list[str] = field(default_factory=list)
     placed: list[tuple[str, str]] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
+    cancelled_on: list[tuple[str, str]] = field(default_factory=list)
+    """(node, job) for each cancel a node received."""
+    also_to: str | None = None
+    """Send every placed job to this node as well, unannounced (as a scheduler replica taken for
+    dead that woke and placed it too would)."""
     subs: list[Any] = field(default_factory=list)
     busy_answers: int = 0
     """Answer this many submissions with ``no_capacity`` first (every node busy)."""
@@ -83,6 +88,8 @@ class FakeFleet:
             node = candidates[0]
             self.placed.append((job.id, node))
             await self.nc.publish(subjects.node_jobs(node), msg.data, reply=job.reply)
+            if self.also_to is not None and self.also_to != node:
+                await self.nc.publish(subjects.node_jobs(self.also_to), msg.data, reply=job.reply)
             await msg.respond(wire.encode(wire.Placement(job_id=job.id, node_id=node, provider_id="prov_fake")))
 
         self.subs.append(await self.nc.subscribe(subjects.JOBS_SUBMIT, queue=subjects.SCHEDULERS_QUEUE, cb=on_submit))
@@ -95,7 +102,9 @@ class FakeFleet:
             asyncio.get_running_loop().create_task(behaviour(job, msg.reply, self.nc))
 
         async def on_cancel(msg: Any) -> None:
-            self.cancels.append(wire.decoder(wire.Cancel).decode(msg.data).job_id)
+            job_id = wire.decoder(wire.Cancel).decode(msg.data).job_id
+            self.cancels.append(job_id)
+            self.cancelled_on.append((node_id, job_id))
 
         self.subs.append(await self.nc.subscribe(subjects.node_jobs(node_id), cb=on_job))
         self.subs.append(await self.nc.subscribe(subjects.node_cancel(node_id), cb=on_cancel))

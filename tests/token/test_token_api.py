@@ -176,6 +176,28 @@ async def test_fails_over_before_first_token(api: RunningApi, tenant: TenantKey,
     assert event.node_id == "good"
 
 
+async def test_a_job_placed_twice_is_cancelled_on_the_node_it_was_not_placed_on(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client
+) -> None:
+    """A scheduler replica taken for dead that wakes may place a job the api has since had placed
+    by another: the client gets the output of the node its placement named, and the other node,
+    running the job for nobody, is told to cancel it at its first output."""
+    f = await fleet(
+        {"placed": echo_node("placed", words=5, delay=0.02), "twice": echo_node("twice", words=200, delay=0.02)}
+    )
+    f.also_to = "twice"
+    result = await sdk(api, tenant.secret).completions.create(model="fake-model", prompt="x", max_tokens=5)
+    assert result.choices[0].text == "w0 w1 w2 w3 w4 "
+    [(job_id, _)] = f.placed
+    for _ in range(100):
+        if f.cancelled_on:
+            break
+        await asyncio.sleep(0.02)
+    assert f.cancelled_on == [("twice", job_id)]
+    event, _ = await usage_event(nc, tenant.tenant_id)
+    assert (event.node_id, event.completion_tokens) == ("placed", 5)
+
+
 async def test_node_failure_mid_stream_ends_with_error_and_bills_what_was_delivered(
     api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client
 ) -> None:
