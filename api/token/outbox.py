@@ -16,9 +16,11 @@ writes the event each of its streams would end with if it ended now, under its l
 statement that stores a checkpointed request's final event turns its row into a tombstone
 (``final``) that no checkpoint overwrites, even one whose statement was already running: the
 primary key orders the two in the database, so nothing in the process waits for anything.
-``claim_orphaned`` moves the non-final rows of processes that stopped heartbeating, and that
+``claim_orphaned`` copies the non-final rows of processes that stopped heartbeating, and that
 nobody rewrote for as long, into the outbox (unless a final event is there already), so a stream
-whose api died mid-way is billed for what it had relayed by its last checkpoint.
+whose api died mid-way is billed for what it had relayed by its last checkpoint. The row stays,
+``claimed`` (a tombstone that keeps its event): a process only cut off from PostgreSQL for that
+long, which stores the final event later, then bills only what it adds (``rest_of``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+import msgspec
+
 from api.limits import HotConnections
+from market import wire
 from market.aio import Drainers
 
 log = logging.getLogger(__name__)
@@ -36,7 +41,18 @@ _STORE_SQL = """
 WITH ended AS (
     INSERT INTO usage_in_flight (request_id, holder, subject, event, final)
     SELECT i, '', '', ''::bytea, true FROM unnest($1::text[], $4::boolean[]) AS u(i, checkpointed) WHERE checkpointed
-    ON CONFLICT (request_id) DO UPDATE SET final = true, event = ''::bytea, updated_at = now())
+    ON CONFLICT (request_id) DO UPDATE
+       SET final = true, updated_at = now(),
+           event = CASE WHEN usage_in_flight.claimed THEN usage_in_flight.event ELSE ''::bytea END
+    RETURNING request_id, claimed, event),
+stored AS (
+    INSERT INTO usage_outbox (request_id, subject, event)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(i, s, e)
+     WHERE i NOT IN (SELECT request_id FROM ended WHERE claimed)
+    ON CONFLICT (request_id) DO NOTHING)
+SELECT request_id, event FROM ended WHERE claimed
+"""
+_STORE_REST_SQL = """
 INSERT INTO usage_outbox (request_id, subject, event)
 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) ON CONFLICT (request_id) DO NOTHING
 """
@@ -47,13 +63,15 @@ ON CONFLICT (request_id) DO UPDATE SET event = excluded.event, updated_at = now(
 """
 _CLAIM_ORPHANED_SQL = """
 WITH orphaned AS (
-    DELETE FROM usage_in_flight f
+    UPDATE usage_in_flight f SET final = true, claimed = true, updated_at = now()
      WHERE NOT f.final
        AND f.updated_at < now() - make_interval(secs => $1)
        AND NOT EXISTS (SELECT 1 FROM limiter_instances i
                         WHERE i.id = f.holder AND i.seen_at >= now() - make_interval(secs => $1))
     RETURNING request_id, subject, event),
-tombstones AS (DELETE FROM usage_in_flight WHERE final AND updated_at < now() - make_interval(secs => $2))
+tombstones AS (
+    DELETE FROM usage_in_flight
+     WHERE final AND updated_at < now() - make_interval(secs => CASE WHEN claimed THEN $3::float8 ELSE $2::float8 END))
 INSERT INTO usage_outbox (request_id, subject, event)
 SELECT request_id, subject, event FROM orphaned
 ON CONFLICT (request_id) DO NOTHING
@@ -84,7 +102,35 @@ class StoredEvent:
 @dataclass(slots=True)
 class _PendingStore:
     event: StoredEvent
-    done: asyncio.Future[None]
+    done: asyncio.Future[StoredEvent | None]
+
+
+REST_SUFFIX = ".rest"
+"""Appended to a request id for the part of its usage billed after its checkpoint was."""
+_event_decoder = wire.decoder(wire.UsageEvent)
+
+
+def rest_of(final: StoredEvent, claimed: bytes) -> StoredEvent | None:
+    """What ``final`` adds to the checkpoint another replica billed (``claimed``), as an event of
+    its own (``<request id>.rest``), or None when it adds nothing. Its timings are left out, so
+    latency figures count the request once."""
+    try:
+        whole, billed = _event_decoder.decode(final.payload), _event_decoder.decode(claimed)
+    except msgspec.DecodeError:
+        log.error("cannot compare a final usage event with its billed checkpoint", extra={"request": final.request_id})
+        return None
+    rest = msgspec.structs.replace(
+        whole,
+        request_id=whole.request_id + REST_SUFFIX,
+        prompt_tokens=max(0, whole.prompt_tokens - billed.prompt_tokens),
+        completion_tokens=max(0, whole.completion_tokens - billed.completion_tokens),
+        relayed_completion_tokens=max(0, whole.relayed_completion_tokens - billed.relayed_completion_tokens),
+        ttft_ms=None,
+        engine_ttft_ms=None,
+    )
+    if not (rest.prompt_tokens or rest.completion_tokens or rest.relayed_completion_tokens):
+        return None
+    return StoredEvent(rest.request_id, final.subject, wire.encode(rest))
 
 
 class UsageOutbox:
@@ -93,6 +139,9 @@ class UsageOutbox:
     TOMBSTONE_S = 600.0
     """How long a final event's tombstone outlives it in ``usage_in_flight``: far longer than any
     checkpoint statement still running can take."""
+    CLAIMED_KEPT_S = 2 * 86400.0
+    """How long a checkpoint billed for a process taken for dead is kept: the time that process,
+    if alive after all, has to reach PostgreSQL again and have the rest of its stream billed."""
     STATEMENTS = 2
     """Store statements in flight at once."""
 
@@ -103,25 +152,44 @@ class UsageOutbox:
         self._forgets: list[str] = []
         self._forgetters = Drainers(1, self._delete, "usage-outbox-forget")
 
-    async def store(self, event: StoredEvent) -> None:
-        """Return once ``event`` is committed; raise if the database refused or is away."""
+    async def store(self, event: StoredEvent) -> StoredEvent | None:
+        """Return once ``event`` is committed, with what to publish: ``event``; or, when its
+        checkpoint was billed already (this process was taken for dead), the rest of it
+        (``rest_of``), or None if there is none. Raise if the database refused or is away."""
         pending = _PendingStore(event, asyncio.get_running_loop().create_future())
         self._stores.append(pending)
         self._writers.kick()
-        await asyncio.shield(pending.done)  # a caller that leaves does not take its row back
+        return await asyncio.shield(pending.done)  # a caller that leaves does not take its row back
 
     async def _write(self) -> None:
         while self._stores:
             batch, self._stores = self._stores, []
             events = [item.event for item in batch]
+            publish: dict[str, StoredEvent | None] = {}
             try:
-                await self.conns.fetch(
+                claimed = await self.conns.fetch(
                     _STORE_SQL,
                     [e.request_id for e in events],
                     [e.subject for e in events],
                     [e.payload for e in events],
                     [e.checkpointed for e in events],
                 )
+                if claimed:  # rare: this process was taken for dead while it relayed these
+                    finals = {e.request_id: e for e in events}
+                    publish = {r["request_id"]: rest_of(finals[r["request_id"]], bytes(r["event"])) for r in claimed}
+                    rests = [e for e in publish.values() if e is not None]
+                    if rests:
+                        await self.conns.fetch(
+                            _STORE_REST_SQL,
+                            [e.request_id for e in rests],
+                            [e.subject for e in rests],
+                            [e.payload for e in rests],
+                        )
+                    log.warning(
+                        "usage of streams billed as of a checkpoint (this process was taken for dead): "
+                        "billing the rest",
+                        extra={"requests": list(publish), "rests": len(rests)},
+                    )
             except Exception as exc:
                 for item in batch:
                     if not item.done.done():
@@ -129,7 +197,7 @@ class UsageOutbox:
                 continue
             for item in batch:
                 if not item.done.done():
-                    item.done.set_result(None)
+                    item.done.set_result(publish.get(item.event.request_id, item.event))
 
     def forget(self, request_id: str) -> None:
         """JetStream has the event: delete its row (in the next batch; a row left is published again, harmlessly)."""
@@ -159,7 +227,7 @@ class UsageOutbox:
         """Move the checkpoints of api processes silent for ``stale_s``, and not rewritten for as
         long, into the outbox (a final event stored there stands) and return them, claimed for
         ``LEFT_BEHIND_S`` like any row; drop tombstones older than ``TOMBSTONE_S``."""
-        rows = await self.conns.fetch(_CLAIM_ORPHANED_SQL, stale_s, self.TOMBSTONE_S)
+        rows = await self.conns.fetch(_CLAIM_ORPHANED_SQL, stale_s, self.TOMBSTONE_S, self.CLAIMED_KEPT_S)
         return [StoredEvent(r["request_id"], r["subject"], bytes(r["event"])) for r in rows]
 
     async def claim_left_behind(self, limit: int = 500) -> list[StoredEvent]:

@@ -341,13 +341,15 @@ class UsagePublisher:
 
         ``checkpointed``: the request's stream was checkpointed (``api.token.outbox``); its
         checkpoint becomes a tombstone in the same statement."""
+        stored: StoredEvent | None
         stored = StoredEvent(event.request_id, subjects.usage(event.tenant_id), wire.encode(event), checkpointed)
         if self.outbox is not None:
             try:
-                await self.outbox.store(stored)
+                stored = await self.outbox.store(stored)  # the rest of it, if its checkpoint was billed
             except Exception as exc:  # still published from memory; lost only if this process dies first
                 log.error("usage event not stored in the outbox", extra={"request": event.request_id, "err": str(exc)})
-        self.queue.put_nowait(stored)
+        if stored is not None:
+            self.queue.put_nowait(stored)
 
     async def sweep(self) -> int:
         """Queue the outbox's events left behind (by a process that died, or while JetStream was

@@ -224,9 +224,9 @@ class UsageInFlight(Base):
     The statement that stores the request's final event in the outbox marks this row ``final``: a
     tombstone that a checkpoint still in flight cannot overwrite (the ordering is the database's,
     through the primary key), removed after ten minutes. The non-final rows of an api process
-    that stopped heartbeating, not rewritten for as long, are moved to the outbox and published,
+    that stopped heartbeating, not rewritten for as long, are copied to the outbox and published,
     so a stream whose api died mid-way is billed for what it had relayed by the last checkpoint,
-    and its provider paid for it.
+    and its provider paid for it; they stay, ``claimed``, for two days.
     """
 
     __tablename__ = "usage_in_flight"
@@ -237,6 +237,9 @@ class UsageInFlight(Base):
     subject: Mapped[str] = mapped_column(String(200))
     event: Mapped[bytes] = mapped_column(LargeBinary)
     final: Mapped[bool] = mapped_column(server_default="false")
+    claimed: Mapped[bool] = mapped_column(server_default="false")
+    """Published by another replica (its holder was taken for dead): kept, with its event, so the
+    final event's store, should the holder have been alive after all, bills only the rest."""
     updated_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
 
 

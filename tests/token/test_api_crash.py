@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats.js.errors
 from nats.aio.client import Client
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.token.outbox import StoredEvent
+from api.token.outbox import REST_SUFFIX, StoredEvent
 from api.token.service import KEEPALIVE_S
 from market import subjects, wire
 from market.embedded import free_port
@@ -114,6 +115,48 @@ async def test_a_streams_checkpoint_gives_way_to_its_final_event(
     assert await _in_flight(engine, request_id) == []  # an hour-old tombstone is dropped
 
 
+async def test_a_stream_whose_api_was_taken_for_dead_is_billed_in_full(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client, engine: AsyncEngine
+) -> None:
+    """A replica cut off from PostgreSQL for a minute while it relays looks dead: another replica
+    bills the stream as of its last checkpoint. The replica was alive after all and relays the
+    stream to its end: what it relayed after that checkpoint is billed too, as the request's
+    ``.rest``, so the two events add up to the whole stream, each token billed once."""
+    await fleet({"slow": echo_node("slow", words=200, delay=0.02)})  # a 4 s stream
+    service = api.app.state.app_state.services["token"]
+    async with _streaming(api.url, tenant.secret, 200) as (request_id, lines):
+        await _read_tokens(lines, 5)
+        assert await service.checkpoint() >= 1
+        await _holder_silent(engine, service.limiter.holder)
+        await service.usage.sweep()  # another replica's sweep would do the same
+        async for _ in lines:
+            pass
+    js = nc.jetstream()
+    events: dict[str, wire.UsageEvent] = {}
+    deadline = time.monotonic() + 10
+    while len(events) < 2:  # every usage event of the tenant's, oldest first
+        assert time.monotonic() < deadline, f"usage events published: {sorted(events)}"
+        events.clear()
+        seq = 1
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            while True:
+                msg = await js.get_msg(subjects.USAGE_STREAM, seq, subjects.usage(tenant.tenant_id), next=True)
+                event = wire.decoder(wire.UsageEvent).decode(msg.data or b"")
+                events[event.request_id] = event
+                seq = (msg.seq or seq) + 1
+        await asyncio.sleep(0.05)
+    assert sorted(events) == [request_id, request_id + REST_SUFFIX]
+    billed, rest = events[request_id], events[request_id + REST_SUFFIX]
+    assert billed.outcome == "failed"  # the checkpoint, as published for a process taken for dead
+    assert rest.outcome == "completed"
+    assert billed.completion_tokens + rest.completion_tokens == 200
+    assert billed.relayed_completion_tokens + rest.relayed_completion_tokens == 200
+    # The prompt as the checkpoint counted it (the api's estimate until the engine reports), and
+    # no more: the rest never takes back what was billed.
+    assert rest.prompt_tokens == max(0, 7 - billed.prompt_tokens)
+    assert rest.ttft_ms is None  # the request's latency is counted once
+
+
 async def test_a_whole_response_is_not_checkpointed(
     api: RunningApi, tenant: TenantKey, fleet: Fleet, engine: AsyncEngine
 ) -> None:
@@ -193,7 +236,7 @@ async def test_a_stream_whose_api_process_dies_is_billed_as_of_its_last_checkpoi
     assert (event.node_id, event.provider_id, event.key_id) == ("slow", "prov_fake", tenant.key_id)
     assert event.prompt_tokens > 0
     assert received <= event.relayed_completion_tokens < 1000  # at least what the client had read
-    assert await _in_flight(engine, request_id) == []
+    assert await _in_flight(engine, request_id) == [(holder, None)]  # kept, claimed: no checkpoint overwrites it
 
 
 async def test_the_api_tells_nodes_which_of_their_jobs_it_still_relays(
