@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 _STORE_SQL = """
 WITH ended AS (
     INSERT INTO usage_in_flight (request_id, holder, subject, event, final)
-    SELECT i, '', '', ''::bytea, true FROM unnest($1::text[], $4::boolean[]) AS u(i, checkpointed) WHERE checkpointed
+    SELECT i, '', '', ''::bytea, true FROM unnest($1::text[], $4::boolean[]) AS u(i, checkpointed)
+     WHERE checkpointed ORDER BY i  -- rows locked in one order by every statement: no deadlocks
     ON CONFLICT (request_id) DO UPDATE
        SET final = true, updated_at = now(),
            event = CASE WHEN usage_in_flight.claimed THEN usage_in_flight.event ELSE ''::bytea END
@@ -58,17 +59,22 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) ON CONFLICT (request_i
 """
 _CHECKPOINT_SQL = """
 INSERT INTO usage_in_flight (request_id, holder, subject, event)
-SELECT i, $1, s, e FROM unnest($2::text[], $3::text[], $4::bytea[]) AS u(i, s, e)
+SELECT i, $1, s, e FROM unnest($2::text[], $3::text[], $4::bytea[]) AS u(i, s, e) ORDER BY i
 ON CONFLICT (request_id) DO UPDATE SET event = excluded.event, updated_at = now() WHERE NOT usage_in_flight.final
 """
 _CLAIM_ORPHANED_SQL = """
-WITH orphaned AS (
-    UPDATE usage_in_flight f SET final = true, claimed = true, updated_at = now()
+WITH picked AS (
+    SELECT request_id FROM usage_in_flight f
      WHERE NOT f.final
        AND f.updated_at < now() - make_interval(secs => $1)
        AND NOT EXISTS (SELECT 1 FROM limiter_instances i
                         WHERE i.id = f.holder AND i.seen_at >= now() - make_interval(secs => $1))
-    RETURNING request_id, subject, event),
+     ORDER BY request_id
+       FOR UPDATE),
+orphaned AS (
+    UPDATE usage_in_flight f SET final = true, claimed = true, updated_at = now()
+      FROM picked p WHERE f.request_id = p.request_id AND NOT f.final
+    RETURNING f.request_id, f.subject, f.event),
 tombstones AS (
     DELETE FROM usage_in_flight
      WHERE final AND updated_at < now() - make_interval(secs => CASE WHEN claimed THEN $3::float8 ELSE $2::float8 END))
@@ -110,25 +116,36 @@ REST_SUFFIX = ".rest"
 _event_decoder = wire.decoder(wire.UsageEvent)
 
 
+def _billed(event: wire.UsageEvent) -> int:
+    """The completion tokens billing charges for ``event`` (``billing.ingest``: the relayed count
+    when the engine gave none, else the smaller of the two)."""
+    if event.completion_tokens == 0:
+        return event.relayed_completion_tokens
+    return min(event.completion_tokens, event.relayed_completion_tokens)
+
+
 def rest_of(final: StoredEvent, claimed: bytes) -> StoredEvent | None:
     """What ``final`` adds to the checkpoint another replica billed (``claimed``), as an event of
-    its own (``<request id>.rest``), or None when it adds nothing. Its timings are left out, so
-    latency figures count the request once."""
+    its own (``<request id>.rest``), or None when it adds nothing: the billed completion tokens
+    and the prompt tokens beyond the checkpoint's, never fewer than none (what was billed stands).
+    Engine and relayed counts are both that difference, so billing and its reconciliation see
+    an exact event; timings are left out, so latency figures count the request once."""
     try:
         whole, billed = _event_decoder.decode(final.payload), _event_decoder.decode(claimed)
     except msgspec.DecodeError:
         log.error("cannot compare a final usage event with its billed checkpoint", extra={"request": final.request_id})
         return None
+    completion = max(0, _billed(whole) - _billed(billed))
     rest = msgspec.structs.replace(
         whole,
         request_id=whole.request_id + REST_SUFFIX,
         prompt_tokens=max(0, whole.prompt_tokens - billed.prompt_tokens),
-        completion_tokens=max(0, whole.completion_tokens - billed.completion_tokens),
-        relayed_completion_tokens=max(0, whole.relayed_completion_tokens - billed.relayed_completion_tokens),
+        completion_tokens=completion,
+        relayed_completion_tokens=completion,
         ttft_ms=None,
         engine_ttft_ms=None,
     )
-    if not (rest.prompt_tokens or rest.completion_tokens or rest.relayed_completion_tokens):
+    if not (rest.prompt_tokens or completion):
         return None
     return StoredEvent(rest.request_id, final.subject, wire.encode(rest))
 
@@ -177,19 +194,7 @@ class UsageOutbox:
                 if claimed:  # rare: this process was taken for dead while it relayed these
                     finals = {e.request_id: e for e in events}
                     publish = {r["request_id"]: rest_of(finals[r["request_id"]], bytes(r["event"])) for r in claimed}
-                    rests = [e for e in publish.values() if e is not None]
-                    if rests:
-                        await self.conns.fetch(
-                            _STORE_REST_SQL,
-                            [e.request_id for e in rests],
-                            [e.subject for e in rests],
-                            [e.payload for e in rests],
-                        )
-                    log.warning(
-                        "usage of streams billed as of a checkpoint (this process was taken for dead): "
-                        "billing the rest",
-                        extra={"requests": list(publish), "rests": len(rests)},
-                    )
+                    await self._store_rests([e for e in publish.values() if e is not None])
             except Exception as exc:
                 for item in batch:
                     if not item.done.done():
@@ -198,6 +203,23 @@ class UsageOutbox:
             for item in batch:
                 if not item.done.done():
                     item.done.set_result(publish.get(item.event.request_id, item.event))
+
+    async def _store_rests(self, rests: list[StoredEvent]) -> None:
+        """Keep the ``.rest`` events of final events whose checkpoints were billed already. The
+        final events are committed as such (their own ids are not published), so a failure
+        here leaves the rests published from memory, like any event whose store failed."""
+        log.warning(
+            "usage of streams billed as of a checkpoint (this process was taken for dead): billing the rest",
+            extra={"rests": [e.request_id for e in rests]},
+        )
+        if not rests:
+            return
+        try:
+            await self.conns.fetch(
+                _STORE_REST_SQL, [e.request_id for e in rests], [e.subject for e in rests], [e.payload for e in rests]
+            )
+        except Exception as exc:
+            log.error("the rest of checkpointed streams not stored in the outbox", extra={"err": str(exc)})
 
     def forget(self, request_id: str) -> None:
         """JetStream has the event: delete its row (in the next batch; a row left is published again, harmlessly)."""

@@ -234,12 +234,23 @@ class Question:
 
 
 class SchedulerWatch:
-    """When each scheduler replica was last heard from (``SchedulerAlive`` beats)."""
+    """When each scheduler replica was last heard from (``SchedulerAlive`` beats).
+
+    A replica counts as gone only while this api hears the others: an api whose own connection
+    or loop stalled (and so heard no one) must not take every replica for dead at once and
+    submit every waiting job twice.
+    """
+
+    KEPT = 256
+    """Replicas remembered; the oldest are forgotten beyond this (replicas come and go)."""
 
     def __init__(self, nc: Client, timeout_s: float) -> None:
         self.nc = nc
         self.timeout_s = timeout_s
         self.seen: dict[str, float] = {}
+        self.last_any = float("-inf")
+        self.hearing_since = float("inf")
+        """Since when beats have come without a gap of half the timeout (any replica's)."""
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -248,17 +259,30 @@ class SchedulerWatch:
 
         def on_beat(msg: Any) -> None:
             try:
-                self.seen[decode(msg.data).replica] = loop.time()
+                self.heard(decode(msg.data).replica, loop.time())
             except msgspec.DecodeError:
                 log.warning("undecodable scheduler beat")
 
         self._sub = await bus.subscribe_inline(self.nc, subjects.SCHEDULERS_ALIVE, on_beat)
 
-    def gone(self, replica: str, since: float) -> bool:
+    def heard(self, replica: str, now: float) -> None:
+        if now - self.last_any > self.timeout_s / 2:
+            self.hearing_since = now
+        self.last_any = now
+        self.seen.pop(replica, None)
+        self.seen[replica] = now  # newest last
+        if len(self.seen) > self.KEPT:
+            del self.seen[next(iter(self.seen))]
+
+    def gone(self, replica: str, since: float, now: float | None = None) -> bool:
         """No beat from ``replica`` for ``timeout_s``, counting from ``since`` (loop time) at the
-        latest: a replica not heard from yet (this api just started) has that long to be."""
+        latest (a replica this api has not heard yet has that long), while other replicas' beats
+        have kept coming for as long."""
+        if now is None:
+            now = asyncio.get_running_loop().time()
         last = max(self.seen.get(replica, since), since)
-        return asyncio.get_running_loop().time() - last > self.timeout_s
+        hearing = now - self.last_any <= self.timeout_s / 2 and now - self.hearing_since > self.timeout_s
+        return hearing and now - last > self.timeout_s
 
     async def stop(self) -> None:
         if self._sub is not None:

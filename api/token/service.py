@@ -406,8 +406,10 @@ class Run:
             chunk: wire.Chunk = item
             if chunk.node_id != self.node_id:
                 # Only the node the job was placed on speaks for it (see Inboxes); another one
-                # runs it for nobody (placed twice, by a scheduler replica taken for dead).
-                self.service.inboxes.orphan(chunk.node_id, chunk)
+                # runs it for nobody (placed twice, by a scheduler replica taken for dead). Only
+                # this job is cancelled there, whatever the chunk claims.
+                if chunk.job_id == self.job.id:
+                    self.service.inboxes.orphan(chunk.node_id, chunk)
                 continue
             if chunk.kind == "accepted":
                 accepted = True
@@ -491,7 +493,8 @@ class Run:
                         continue
                     chunk: wire.Chunk = item
                     if chunk.node_id != node_id:
-                        self.service.inboxes.orphan(chunk.node_id, chunk)  # as in _await_first
+                        if chunk.job_id == self.job.id:  # as in _await_first
+                            self.service.inboxes.orphan(chunk.node_id, chunk)
                         continue
                     if chunk.kind == "data" or chunk.kind == "end":
                         lost, last_output = False, loop.time()
@@ -552,8 +555,8 @@ class Run:
                 item = await self.queue.get_within(deadline - time.monotonic())
                 if item is TIMED_OUT or item is LOST:
                     break
-                if not isinstance(item, wire.Chunk):  # the stall watchdog's marker
-                    continue
+                if not isinstance(item, wire.Chunk) or item.node_id != self.node_id:
+                    continue  # the stall watchdog's marker, or another node's word (see Inboxes)
                 if item.kind == "end":
                     self.engine_usage = item.usage
                     break

@@ -81,6 +81,7 @@ class _Event(msgspec.Struct):
 
 _decode_event = msgspec.json.Decoder(_Event).decode
 _JSON = {"Content-Type": "application/json"}
+_KEEPALIVE_S = 4.0
 _END_TIMEOUT_S = 5.0
 """How long a stream's body may take to end after its ``[DONE]`` before its connection is closed."""
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10.0, sock_connect=10.0)
@@ -279,8 +280,11 @@ class VllmEngine:
         """Launch (or attach) and return at once; ``status`` turns healthy when a probe succeeds."""
         if self._supervisor is not None:
             return
+        # Idle connections are dropped before vLLM's server does (uvicorn: after 5 s), so a job's
+        # POST, which aiohttp does not retry, never goes out on one the server is closing.
         self._client = aiohttp.ClientSession(
-            timeout=_NO_TIMEOUT, connector=aiohttp.TCPConnector(limit=0, force_close=False)
+            timeout=_NO_TIMEOUT,
+            connector=aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=_KEEPALIVE_S),
         )
         for spec in self._daemons:
             await asyncio.to_thread(self._run_daemon, spec)
@@ -306,6 +310,10 @@ class VllmEngine:
         await asyncio.gather(*(p.stop() for p in self._processes))
         for spec in self._daemons:
             await asyncio.to_thread(self._stop_daemon, spec)
+        for task in list(self._ending):
+            task.cancel()
+        if self._ending:
+            await asyncio.gather(*self._ending, return_exceptions=True)
         if self._client is not None:
             await self._client.close()
             self._client = None

@@ -21,7 +21,7 @@ from sqlalchemy import text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.token.outbox import StoredEvent, UsageOutbox
-from api.token.relay import Inboxes, UsagePublisher
+from api.token.relay import Inboxes, SchedulerWatch, UsagePublisher
 from market import bus, subjects, wire
 from market.db import plain_url, session_factory
 from market.models import ApiKey
@@ -196,6 +196,29 @@ async def test_a_job_placed_twice_is_cancelled_on_the_node_it_was_not_placed_on(
     assert f.cancelled_on == [("twice", job_id)]
     event, _ = await usage_event(nc, tenant.tenant_id)
     assert (event.node_id, event.completion_tokens) == ("placed", 5)
+
+
+async def test_a_scheduler_replica_is_taken_for_dead_only_while_the_others_are_heard(nc: Client) -> None:
+    """A replica whose beats stop while the others' go on is gone (its waiting jobs are submitted
+    again); when this api heard nobody for a while (its own connection or loop stalled), nobody
+    is, until the beats have come again for a whole timeout."""
+    watch = SchedulerWatch(nc, timeout_s=1.0)
+    for step in range(30):  # both replicas beat every 0.1 s for 3 s
+        watch.heard("a", 100.0 + step * 0.1)
+        watch.heard("b", 100.0 + step * 0.1)
+    assert not watch.gone("a", since=100.0, now=103.0)
+    stalled = SchedulerWatch(nc, timeout_s=1.0)
+    stalled.seen, stalled.last_any, stalled.hearing_since = dict(watch.seen), watch.last_any, watch.hearing_since
+    for step in range(1, 17):  # "b" beats on to 104.5, "a" is silent
+        watch.heard("b", 102.9 + step * 0.1)
+    assert watch.gone("a", since=100.0, now=104.5)
+    assert not watch.gone("b", since=100.0, now=104.5)
+    assert not watch.gone("a", since=104.0, now=104.5)  # a job queued there lately: not yet
+    stalled.heard("b", 104.5)  # the first beat this api hears after 1.6 s of silence
+    assert not stalled.gone("a", since=100.0, now=104.6)
+    for step in range(1, 12):
+        stalled.heard("b", 104.5 + step * 0.1)
+    assert stalled.gone("a", since=100.0, now=105.6)
 
 
 async def test_node_failure_mid_stream_ends_with_error_and_bills_what_was_delivered(
