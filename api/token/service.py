@@ -327,21 +327,34 @@ class Run:
     async def _submit(self) -> wire.Placement:
         """Ask a scheduler; a replica restarting (no responders for a moment) is retried briefly.
 
-        A job that may wait asks the replica that keeps it to say so (``queued``), and the wait
-        for its answer then ends early should that replica's beats stop: it died, and the answer
-        with it. The job is then handed back as ``no_capacity`` with no pause, which submits it
-        again (to a live replica) for the time left.
+        Every replica answers at once: with a placement, ``no_capacity``, or (a job that may wait,
+        ``hold_notice``) ``queued``, after which the wait for its final answer ends early should
+        that replica's beats stop: it died, and the answer with it. The job is then handed back as
+        ``no_capacity`` with no pause, which submits it again (to a live replica) for the time
+        left. A submission nobody answers in twice the accept timeout (a replica that died or
+        stalled with it unread, or an answer lost) is sent once more, to whichever replica takes
+        it: should the first have placed it after all, only the node the answer names speaks for
+        the job, and the other's output is cancelled there.
         """
-        timeout = self.service.settings.accept_timeout_s * 2 + self.job.wait_s
+        first_timeout = self.service.settings.accept_timeout_s * 2
         self.job.hold_notice = self.job.wait_s > 0
+        resent = False
         for pause in (0.1, 0.3, None):
             self.placing = True
             try:
                 question = await self.service.inboxes.ask(subjects.JOBS_SUBMIT, wire.encode(self.job))
                 try:
-                    placement = _placement_decoder.decode((await question.answer(timeout)).data)
+                    try:
+                        answer = await question.answer(first_timeout)
+                    except nats.errors.TimeoutError:
+                        if resent:
+                            raise
+                        resent = True
+                        log.warning("no scheduler answered a submission; sending it again", extra={"job": self.job.id})
+                        continue
+                    placement = _placement_decoder.decode(answer.data)
                     if placement.error == "queued" and placement.scheduler:
-                        placement = await self._held(question, placement.scheduler, timeout)
+                        placement = await self._held(question, placement.scheduler, first_timeout + self.job.wait_s)
                 finally:
                     question.close()
                 self.placing = False
@@ -353,8 +366,7 @@ class Run:
                     break
                 await asyncio.sleep(pause)
             except (nats.errors.Error, msgspec.DecodeError):
-                # A timeout may hide a placement that happened: never resend on the same inbox.
-                break
+                break  # unanswered twice, or an answer that makes no sense
         await self.finish("failed")
         raise Unavailable(
             "no scheduler is answering; retry shortly", code="no_capacity", headers={"Retry-After": "1"}

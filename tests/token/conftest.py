@@ -74,10 +74,17 @@ class FakeFleet:
     subs: list[Any] = field(default_factory=list)
     busy_answers: int = 0
     """Answer this many submissions with ``no_capacity`` first (every node busy)."""
+    unanswered: int = 0
+    """Take this many submissions first and never answer them (a replica that died with them)."""
+    submissions: int = 0
 
     async def start(self) -> None:
         async def on_submit(msg: Any) -> None:
             job = wire.decoder(wire.Job).decode(msg.data)
+            self.submissions += 1
+            if self.unanswered > 0:
+                self.unanswered -= 1
+                return
             candidates = [n for n in self.order if n not in job.exclude_nodes]
             if self.busy_answers > 0:
                 self.busy_answers -= 1

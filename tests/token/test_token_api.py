@@ -198,6 +198,23 @@ async def test_a_job_placed_twice_is_cancelled_on_the_node_it_was_not_placed_on(
     assert (event.node_id, event.completion_tokens) == ("placed", 5)
 
 
+async def test_a_submission_no_scheduler_answers_is_sent_once_more(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet
+) -> None:
+    """A replica that dies with a job it has not answered: the api sends the job again after
+    twice the accept timeout, and the client gets its answer; unanswered twice, a 503."""
+    f = await fleet({"good": echo_node("good")})
+    f.unanswered = 1
+    result = await sdk(api, tenant.secret).completions.create(model="fake-model", prompt="x", max_tokens=5)
+    assert result.choices[0].text == "w0 w1 w2 w3 w4 "
+    assert f.submissions == 2
+    f.unanswered = 2
+    with pytest.raises(openai.APIStatusError) as unanswered:
+        await sdk(api, tenant.secret).completions.create(model="fake-model", prompt="x", max_tokens=5)
+    assert unanswered.value.status_code == 503
+    assert f.submissions == 4
+
+
 async def test_a_scheduler_replica_is_taken_for_dead_only_while_the_others_are_heard(nc: Client) -> None:
     """A replica whose beats stop while the others' go on is gone (its waiting jobs are submitted
     again); when this api heard nobody for a while (its own connection or loop stalled), nobody
