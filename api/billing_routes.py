@@ -423,7 +423,7 @@ class TenantBillingController(Controller):
         query = _daily(
             first,
             last,
-            [UsageRecord.tenant_id == tenant_id],
+            [UsageRecord.tenant_id == tenant_id, UsageRecord.outcome != "refused"],  # see billing.ingest
             [UsageRecord.model, UsageRecord.key_id, UsageRecord.admission_class],
             [
                 func.count(),
@@ -453,7 +453,7 @@ class TenantBillingController(Controller):
         query = _daily(
             first,
             last,
-            [UsageRecord.tenant_id == tenant_id],
+            [UsageRecord.tenant_id == tenant_id, UsageRecord.outcome != "refused"],  # see billing.ingest
             [UsageRecord.model],
             [
                 func.count(),

@@ -7,6 +7,9 @@ provider credit + platform revenue). A duplicated or redelivered event therefore
 whichever worker sees it and however often. Rating happens in the same statement against the price
 book version in force when the request ended, so there is no round trip per event.
 
+A ``refused`` event (work a node did on a request whose admission, run beside its placement,
+refused it) charges the tenant nothing and pays the provider as usual: the platform bears it.
+
 An event whose model has no price in force is still recorded, unrated (``tenant_micros`` NULL) and
 without a ledger transaction; ``rate_pending`` posts it once a price exists, and reconcile lists it
 until then. Ingest never blocks on a missing price and never invents one.
@@ -30,8 +33,10 @@ books AS (
 rated AS (
     SELECT s.*,
            CASE WHEN p.model IS NOT NULL THEN b.id END AS price_book_id,
-           s.prompt_tokens * p.input_minor_per_million
-             + s.billed_completion_tokens * p.output_minor_per_million AS tenant_micros,
+           CASE WHEN s.outcome = 'refused' AND p.model IS NOT NULL THEN 0
+                ELSE s.prompt_tokens * p.input_minor_per_million
+                     + s.billed_completion_tokens * p.output_minor_per_million
+           END AS tenant_micros,
            CASE WHEN p.model IS NULL THEN NULL
                 WHEN s.provider_id IS NULL THEN 0
                 WHEN po.model IS NOT NULL THEN s.prompt_tokens * po.input_minor_per_million
@@ -124,7 +129,7 @@ RATE_PENDING_SQL = "".join(
     [
         """
 WITH src AS (
-    SELECT request_id, model, admission_class, provider_id, prompt_tokens, billed_completion_tokens, ended_at
+    SELECT request_id, model, admission_class, provider_id, outcome, prompt_tokens, billed_completion_tokens, ended_at
     FROM usage_records
     WHERE tenant_micros IS NULL AND currency = $1 AND request_id > $3
     ORDER BY request_id

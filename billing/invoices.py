@@ -98,6 +98,7 @@ _USAGE_BY_LINE = text(
            sum(billed_completion_tokens) AS output_tokens, sum(tenant_micros) AS micros
     FROM usage_records
     WHERE currency = :currency AND ended_at >= :start AND ended_at < :end AND tenant_micros IS NOT NULL
+      AND outcome <> 'refused'  -- the provider's work on a refused request: the platform's cost
     GROUP BY tenant_id, model, admission_class
     """
 )

@@ -22,8 +22,10 @@ WITH books AS (
 ),
 expected AS (
     SELECT u.request_id, u.price_book_id, b.id AS want_price_book_id, u.tenant_micros, u.provider_micros,
-           p.input_minor_per_million * u.prompt_tokens
-               + p.output_minor_per_million * u.billed_completion_tokens AS want_tenant,
+           CASE WHEN u.outcome = 'refused' AND p.model IS NOT NULL THEN 0
+                ELSE p.input_minor_per_million * u.prompt_tokens
+                     + p.output_minor_per_million * u.billed_completion_tokens
+           END AS want_tenant,
            CASE WHEN u.provider_id IS NULL THEN 0
                 WHEN own.provider_id IS NOT NULL THEN own.input_minor_per_million * u.prompt_tokens
                                                    + own.output_minor_per_million * u.billed_completion_tokens

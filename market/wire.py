@@ -27,7 +27,10 @@ AdmissionClass = Literal["reserved", "burst", "on_demand"]
 ServingMode = Literal["unified", "semi-pd", "disaggregated"]
 NodeStatus = Literal["starting", "healthy", "unhealthy", "draining", "revoked"]
 ChunkKind = Literal["accepted", "data", "end", "error"]
-Outcome = Literal["completed", "cancelled", "failed"]
+Outcome = Literal["completed", "cancelled", "failed", "refused"]
+"""``refused``: the admission that ran beside placement refused the request after its node had
+started on it; billing pays the provider for that work and charges the tenant nothing (a billing
+worker that predates it rejects such events: deploy billing first)."""
 
 
 class Job(msgspec.Struct, kw_only=True):

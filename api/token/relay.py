@@ -202,6 +202,10 @@ class Inboxes:
     def close(self, subject: str) -> None:
         self.queues.pop(subject, None)
 
+    def reopen(self, subject: str, queue: Mailbox) -> None:
+        """Take an attempt's chunks again after ``close`` (what came between is orphaned)."""
+        self.queues[subject] = queue
+
     async def stop(self) -> None:
         for sub in (self._sub, self._batch_sub):
             if sub is not None:

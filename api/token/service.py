@@ -69,6 +69,8 @@ CATALOG_REFRESH_AHEAD_S = 1.0
 INTER_CHUNK_TIMEOUT_S = 60.0
 LOST_GRACE_S = 2.0
 """How long a node reported lost mid-stream may stay silent before its stream is given up on."""
+REFUSED_COUNT_WAIT_S = 2.0
+"""How long a refused job's node has, after its cancel, to send its count of the work done."""
 _STALLED = object()
 """Queued by a run's watchdog when its node sent nothing for ``INTER_CHUNK_TIMEOUT_S``."""
 _CLIENT_GONE = object()
@@ -221,9 +223,48 @@ class Run:
             if refusal is None:
                 return
         # Withdrawn where it is (waiting at a scheduler, or on its node) and given up on at once.
-        await self._cancel("not_admitted")
-        await self.finish("failed")
+        subject, queue = self.subject, self.queue
+        if self.node_id is not None and subject is not None and queue is not None and not self.finished:
+            # It reached a node, which works on it until the cancel: the node's count is awaited
+            # in the background, and the provider paid for that work (the tenant is not charged).
+            self.service.inboxes.reopen(subject, queue)
+            self.finished = True
+            await self._cancel("not_admitted")
+            self.service.spawn(self._pay_refused())
+        else:
+            await self._cancel("not_admitted")
+            await self.finish("failed")
         raise refusal from None
+
+    async def _pay_refused(self) -> None:
+        """Record the work a node did on a job refused after it was placed there (admission beside
+        placement is the marketplace's choice, so its cost is too): a usage event with outcome
+        ``refused``, which billing pays the provider for and charges the tenant nothing. The
+        node's count comes with its ``end`` after the cancel; the completion tokens the api
+        received from it are the cross-check, as for any stream."""
+        assert self.queue is not None
+        received = sum(p.tokens for p in self.first.pieces) if self.first is not None else 0
+        deadline = time.monotonic() + REFUSED_COUNT_WAIT_S
+        try:
+            while self.engine_usage is None:
+                item = await self.queue.get_within(deadline - time.monotonic())
+                if item is TIMED_OUT or item is LOST:
+                    break
+                if not isinstance(item, wire.Chunk) or item.node_id != self.node_id:
+                    continue
+                received += sum(p.tokens for p in item.pieces)
+                if item.kind == "end":
+                    self.engine_usage = item.usage
+                elif item.kind == "error":
+                    break
+        finally:
+            self._release_attempt()
+            self.service.placed.discard(self)
+        self.outcome = "refused"
+        self.relayed_tokens = received
+        event = self.usage_event("refused", time.time())
+        if event.prompt_tokens or event.completion_tokens or event.relayed_completion_tokens:
+            await self.service.usage.submit(event)
 
     def _admission_done(self, task: asyncio.Task[Any]) -> None:
         """A refusal stops the wait for a slot or for the first token (placing a refused job on

@@ -63,6 +63,10 @@ async def test_a_tenant_sees_only_its_own_usage_and_invoices(
             usage_event(alice, provider_id=provider, at=day1, key_id="key_a1", prompt=3000, completion=300),
             usage_event(alice, provider_id=provider, at=day2, key_id="key_a2", admission_class="burst"),
             usage_event(bob, provider_id=provider, at=day1, key_id="key_b", prompt=99_999),
+            # work on a request refused beside its placement: the provider's pay, not alice's usage
+            msgspec.structs.replace(
+                usage_event(alice, provider_id=provider, at=day1, key_id="key_a1", prompt=777), outcome="refused"
+            ),
         ],
     )
     async with sessions() as session:

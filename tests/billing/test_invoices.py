@@ -8,6 +8,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -117,6 +118,40 @@ async def test_provider_statement_pays_for_tokens_served(
     assert [(f.check, f.rows) for f in report.findings] == [
         ("usage_of_unknown_providers", [{"provider_id": "prov_nobody_knows", "requests": 1}])
     ]
+
+
+async def test_a_refused_requests_work_is_paid_to_its_provider_and_charged_to_nobody(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """A request refused by the admission that ran beside its placement, after its node began on
+    it: the provider is paid for the prefill it did, the platform bears it, and the tenant neither
+    pays nor sees it (not on its invoice)."""
+    tenant = await make_tenant(sessions)
+    provider = await make_provider(sessions)
+    await make_prices(sessions)  # on_demand 30/60 per 1M; payout 20/40
+    served = usage_event(tenant, provider_id=provider, prompt=1_000_000, completion=0, relayed=0)
+    refused = msgspec.structs.replace(
+        usage_event(tenant, provider_id=provider, prompt=1_000_000, completion=3, relayed=3), outcome="refused"
+    )
+    await store(settings, [served, refused])
+    [row] = await fetch(
+        settings,
+        "SELECT tenant_micros, provider_micros, platform_micros FROM usage_records WHERE request_id = $1",
+        refused.request_id,
+    )
+    assert (row["tenant_micros"], row["provider_micros"], row["platform_micros"]) == (0, 20_000_120, -20_000_120)
+    assert await _balance(settings, f"tenant:{tenant}") == 30_000_000  # the served request alone
+    assert await _balance(settings, f"provider:{provider}") == -(20_000_000 + 20_000_120)
+
+    result = await _run(sessions, "2026-10")
+    assert len(result.invoices) == 1
+    async with sessions() as session:
+        [line] = (await session.execute(select(InvoiceLine))).scalars()
+        [statement] = (await session.execute(select(ProviderStatement))).scalars()
+    assert (line.requests, line.input_tokens, line.amount_minor) == (1, 1_000_000, 30)
+    assert statement.earnings_minor == 40  # 20 + 20.00012 cents
+    report = await _reconcile(sessions)
+    assert report.ok, report.render()
 
 
 async def test_reservation_hours_are_charged_once_and_invoiced(

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
+import nats.js.errors
 import openai
 import pytest
 from nats.aio.client import Client
@@ -21,7 +22,7 @@ from sqlalchemy import text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.admin.quota import quota_of
-from market import subjects
+from market import subjects, wire
 from market.db import plain_url, session_factory
 from market.models import ApiKey
 from market.settings import Settings
@@ -141,10 +142,23 @@ async def test_a_request_refused_beside_its_placement_is_aborted_on_its_node(
     assert after.choices[0].text
     async with session_factory(engine)() as session:
         assert (await quota_of(session, tenant.tenant_id)).held == 0
+    # Three events: the first, the refused one's work (its provider's pay, charged to nobody: the
+    # node's count after its cancel, a prompt and a handful of tokens at most, not 2,000), the last.
     usage = subjects.usage(tenant.tenant_id)
-    await asyncio.sleep(0.5)
+    refused_events: list[wire.UsageEvent] = []
+    seq = 1
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        while True:  # the tenant's events, oldest first
+            msg = await nc.jetstream().get_msg(subjects.USAGE_STREAM, seq, usage, next=True)
+            event = wire.decoder(wire.UsageEvent).decode(msg.data or b"")
+            refused_events += [event] if event.outcome == "refused" else []
+            seq = (msg.seq or seq) + 1
     info = await nc.jetstream().stream_info(subjects.USAGE_STREAM, subjects_filter=usage)
-    assert (info.state.subjects or {}).get(usage) == 2  # the first and the last: the refused one is not billed
+    assert (info.state.subjects or {}).get(usage) == 3
+    [paid] = refused_events
+    assert paid.node_id == "node_one_slot"
+    assert paid.prompt_tokens > 0
+    assert paid.completion_tokens < 100
 
 
 async def test_a_request_refused_while_it_waits_for_a_slot_is_withdrawn_at_once(
@@ -253,7 +267,7 @@ async def test_a_request_waiting_at_a_scheduler_replica_that_dies_is_submitted_a
             live = SchedulerService(settings)
             await live.start()
             doomed.kill()
-            for _ in range(250):  # the api gives up on the dead replica within its heartbeat timeout
+            for _ in range(500):  # the api gives up on the dead replica after its heartbeat timeout
                 if live.counters["queued"]:
                     break
                 await asyncio.sleep(0.02)

@@ -442,8 +442,9 @@ async def test_an_admission_beside_placement_refuses_before_any_output(
 ) -> None:
     """A key admitted with room left has its next job placed while its admission runs. When that
     admission refuses (the quota ran out meanwhile), the client gets the refusal and no output,
-    the node is told to abort, and nothing stays held or is billed; the key's next request is
-    judged before it is placed. Over quota with no capacity either, the quota is the error."""
+    the node is told to abort, nothing stays held, and the work the node did is recorded as
+    ``refused`` (its provider is paid, the tenant not charged); the key's next request is judged
+    before it is placed. Over quota with no capacity either, the quota is the error."""
     async with session_factory(engine)() as session, session.begin():
         await session.execute(update(ApiKey).where(ApiKey.id == tenant.key_id).values(requests_per_minute=100))
     f = await fleet({"node_a": echo_node("node_a", delay=0.05)})
@@ -482,8 +483,17 @@ async def test_an_admission_beside_placement_refuses_before_any_output(
     assert len(f.placed) == 3  # the refusal closed the way: this one was judged first
 
     await asyncio.sleep(0.3)
+    # The node's work on the refused job is recorded for its provider's pay (the tenant is charged
+    # nothing: see tests/billing), with the node's own count; the refusal judged first has no event.
     newest, _ = await usage_event(nc, tenant.tenant_id)
-    assert newest.request_id == billed.request_id  # neither refusal is billed
+    assert newest.request_id == refused_job != billed.request_id
+    assert (newest.outcome, newest.node_id, newest.prompt_tokens, newest.completion_tokens) == (
+        "refused",
+        "node_a",
+        7,
+        5,
+    )
+    assert newest.relayed_completion_tokens <= 5  # what reached the api, the cross-check
     async with session_factory(engine)() as session:
         held = await session.scalar(
             text("SELECT sum(held) FROM tenant_quotas WHERE tenant_id = :t"), {"t": tenant.tenant_id}
