@@ -582,7 +582,12 @@ class ProviderBillingController(Controller):
         query = _daily(
             first,
             last,
-            [UsageRecord.provider_id == provider_id, UsageRecord.node_id.is_not(None)],
+            # Refused jobs were cut short by their cancel: their durations are not the node's.
+            [
+                UsageRecord.provider_id == provider_id,
+                UsageRecord.node_id.is_not(None),
+                UsageRecord.outcome != "refused",
+            ],
             [UsageRecord.node_id, UsageRecord.model],
             [
                 func.count(),

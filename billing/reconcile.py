@@ -129,6 +129,7 @@ CHECKS: dict[str, str] = {
             SELECT i.id AS invoice_id, sum(u.tenant_micros) AS micros
             FROM invoices i JOIN usage_records u
               ON u.tenant_id = i.tenant_id AND u.currency = i.currency AND u.tenant_micros IS NOT NULL
+             AND u.outcome <> 'refused'  -- not on invoices: the platform's cost
              AND u.ended_at >= i.period_start::timestamp AT TIME ZONE 'UTC'
              AND u.ended_at < i.period_end::timestamp AT TIME ZONE 'UTC'
             GROUP BY i.id

@@ -229,7 +229,12 @@ class FleetEvent(msgspec.Struct, kw_only=True):
 
 
 class UsageEvent(msgspec.Struct, kw_only=True):
-    """What one request consumed; published once per request, billed exactly once."""
+    """What one request consumed; published once per request, billed exactly once.
+
+    Outcome ``refused``: the work a node did on a job whose admission (run beside its placement)
+    refused it; ``relayed_completion_tokens`` are then the tokens the api received from the node
+    (none reached the client), and there is no event if neither a count nor tokens came within
+    ``api.token.service.REFUSED_COUNT_WAIT_S`` of the cancel."""
 
     request_id: str
     tenant_id: str

@@ -13,9 +13,10 @@ key whose last admission here for the model was recent and left room (``SPECULAT
 each such request takes its share of that room), the job is submitted at once and the admission's
 answer is awaited before the client sees anything. A refusal withdraws the job wherever it is (a
 scheduler's queue, its node) as soon as it comes, and is the client's error, as if it had come
-first: nothing is held, billed or paid. Its price is the node's work on a refused request until
-the cancel arrives (usually less than the prefill), which the room rule keeps to the rare request
-that runs into a limit another replica or key reached meanwhile.
+first: nothing is held, and the tenant is charged nothing. Its price is the node's work on a
+refused request until the cancel arrives (usually less than the prefill), which the room rule
+keeps to the rare request that runs into a limit another replica or key reached meanwhile; the
+marketplace pays the provider for it (a usage event with outcome ``refused``, ``_pay_refused``).
 """
 
 from __future__ import annotations
@@ -223,18 +224,23 @@ class Run:
             if refusal is None:
                 return
         # Withdrawn where it is (waiting at a scheduler, or on its node) and given up on at once.
-        subject, queue = self.subject, self.queue
-        if self.node_id is not None and subject is not None and queue is not None and not self.finished:
+        if self._reached_node() and not self.finished:
             # It reached a node, which works on it until the cancel: the node's count is awaited
             # in the background, and the provider paid for that work (the tenant is not charged).
-            self.service.inboxes.reopen(subject, queue)
+            # Taken over before any await, so nothing (a cancelled request) can come between,
+            # and its chunks kept from now on (the attempt was closed as the refusal came).
+            assert self.subject is not None
+            assert self.queue is not None
+            self.service.inboxes.reopen(self.subject, self.queue)
             self.finished = True
-            await self._cancel("not_admitted")
             self.service.spawn(self._pay_refused())
         else:
             await self._cancel("not_admitted")
             await self.finish("failed")
         raise refusal from None
+
+    def _reached_node(self) -> bool:
+        return self.node_id is not None and self.subject is not None and self.queue is not None
 
     async def _pay_refused(self) -> None:
         """Record the work a node did on a job refused after it was placed there (admission beside
@@ -243,7 +249,16 @@ class Run:
         node's count comes with its ``end`` after the cancel; the completion tokens the api
         received from it are the cross-check, as for any stream."""
         assert self.queue is not None
+        assert self.subject is not None
+        self.service.inboxes.reopen(self.subject, self.queue)  # the attempt may have been closed
+        try:
+            await self._cancel("not_admitted")
+        except BaseException:
+            self._release_attempt()
+            raise
         received = sum(p.tokens for p in self.first.pieces) if self.first is not None else 0
+        if self.first is not None and self.first.kind == "end":
+            self.engine_usage = self.first.usage  # a short job's whole output came at once
         deadline = time.monotonic() + REFUSED_COUNT_WAIT_S
         try:
             while self.engine_usage is None:
@@ -633,7 +648,11 @@ class Run:
         self._release_attempt()
         self.service.placed.discard(self)
         if await self.admitted() is not None:
-            return  # refused: nothing was held, nothing is billed
+            # Refused: nothing was held, and the tenant is charged nothing; a node that began on
+            # the job is paid for its work (the client left while the admission was awaited).
+            if self._reached_node():
+                await self._pay_refused()
+            return
         if self.node_id is None and self.tried is not None:
             self.node_id, self.provider_id = self.tried
         event = self.usage_event(outcome, time.time())

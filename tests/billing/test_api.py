@@ -317,6 +317,15 @@ async def test_latency_reports_for_tenants_and_providers(
     elsewhere = [
         msgspec.structs.replace(usage_event(other, provider_id=provider, at=at), node_id="node_a", ttft_ms=9999.0),
         msgspec.structs.replace(usage_event(tenant, provider_id=rival, at=at), node_id="node_r"),
+        # work on a refused request (cut short by its cancel): in neither report
+        msgspec.structs.replace(
+            usage_event(tenant, provider_id=provider, at=at),
+            node_id="node_a",
+            outcome="refused",
+            ttft_ms=9999.0,
+            engine_ttft_ms=9998.0,
+            duration_ms=99999.0,
+        ),
     ]
     await store(settings, [*events, failed, *elsewhere])
     async with httpx.AsyncClient(base_url=billing_api.url) as client:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -28,6 +29,7 @@ usage_ops = st.tuples(
     st.sampled_from(["on_demand", "burst", "reserved"]),
     st.sampled_from([MODEL, MODEL, "unpriced-model"]),
     st.integers(1, 3),  # times the event arrives
+    st.sampled_from(["completed", "completed", "cancelled", "refused"]),
 )
 credit_ops = st.tuples(
     st.just("credit"), st.integers(0, 2), st.integers(1, 5000), st.sampled_from(["credit_grant", "top_up"])
@@ -54,7 +56,7 @@ async def test_ledger_balances_after_any_sequence(
     for n, op in enumerate(ops):
         kind = op[0]
         if kind == "usage":
-            _, t, p, prompt, completion, relayed, klass, model, copies = op
+            _, t, p, prompt, completion, relayed, klass, model, copies, outcome = op
             event = usage_event(
                 tenants[t],
                 provider_id=None if p is None else providers[p],
@@ -65,6 +67,7 @@ async def test_ledger_balances_after_any_sequence(
                 model=model,
                 at=OCTOBER + 3600 * n,
             )
+            event = msgspec.structs.replace(event, outcome=outcome)
             seen.add(event.request_id)
             for _ in range(copies):
                 await store(settings, [event])
