@@ -34,8 +34,13 @@ pytestmark = [
 def localstripe() -> Iterator[str]:
     binary = shutil.which("localstripe") or str(Path(sys.executable).parent / "localstripe")
     port = free_port()
+    # --from-scratch: localstripe otherwise loads /tmp/localstripe.pickle, the state any earlier
+    # run left (so tests would not start clean), and fails to start when two runs wrote it at once.
     proc = subprocess.Popen(
-        [binary, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        [binary, "--port", str(port), "--from-scratch"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
     )
     try:
         import socket
