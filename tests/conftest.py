@@ -189,6 +189,22 @@ async def scheduler(settings: Settings) -> AsyncIterator[Any]:
     await service.stop()
 
 
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a service process of its own (``python -m api``, ``-m scheduler``) on the
+    session's servers: this one's, without any MARKET_* of the caller's, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
+    env.update(
+        MARKET_DATABASE_URL=settings.require_database_url(),
+        MARKET_NATS_URL=settings.require_nats_url(),
+        MARKET_NATS_USER=settings.nats_user or "",
+        MARKET_NATS_PASSWORD=settings.nats_password or "",
+        MARKET_DATA_DIR=str(settings.data_dir),
+        MARKET_LOG_LEVEL="WARNING",
+        **extra,
+    )
+    return env
+
+
 async def wait_healthy(scheduler: Any, node_ids: list[str], timeout: float = 120) -> None:
     """Until the scheduler counts every one of ``node_ids`` healthy (heard from and ready)."""
     deadline = time.monotonic() + timeout

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from market.wire import ProfileInfo
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.engines.sim import SimConfig, SimEngine
 from scheduler.service import SchedulerService
-from tests.conftest import RunningApi, wait_healthy
+from tests.conftest import RunningApi, service_env, wait_healthy
 from tests.token.conftest import make_tenant
 
 MODEL = "sim-llama-3-8b"
@@ -226,14 +225,8 @@ async def test_a_request_waiting_at_a_scheduler_replica_that_dies_is_submitted_a
     is then killed: its answer died with it. The api sees the replica's beats stop and submits
     the job again, to the live replica, which places it when the slot frees: the client gets its
     answer then, not a 503 after its 30 s of queue time."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
-    env.update(
-        MARKET_DATABASE_URL=settings.require_database_url(),
-        MARKET_NATS_URL=settings.require_nats_url(),
-        MARKET_NATS_USER=settings.nats_user or "",
-        MARKET_NATS_PASSWORD=settings.nats_password or "",
-        MARKET_DATA_DIR=str(settings.data_dir),
-        MARKET_LOG_LEVEL="WARNING",
+    env = service_env(
+        settings,
         MARKET_HEARTBEAT_INTERVAL=str(settings.heartbeat_interval_s),
         MARKET_HEARTBEAT_TIMEOUT=str(settings.heartbeat_timeout_s),
     )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from market import subjects, wire
 from market.db import plain_url
 from market.embedded import free_port
 from market.settings import Settings
-from tests.conftest import RunningApi
+from tests.conftest import RunningApi, service_env
 from tests.token.conftest import FakeFleet, NodeBehaviour, TenantKey, echo_node
 from tests.token.test_token_api import usage_event
 
@@ -197,16 +196,7 @@ async def test_a_stream_whose_api_process_dies_is_billed_as_of_its_last_checkpoi
 ) -> None:
     await fleet({"slow": echo_node("slow", words=1000, delay=0.02)})  # a 20 s stream
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
-    env.update(
-        MARKET_DATABASE_URL=settings.require_database_url(),
-        MARKET_NATS_URL=settings.require_nats_url(),
-        MARKET_NATS_USER=settings.nats_user or "",
-        MARKET_NATS_PASSWORD=settings.nats_password or "",
-        MARKET_DATA_DIR=str(settings.data_dir),
-        MARKET_LOG_LEVEL="WARNING",
-        MARKET_USAGE_CHECKPOINT="0.2",
-    )
+    env = service_env(settings, MARKET_USAGE_CHECKPOINT="0.2")
     doomed = subprocess.Popen(
         [sys.executable, "-m", "api", "--port", str(port)],
         env=env,
