@@ -36,19 +36,25 @@ MODEL = "sim-llama-3-8b"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-async def one_slot_node(settings: Settings, scheduler: SchedulerService) -> AsyncIterator[NodeAgent]:
-    agent = NodeAgent(
+def one_slot_agent(settings: Settings, node_id: str) -> NodeAgent:
+    """A node with room for one sequence and no queue in its engine: a second request has to wait
+    for the slot at the scheduler."""
+    return NodeAgent(
         AgentConfig(
-            node_id="node_one_slot",
+            node_id=node_id,
             provider_id="prov_queue",
             settings=settings,
             models=[MODEL],
             profile=ProfileInfo(max_num_seqs=1, max_model_len=8192),
-            queue_share=0.0,  # no queue in the engine: a second request has to wait for the slot
+            queue_share=0.0,
         ),
         SimEngine(SimConfig(max_num_seqs=1, speedup=1.0)),
     )
+
+
+@pytest.fixture
+async def one_slot_node(settings: Settings, scheduler: SchedulerService) -> AsyncIterator[NodeAgent]:
+    agent = one_slot_agent(settings, "node_one_slot")
     await agent.start()
     await wait_healthy(scheduler, ["node_one_slot"], timeout=30)
     yield agent
@@ -233,17 +239,7 @@ async def test_a_request_waiting_at_a_scheduler_replica_that_dies_is_submitted_a
     doomed = subprocess.Popen(
         [sys.executable, "-m", "scheduler"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    agent = NodeAgent(
-        AgentConfig(
-            node_id="node_one_slot_left",
-            provider_id="prov_queue",
-            settings=settings,
-            models=[MODEL],
-            profile=ProfileInfo(max_num_seqs=1, max_model_len=8192),
-            queue_share=0.0,
-        ),
-        SimEngine(SimConfig(max_num_seqs=1, speedup=1.0)),
-    )
+    agent = one_slot_agent(settings, "node_one_slot_left")
     await agent.start()
     live: SchedulerService | None = None
     try:
