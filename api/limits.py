@@ -16,6 +16,10 @@ statement is in flight the next admits (or settles) queue and go together in one
 its quota row anyway, costs two round trips rather than one each. Batching changes no rule: each
 admit in a batch is ``market_admit`` under the same locks, and a delayed settle only keeps a hold a
 little longer (more conservative).
+
+Admission also decides the request's class (migration 0012): under the tenant's reservation for
+the model, ``reserved`` within its slots, ``burst`` above them up to its burst ceiling, and a 429
+``reservation_full`` beyond; ``on_demand`` without one. The settle gives the in-flight count back.
 """
 
 from __future__ import annotations
@@ -66,8 +70,10 @@ _ADMIT_MANY_SQL = (
 ADMIT_STATEMENTS = 2
 """Admit statements in flight at once per process; what arrives meanwhile waits for the next batch.
 Two, so one tenant's lock wait (another replica's transaction) does not hold every admit back."""
-_SETTLE_ONE_SQL = "SELECT * FROM market_settle_one($1, $2, $3, $4, $5, $6)"
-_SETTLE_SQL = "SELECT * FROM market_settle($1::text[], $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6)"
+_SETTLE_ONE_SQL = "SELECT * FROM market_settle_one($1, $2, $3, $4, $5, $6, $7)"
+_SETTLE_SQL = (
+    "SELECT * FROM market_settle($1::text[], $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6, $7::text[])"
+)
 
 _LIMIT_NAMES = {
     "key_requests": "requests per minute for this API key",
@@ -88,6 +94,10 @@ class Admission:
     held_tokens: int
     holder: str
     """The limiter (api process) that holds the tokens; any limiter may settle."""
+    admission_class: str = "on_demand"
+    """``reserved`` or ``burst`` under the tenant's reservation for the model, else ``on_demand``."""
+    reservation_id: str | None = None
+    """The reservation whose in-flight count this request takes (given back at settle)."""
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
     room: tuple[int | None, int | None, int] = (None, None, 0)
@@ -121,6 +131,7 @@ class _PendingSettle:
     period: date
     hold: int
     used: int
+    reservation_id: str | None
     done: asyncio.Future[None] | None
     """Resolved when written; None when nobody waits (an orphaned admit's release)."""
 
@@ -384,6 +395,8 @@ class Limiter:
                 period=row["period"],
                 held_tokens=prompt_tokens + max_tokens,
                 holder=self.holder,
+                admission_class=row["admission_class"] or "on_demand",
+                reservation_id=row["reservation"],
                 headers=_headers(row),
                 room=(row["remaining_requests"], row["remaining_tokens"], row["granted"] - row["held"] - row["used"]),
             )
@@ -430,7 +443,9 @@ class Limiter:
                     item.done.set_result(row)
                 elif row["status"] == "ok":
                     tenant_id, hold = item.args[0], item.args[3] + item.args[4]
-                    self._queue(_PendingSettle(self.holder, tenant_id, row["period"], hold, 0, None))
+                    self._queue(
+                        _PendingSettle(self.holder, tenant_id, row["period"], hold, 0, row["reservation"], None)
+                    )
 
     def _refusal(self, status: str, row: asyncpg.Record, model: str, wanted: int) -> Exception:
         headers = _headers(row)
@@ -443,6 +458,15 @@ class Limiter:
                 f"this model's maximum context length is {row['detail']} tokens; the prompt alone is about as long",
                 code="context_length_exceeded",
                 param="messages",
+            )
+        if status == "reservation_full":
+            reserved, _, burst = str(row["detail"]).partition("/")
+            headers["retry-after"] = "1"
+            return RateLimited(
+                f"your reservation for '{model}' is full: {reserved} reserved and {burst} burst requests are"
+                " in flight; retry in 1s, or raise the reservation's slots or burst_slots",
+                code="reservation_full",
+                headers=headers,
             )
         if status == "insufficient_quota":
             remaining = max(0, row["granted"] - row["held"] - row["used"])
@@ -476,6 +500,7 @@ class Limiter:
                 admission.period,
                 admission.held_tokens,
                 max(0, used_tokens),
+                admission.reservation_id,
                 done,
             )
         )
@@ -498,7 +523,14 @@ class Limiter:
                 one = batch[0]
                 row = (
                     await self.hot.fetch(
-                        _SETTLE_ONE_SQL, one.holder, one.tenant_id, one.period, one.hold, one.used, self.soft_threshold
+                        _SETTLE_ONE_SQL,
+                        one.holder,
+                        one.tenant_id,
+                        one.period,
+                        one.hold,
+                        one.used,
+                        self.soft_threshold,
+                        one.reservation_id,
                     )
                 )[0]
                 if row["crossed"]:
@@ -512,6 +544,7 @@ class Limiter:
                     [item.hold for item in batch],
                     [item.used for item in batch],
                     self.soft_threshold,
+                    [item.reservation_id for item in batch],
                 )
                 crossed += [
                     (r["crossed_tenant_id"], r["crossed_period"], r["crossed_granted"], r["crossed_used"]) for r in rows

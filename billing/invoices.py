@@ -22,6 +22,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from billing.ledger import post_reservation_hours
 from market.ids import new_id, ulid
 from market.models import (
     Invoice,
@@ -183,6 +184,9 @@ async def run_invoices(session: AsyncSession, period: str, currency: str) -> Run
     result = RunResult()
     async with session.begin():
         await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": INVOICE_LOCK})
+        raw = (await (await session.connection()).get_raw_connection()).driver_connection
+        assert raw is not None  # asyncpg's, in this session's transaction
+        await post_reservation_hours(raw, currency, utc_midnight(start), utc_midnight(end))
         lines = await _lines_by_tenant(session, params)
         invoiced = set(
             (

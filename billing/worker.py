@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
@@ -33,6 +34,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import String
 
 from billing import ingest
+from billing.ledger import post_reservation_hours
 from market import bus, subjects
 from market.db import plain_url
 from market.models import UsageRecord
@@ -50,6 +52,9 @@ log = logging.getLogger(__name__)
 
 DURABLE = "billing"
 RATE_PENDING_EVERY_S = 30.0
+RESERVATION_LOOKBACK = timedelta(days=7)
+"""How far back each pass looks for reservation-hours not yet charged (an invoice run looks at its
+whole month)."""
 _RETRYABLE_SQL = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _REFUSED_SQL = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 """What PostgreSQL refuses because of a row's values: that event, not the database, is at fault."""
@@ -380,7 +385,8 @@ class UsageWorker:
         return msgs
 
     async def _idle(self) -> None:
-        """Between batches with nothing to do: check the consumer still exists; rate late-priced usage."""
+        """Between batches with nothing to do: check the consumer still exists; rate late-priced usage;
+        charge the reservation-hours that ended."""
         now = time.monotonic()
         if now - self._last_rating < RATE_PENDING_EVERY_S:
             return
@@ -394,12 +400,18 @@ class UsageWorker:
                 pass  # disconnected: the client reconnects by itself
         try:
             posted = await ingest.rate_pending(await self._connection(), self.settings.currency)
+            conn = await self._connection()
+            until = datetime.now(UTC)
+            async with conn.transaction():
+                hours = await post_reservation_hours(conn, self.settings.currency, until - RESERVATION_LOOKBACK, until)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("rating pending usage failed", extra={"error": str(exc)})
+            log.warning("rating pending usage or charging reservation-hours failed", extra={"error": str(exc)})
             await self._drop_connection()
             return
         if posted:
             log.info("rated usage that was waiting for a price", extra={"count": posted})
+        if hours:
+            log.info("charged reservation-hours", extra={"count": hours})
 
     async def _close(self) -> None:
         if self._sub is not None:

@@ -26,6 +26,8 @@ SIM_MODEL = ("sim-llama-3-8b", 8192)
 TINY_MODEL = ("tiny-random-llama", 2048)
 DEMO_PRICE = (15, 60)
 """Minor units per 1M input and output tokens (0.15 and 0.60 USD) for a fresh local marketplace."""
+DEMO_SLOT_HOUR = 5
+"""Minor units per reserved slot per hour (0.05 USD): reservations are possible out of the box."""
 
 
 def served_model(engine: str, model_dir: Path | None) -> tuple[str, int]:
@@ -70,6 +72,7 @@ async def prepare(settings: Settings, engine: str, model_dir: Path | None) -> st
                             admission_class=c,
                             input_minor_per_million=DEMO_PRICE[0],
                             output_minor_per_million=DEMO_PRICE[1],
+                            reservation_hour_minor=DEMO_SLOT_HOUR if c == "reserved" else None,
                         )
                         for c in ("reserved", "burst", "on_demand")
                     ],

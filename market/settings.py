@@ -84,6 +84,9 @@ class Settings:
     usage_checkpoint_s: float = 2.0
     """How often the api writes the usage its streams in flight would end with (billed if it dies)."""
     currency: str = "usd"
+    reservable_share: float = 0.5
+    """Share of the live fleet's sequence slots for a model that reservations may hold together;
+    the rest stays for burst and on-demand traffic (see ``api.reservations``)."""
     stripe: StripeSettings = field(default_factory=StripeSettings)
 
     @classmethod
@@ -111,6 +114,7 @@ class Settings:
             queue_timeout_s=_env_float("MARKET_QUEUE_TIMEOUT", 10.0),
             usage_checkpoint_s=_env_float("MARKET_USAGE_CHECKPOINT", 2.0),
             currency=(_env("MARKET_CURRENCY", "usd") or "usd").lower(),
+            reservable_share=_env_float("MARKET_RESERVABLE_SHARE", 0.5),
             stripe=StripeSettings(
                 api_key=_env("MARKET_STRIPE_API_KEY"),
                 api_base=_env("MARKET_STRIPE_API_BASE"),

@@ -62,6 +62,15 @@ class FleetService:
             return "unhealthy", beat
         return beat.status if beat and beat.status != "starting" else "starting", beat
 
+    def capacity(self, model: str) -> int:
+        """Sequence slots (``max_num_seqs``) of the live, healthy nodes serving ``model`` now."""
+        cutoff = time.monotonic() - self.state.settings.heartbeat_timeout_s
+        return sum(
+            beat.profile.max_num_seqs
+            for seen, beat in self.live.values()
+            if seen >= cutoff and beat.status == "healthy" and model in beat.models
+        )
+
     # ---- providers -------------------------------------------------------------------------
     async def create_provider(self, name: str) -> tuple[Provider, str, str]:
         async with self.state.sessions() as session, session.begin():

@@ -672,12 +672,15 @@ class Run:
         # Without the engine's report (lost mid-stream), a prompt that produced output was
         # processed: count the api's estimate of it, as the agent does for a cancelled job.
         prompt = usage.prompt_tokens if usage else (self.job.prompt_tokens if self.first is not None else 0)
+        # The admission's class bills, also for a job placed while its admission ran (as on_demand).
+        admission_class = getattr(self.admission, "admission_class", None) or self.job.admission_class
         return wire.UsageEvent(
             request_id=self.job.id,
             tenant_id=self.job.tenant_id,
             key_id=self.job.key_id,
             model=self.model,
-            admission_class=self.job.admission_class,
+            admission_class=admission_class,
+            reservation_id=getattr(self.admission, "reservation_id", None),
             node_id=self.node_id,
             provider_id=self.provider_id,
             prompt_tokens=prompt,
@@ -875,6 +878,7 @@ class TokenService:
             allowed_providers=list(principal.allowed_providers) if principal.allowed_providers else None,
             max_price_minor_per_million=principal.max_price_minor_per_million,
             keepalive_s=KEEPALIVE_S,
+            admission_class=getattr(admission, "admission_class", None) or "on_demand",
         )
         return Run(
             service=self,
@@ -899,7 +903,11 @@ class TokenService:
             self.room.pop(key, None)
             raise
         room = getattr(admission, "room", None)
-        if room is not None:
+        if getattr(admission, "reservation_id", None) is not None:
+            # Under a reservation the admission decides the class the scheduler serves the job
+            # in (reserved first): the next job waits for its admission rather than go unclassed.
+            self.room.pop(key, None)
+        elif room is not None:
             if len(self.room) >= 100_000:  # keys seen once long ago: forget them all at once
                 self.room.clear()
             self.room[key] = (time.monotonic(), room)

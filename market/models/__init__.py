@@ -32,6 +32,7 @@ from market.models.quota import (
     TenantModel,
     TenantQuota,
 )
+from market.models.reservations import Reservation, ReservationChange, ReservationHold
 from market.models.tenancy import ApiKey, Incubator, Tenant
 
 __all__ = ["ApiKey", "EnrolmentToken", "Incubator", "Model", "Node", "Provider", "Tenant"]
@@ -53,3 +54,4 @@ __all__ += [
 ]
 __all__ += ["Grant", "GrantEvent", "IncubatorPool", "LimiterInstance", "QuotaHold", "RateLimitBucket"]
 __all__ += ["ProviderOffer", "TenantModel", "TenantQuota"]
+__all__ += ["Reservation", "ReservationChange", "ReservationHold"]

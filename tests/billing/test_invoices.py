@@ -8,16 +8,18 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import msgspec
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing.invoices import PeriodError, run_invoices
-from billing.ledger import NoReservationPrice, post_reservation_hour
+from billing.ledger import NoReservationPrice, post_reservation_hour, post_reservation_hours
 from billing.reconcile import reconcile
-from market.models import Invoice, InvoiceLine, ProviderStatement
+from market.models import Invoice, InvoiceLine, Model, ProviderStatement, Reservation, ReservationChange
 from market.models.billing import grant_credit
+from market.money import MICROS_PER_MINOR
 from market.settings import Settings
 from tests.billing.conftest import (
     MODEL,
@@ -185,6 +187,70 @@ async def test_reservation_hours_are_charged_once_and_invoiced(
         line = (await session.execute(select(InvoiceLine))).scalar_one()
     assert (line.kind, line.amount_minor) == ("reservation", 600)  # 2 hours x 2 slots x 150
     assert invoice.total_minor == 600
+
+
+async def test_an_elastic_reservation_is_charged_each_hour_for_the_most_slots_it_held(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    tenant = await make_tenant(sessions)
+    await make_prices(sessions, reservation_hour_minor=100)
+    day = datetime(2026, 10, 7, tzinfo=UTC)
+    at = [day + timedelta(hours=10, minutes=30), day + timedelta(hours=11, minutes=15)]
+    at += [day + timedelta(hours=12, minutes=40), day + timedelta(hours=13, minutes=10)]
+    async with sessions.begin() as session:
+        session.add(Model(name=MODEL, context_length=4096))
+        await session.flush()
+        session.add(Reservation(id="res_grow", tenant_id=tenant, model=MODEL, slots=2, created_at=at[0]))
+        await session.flush()
+        # created with 2 slots at 10:30, grown to 5 at 11:15, shrunk to 1 at 12:40, ended at 13:10
+        for when, slots in zip(at, (2, 5, 1, 0), strict=True):
+            session.add(ReservationChange(reservation_id="res_grow", slots=slots, burst_slots=0, at=when))
+        await session.execute(
+            update(Reservation).where(Reservation.id == "res_grow").values(status="ended", ended_at=at[3])
+        )
+
+    async def post(until: datetime) -> int:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            return await post_reservation_hours(conn, "usd", day, until)
+        finally:
+            await conn.close()
+
+    assert await post(day + timedelta(hours=12, minutes=59)) == 2  # 10:00 and 11:00 have ended; 12:00 runs
+    assert await post(day + timedelta(days=1)) == 2  # 12:00 and 13:00; nothing after the end
+    assert await post(day + timedelta(days=1)) == 0  # charged once, however often the worker looks
+    memos = await fetch(settings, "SELECT memo FROM ledger_transactions WHERE kind = 'reservation' ORDER BY id")
+    assert [m["memo"].split(": ")[1] for m in memos] == [
+        "2 slot(s) for the hour from 2026-10-07 10:00 UTC",  # a started hour is charged
+        "5 slot(s) for the hour from 2026-10-07 11:00 UTC",  # grown mid-hour: the larger size
+        "5 slot(s) for the hour from 2026-10-07 12:00 UTC",  # shrunk mid-hour: still the larger
+        "1 slot(s) for the hour from 2026-10-07 13:00 UTC",
+    ]
+    assert await _balance(settings, f"tenant:{tenant}") == 13 * 100 * MICROS_PER_MINOR
+    await _run(sessions, "2026-10")
+    async with sessions() as session:
+        line = (await session.execute(select(InvoiceLine))).scalar_one()
+    assert (line.kind, line.amount_minor) == ("reservation", 1300)
+    report = await _reconcile(sessions)
+    assert report.ok, report.render()
+
+
+async def test_an_invoice_run_charges_the_reservation_hours_the_worker_has_not(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    tenant = await make_tenant(sessions)
+    await make_prices(sessions, reservation_hour_minor=40)
+    start = datetime(2026, 10, 31, 21, 5, tzinfo=UTC)
+    async with sessions.begin() as session:
+        session.add(Model(name=MODEL, context_length=4096))
+        await session.flush()
+        session.add(Reservation(id="res_late", tenant_id=tenant, model=MODEL, slots=3, created_at=start))
+        await session.flush()
+        session.add(ReservationChange(reservation_id="res_late", slots=3, burst_slots=0, at=start))
+    await _run(sessions, "2026-10")  # 21:00, 22:00 and 23:00 of October's last day, still running
+    async with sessions() as session:
+        line = (await session.execute(select(InvoiceLine))).scalar_one()
+    assert (line.kind, line.amount_minor) == ("reservation", 3 * 3 * 40)
 
 
 async def test_reconcile_finds_planted_mismatches_and_exits_non_zero(

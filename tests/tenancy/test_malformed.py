@@ -59,6 +59,10 @@ BAD_BODIES: list[tuple[str, str, Any, str]] = [
     ("PATCH", "/api/admin/models/{model}", {"active": "yes"}, "active"),
     ("POST", "/api/tenant/keys", {"requests_per_minute": -3}, "requests_per_minute"),
     ("POST", "/api/tenant/keys", b"name=x", "json"),
+    ("POST", "/api/tenant/reservations", {"model": "m", "slots": 0}, "slots"),
+    ("POST", "/api/tenant/reservations", {"model": "m", "slots": 1, "burst": 2}, "burst"),
+    ("POST", "/api/tenant/reservations", {"slots": 1}, "model"),
+    ("PATCH", "/api/tenant/reservations/res_x", {"burst_slots": -1}, "burst_slots"),
     # Strict types: Litestar alone would take "5", 1e3 or "0" for an integer or a boolean.
     ("PUT", "/api/admin/incubators/{incubator}/pool", {"tokens": "1000000"}, "tokens"),
     ("POST", "/api/admin/tenants/{tenant}/grants", {"tokens": 1e3}, "tokens"),

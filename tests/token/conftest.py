@@ -77,11 +77,14 @@ class FakeFleet:
     unanswered: int = 0
     """Take this many submissions first and never answer them (a replica that died with them)."""
     submissions: int = 0
+    jobs: list[wire.Job] = field(default_factory=list)
+    """Every submission, as the schedulers got it."""
 
     async def start(self) -> None:
         async def on_submit(msg: Any) -> None:
             job = wire.decoder(wire.Job).decode(msg.data)
             self.submissions += 1
+            self.jobs.append(job)
             if self.unanswered > 0:
                 self.unanswered -= 1
                 return

@@ -1,0 +1,329 @@
+"""Elastic reservations, self-served by tenants under ``/api/tenant/reservations``.
+
+A reservation holds ``slots`` requests in flight for one model in the ``reserved`` class (served
+first by the schedulers, and allowed the headroom every node keeps from other classes), and up to
+``burst_slots`` more in the ``burst`` class; admission counts them (``api.limits``, migration
+0012). Slots are charged per hour, for the most held during the hour, at the price book's
+``reservation_hour_minor``; tokens are billed as used at the class's prices. A tenant resizes one
+whenever its traffic changes: growing takes effect at once if the fleet has room, shrinking too
+(requests in flight finish; new ones are classed by the new size).
+
+What the marketplace can promise is bounded by its live fleet: reservations for a model together
+hold at most ``reservable_share`` of the sequence slots of the healthy nodes serving it now, so a
+new or larger reservation beyond that is a 409. Sizing is serialised per model by the model row's
+lock (taken before the reservation's, the order admission never inverts: it locks only the
+reservation), so two replicas cannot both hand out the last slots.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Annotated
+
+from litestar import Controller, delete, get, patch, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
+from msgspec import UNSET, Meta, Struct, UnsetType
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.admin.access import require_scope
+from api.admin.schemas import Input, ModelName
+from api.auth import Principal
+from api.errors import Conflict, Forbidden, NotFound
+from api.state import AppState
+from market.ids import new_id
+from market.models import (
+    Model,
+    PriceBook,
+    PriceBookEntry,
+    Reservation,
+    ReservationChange,
+    ReservationHold,
+    TenantModel,
+)
+
+Slots = Annotated[int, Meta(ge=1, le=1_000_000)]
+BurstSlots = Annotated[int, Meta(ge=0, le=1_000_000)]
+
+
+class ReservationCreate(Input):
+    model: ModelName
+    slots: Slots
+    """Requests in flight guaranteed (``reserved`` class), charged per hour."""
+    burst_slots: BurstSlots = 0
+    """Requests in flight allowed above ``slots`` (``burst`` class), billed per token as used."""
+
+
+class ReservationResize(Input):
+    slots: Slots | UnsetType = UNSET
+    burst_slots: BurstSlots | UnsetType = UNSET
+
+
+class ReservationOut(Struct, kw_only=True):
+    id: str
+    model: str
+    slots: int
+    burst_slots: int
+    status: str
+    in_flight: int
+    """Requests running under it now, on every api replica (both classes)."""
+    slot_hour_minor: int
+    """The price of one slot for one hour now, in minor units of ``currency``."""
+    hour_minor: int
+    """What one hour at the current size costs (``slots * slot_hour_minor``)."""
+    currency: str
+    created_at: datetime
+    updated_at: datetime
+    ended_at: datetime | None = None
+
+
+async def _prices(session: AsyncSession, model: str, currency: str) -> dict[str, PriceBookEntry]:
+    """The price book entries for ``model`` in force now, by admission class."""
+    book = (
+        select(PriceBook.id)
+        .where(PriceBook.currency == currency, PriceBook.effective_from <= func.now())
+        .order_by(PriceBook.effective_from.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    rows = await session.scalars(
+        select(PriceBookEntry).where(PriceBookEntry.price_book_id == book, PriceBookEntry.model == model)
+    )
+    return {row.admission_class: row for row in rows}
+
+
+async def _slot_hour_price(session: AsyncSession, model: str, currency: str, burst_slots: int) -> int:
+    """The per-slot hourly price; 409 unless the price book prices the reservation (and its burst)."""
+    prices = await _prices(session, model, currency)
+    reserved = prices.get("reserved")
+    if reserved is None or reserved.reservation_hour_minor is None:
+        raise Conflict(f"the model '{model}' cannot be reserved: it has no reservation price", code="not_reservable")
+    if burst_slots and "burst" not in prices:
+        raise Conflict(f"the model '{model}' has no burst price; reserve it with burst_slots 0", code="not_reservable")
+    return reserved.reservation_hour_minor
+
+
+async def _check_capacity(session: AsyncSession, state: AppState, model: str, more: int) -> None:
+    """409 unless ``more`` reserved slots fit in the model's reservable share of the live fleet.
+
+    The caller holds the model row's lock, so the sum read here stays true until it commits."""
+    held = await session.scalar(
+        select(func.coalesce(func.sum(Reservation.slots), 0)).where(
+            Reservation.model == model, Reservation.status == "active"
+        )
+    )
+    capacity = state.services["fleet"].capacity(model)
+    reservable = math.floor(capacity * state.settings.reservable_share)
+    free = max(0, reservable - int(held or 0))
+    if more > free:
+        raise Conflict(
+            f"not enough capacity to reserve {more} more slot(s) of '{model}': {free} of {reservable} reservable"
+            f" slots are free (the live fleet serves {capacity}); try fewer slots, or later",
+            code="insufficient_capacity",
+        )
+
+
+async def _lock_model(session: AsyncSession, tenant_id: str, name: str) -> Model:
+    model = (
+        await session.execute(select(Model).where(Model.name == name, Model.active).with_for_update())
+    ).scalar_one_or_none()
+    if model is None:
+        raise NotFound(f"the model '{name}' does not exist", code="model_not_found")
+    allowed = (await session.scalars(select(TenantModel.model_name).where(TenantModel.tenant_id == tenant_id))).all()
+    if allowed and name not in allowed:
+        raise Forbidden(f"your organisation may not use the model '{name}'", code="model_not_allowed")
+    return model
+
+
+async def _out(session: AsyncSession, state: AppState, reservations: list[Reservation]) -> list[ReservationOut]:
+    ids = [r.id for r in reservations]
+    rows = await session.execute(
+        select(ReservationHold.reservation_id, func.sum(ReservationHold.in_flight))
+        .where(ReservationHold.reservation_id.in_(ids))
+        .group_by(ReservationHold.reservation_id)
+    )
+    in_flight = {reservation_id: int(count or 0) for reservation_id, count in rows}
+    currency = state.settings.currency
+    out = []
+    prices: dict[str, int] = {}
+    for r in reservations:
+        if r.model not in prices:
+            entry = (await _prices(session, r.model, currency)).get("reserved")
+            prices[r.model] = (entry.reservation_hour_minor or 0) if entry is not None else 0
+        slot_hour = prices[r.model]
+        out.append(
+            ReservationOut(
+                id=r.id,
+                model=r.model,
+                slots=r.slots,
+                burst_slots=r.burst_slots,
+                status=r.status,
+                in_flight=in_flight.get(r.id, 0) if r.status == "active" else 0,
+                slot_hour_minor=slot_hour,
+                hour_minor=slot_hour * r.slots if r.status == "active" else 0,
+                currency=currency,
+                created_at=r.created_at,
+                updated_at=r.updated_at,
+                ended_at=r.ended_at,
+            )
+        )
+    return out
+
+
+async def _own(session: AsyncSession, tenant_id: str, reservation_id: str, *, lock: bool = False) -> Reservation:
+    query = select(Reservation).where(Reservation.id == reservation_id, Reservation.tenant_id == tenant_id)
+    if lock:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    reservation = (await session.execute(query)).scalar_one_or_none()
+    if reservation is None:  # another tenant's is missing too
+        raise NotFound("reservation not found", code="reservation_not_found")
+    return reservation
+
+
+async def create(
+    session: AsyncSession, state: AppState, tenant_id: str, body: ReservationCreate, actor: str | None
+) -> Reservation:
+    await _lock_model(session, tenant_id, body.model)
+    await _slot_hour_price(session, body.model, state.settings.currency, body.burst_slots)
+    existing = await session.scalar(
+        select(Reservation.id).where(
+            Reservation.tenant_id == tenant_id, Reservation.model == body.model, Reservation.status == "active"
+        )
+    )
+    if existing is not None:
+        raise Conflict(
+            f"you already hold reservation {existing} for '{body.model}'; resize it with PATCH",
+            code="reservation_exists",
+        )
+    await _check_capacity(session, state, body.model, body.slots)
+    reservation = Reservation(
+        id=new_id("reservation"),
+        tenant_id=tenant_id,
+        model=body.model,
+        slots=body.slots,
+        burst_slots=body.burst_slots,
+        created_by=actor,
+    )
+    session.add(reservation)
+    await session.flush()
+    session.add(
+        ReservationChange(
+            reservation_id=reservation.id, slots=body.slots, burst_slots=body.burst_slots, actor_key_id=actor
+        )
+    )
+    await session.flush()
+    await session.refresh(reservation)
+    return reservation
+
+
+async def resize(
+    session: AsyncSession,
+    state: AppState,
+    tenant_id: str,
+    reservation_id: str,
+    body: ReservationResize,
+    actor: str | None,
+) -> Reservation:
+    current = await _own(session, tenant_id, reservation_id)
+    if current.status != "active":
+        raise Conflict("this reservation has ended; create a new one", code="reservation_ended")
+    await _lock_model(session, tenant_id, current.model)  # model before reservation, as in create
+    reservation = await _own(session, tenant_id, reservation_id, lock=True)
+    if reservation.status != "active":
+        raise Conflict("this reservation has ended; create a new one", code="reservation_ended")
+    slots = reservation.slots if isinstance(body.slots, UnsetType) else body.slots
+    burst = reservation.burst_slots if isinstance(body.burst_slots, UnsetType) else body.burst_slots
+    if burst:
+        await _slot_hour_price(session, reservation.model, state.settings.currency, burst)
+    if slots > reservation.slots:
+        await _check_capacity(session, state, reservation.model, slots - reservation.slots)
+    if (slots, burst) != (reservation.slots, reservation.burst_slots):
+        reservation.slots, reservation.burst_slots = slots, burst
+        session.add(
+            ReservationChange(reservation_id=reservation.id, slots=slots, burst_slots=burst, actor_key_id=actor)
+        )
+        await session.flush()
+        await session.refresh(reservation)
+    return reservation
+
+
+async def end(session: AsyncSession, tenant_id: str, reservation_id: str, actor: str | None) -> Reservation:
+    reservation = await _own(session, tenant_id, reservation_id, lock=True)
+    if reservation.status == "active":
+        reservation.status = "ended"
+        reservation.ended_at = datetime.now(UTC)
+        session.add(ReservationChange(reservation_id=reservation.id, slots=0, burst_slots=0, actor_key_id=actor))
+        await session.flush()
+        await session.refresh(reservation)
+    return reservation
+
+
+def _tenant_id(principal: Principal) -> str:
+    assert principal.tenant_id is not None  # the tenant router admits tenant keys only
+    return principal.tenant_id
+
+
+class TenantReservationController(Controller):
+    path = "/reservations"
+    tags = ["tenant"]
+
+    @get("/")
+    async def list_reservations(
+        self, app_state: NamedDependency[AppState], principal: NamedDependency[Principal]
+    ) -> list[ReservationOut]:
+        """This tenant's reservations, active first, with what runs under each now."""
+        async with app_state.sessions() as session:
+            rows = (
+                await session.scalars(
+                    select(Reservation)
+                    .where(Reservation.tenant_id == _tenant_id(principal))
+                    .order_by(Reservation.status, Reservation.created_at.desc())
+                )
+            ).all()
+            return await _out(session, app_state, list(rows))
+
+    @post("/", guards=[require_scope("manage")])
+    async def create_reservation(
+        self,
+        app_state: NamedDependency[AppState],
+        principal: NamedDependency[Principal],
+        data: JSONBody[ReservationCreate],
+    ) -> ReservationOut:
+        """Reserve ``slots`` requests in flight for a model (409 if the fleet cannot back them)."""
+        async with app_state.sessions.begin() as session:
+            reservation = await create(session, app_state, _tenant_id(principal), data, principal.key_id)
+            return (await _out(session, app_state, [reservation]))[0]
+
+    @get("/{reservation_id:str}")
+    async def get_reservation(
+        self, app_state: NamedDependency[AppState], principal: NamedDependency[Principal], reservation_id: FromPath[str]
+    ) -> ReservationOut:
+        async with app_state.sessions() as session:
+            reservation = await _own(session, _tenant_id(principal), reservation_id)
+            return (await _out(session, app_state, [reservation]))[0]
+
+    @patch("/{reservation_id:str}", guards=[require_scope("manage")])
+    async def resize_reservation(
+        self,
+        app_state: NamedDependency[AppState],
+        principal: NamedDependency[Principal],
+        reservation_id: FromPath[str],
+        data: JSONBody[ReservationResize],
+    ) -> ReservationOut:
+        """Grow or shrink at once; each hour is charged for the most slots held in it."""
+        async with app_state.sessions.begin() as session:
+            reservation = await resize(
+                session, app_state, _tenant_id(principal), reservation_id, data, principal.key_id
+            )
+            return (await _out(session, app_state, [reservation]))[0]
+
+    @delete("/{reservation_id:str}", status_code=200, guards=[require_scope("manage")])
+    async def end_reservation(
+        self, app_state: NamedDependency[AppState], principal: NamedDependency[Principal], reservation_id: FromPath[str]
+    ) -> ReservationOut:
+        """End it now: the current hour is its last charged; later requests are on-demand."""
+        async with app_state.sessions.begin() as session:
+            reservation = await end(session, _tenant_id(principal), reservation_id, principal.key_id)
+            return (await _out(session, app_state, [reservation]))[0]

@@ -1,0 +1,226 @@
+"""Elastic reservations as a tenant meets them: reserving against the live fleet, resizing, and the
+classes its requests are admitted, placed and billed in (reserved, then burst, then a 429).
+
+Placement and nodes are scripted (``FakeFleet``); one live node's heartbeats give the fleet its
+capacity (8 sequences, of which reservations may hold half: ``reservable_share``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from nats.aio.client import Client
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from market import subjects, wire
+from market.db import plain_url, session_factory
+from market.settings import Settings
+from tests.billing.conftest import make_prices
+from tests.conftest import RunningApi
+from tests.token.conftest import FakeFleet, TenantKey, echo_node, make_tenant
+from tests.token.test_token_api import usage_event
+
+Fleet = Callable[..., Awaitable[FakeFleet]]
+MODEL = "fake-model"
+
+
+@pytest.fixture
+async def live_node(nc: Client, settings: Settings) -> AsyncIterator[str]:
+    """A healthy node serving ``fake-model`` with 8 sequence slots, heartbeating."""
+    node_id = "node_reserve"
+    beat = wire.Heartbeat(
+        node_id=node_id,
+        provider_id="prov_fake",
+        status="healthy",
+        models=[MODEL],
+        profile=wire.ProfileInfo(max_num_seqs=8),
+        slots=8,
+    )
+
+    async def beating() -> None:
+        while True:
+            await nc.publish(subjects.heartbeat(node_id), wire.encode(beat))
+            await asyncio.sleep(settings.heartbeat_interval_s)
+
+    task = asyncio.create_task(beating())
+    await asyncio.sleep(0.3)
+    yield node_id
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@pytest.fixture
+async def priced(engine: AsyncEngine) -> None:
+    """Every class priced for ``fake-model``; a slot-hour costs 150 minor units."""
+    await make_prices(session_factory(engine), model=MODEL, reservation_hour_minor=150)
+
+
+def client(api: RunningApi, key: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+async def chat(api: RunningApi, key: str) -> httpx.Response:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    async with client(api, key) as http:
+        return await http.post("/v1/chat/completions", json=body)
+
+
+async def usage_events(nc: Client, tenant_id: str, count: int) -> list[wire.UsageEvent]:
+    """The first ``count`` usage events the api published for ``tenant_id``."""
+    sub = await nc.jetstream().subscribe(subjects.usage(tenant_id), ordered_consumer=True)
+    try:
+        return [wire.decoder(wire.UsageEvent).decode((await sub.next_msg(5)).data) for _ in range(count)]
+    finally:
+        await sub.unsubscribe()
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_requests_are_reserved_then_burst_then_refused_and_billed_in_their_class(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, nc: Client, live_node: str, priced: None
+) -> None:
+    f = await fleet({"node_slow": echo_node("node_slow", words=5, delay=0.3)})
+    async with client(api, tenant.secret) as http:
+        made = await http.post("/api/tenant/reservations", json={"model": MODEL, "slots": 2, "burst_slots": 1})
+        assert made.status_code == 201, made.text
+        reservation = made.json()
+        assert (reservation["slots"], reservation["burst_slots"], reservation["status"]) == (2, 1, "active")
+        assert (reservation["slot_hour_minor"], reservation["hour_minor"], reservation["currency"]) == (150, 300, "usd")
+
+        running = []
+        for expected in (1, 2, 3):  # one at a time, so each is admitted knowing the ones before
+            running.append(asyncio.ensure_future(chat(api, tenant.secret)))
+            await wait_for(lambda n=expected: len(f.jobs) == n)  # type: ignore[misc]
+        assert [job.admission_class for job in f.jobs] == ["reserved", "reserved", "burst"]
+        listed = (await http.get("/api/tenant/reservations")).json()
+        assert [(r["id"], r["in_flight"]) for r in listed] == [(reservation["id"], 3)]
+
+        refused = await chat(api, tenant.secret)  # two reserved and one burst are all in flight
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "reservation_full"
+        assert refused.headers["retry-after"] == "1"
+        assert len(f.jobs) == 3  # the refused request never reached a scheduler
+
+        answers = await asyncio.gather(*running)
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        events = await usage_events(nc, tenant.tenant_id, 3)
+        assert {e.request_id: e.admission_class for e in events} == {j.id: j.admission_class for j in f.jobs}
+        assert {e.reservation_id for e in events} == {reservation["id"]}
+
+        # all three ended and gave their slots back: the next is reserved again
+        again = await chat(api, tenant.secret)
+        assert again.status_code == 200
+        assert f.jobs[-1].admission_class == "reserved"
+        assert (await http.get(f"/api/tenant/reservations/{reservation['id']}")).json()["in_flight"] == 0
+
+        # ended: requests are on-demand, without a reservation
+        ended = (await http.delete(f"/api/tenant/reservations/{reservation['id']}")).json()
+        assert (ended["status"], ended["in_flight"], ended["hour_minor"]) == ("ended", 0, 0)
+        after = await chat(api, tenant.secret)
+        assert after.status_code == 200
+        event, _ = await usage_event(nc, tenant.tenant_id, request_id=after.headers["x-request-id"])
+        assert f.jobs[-1].admission_class == event.admission_class == "on_demand"
+        assert event.reservation_id is None
+
+
+async def test_reservations_fit_the_live_fleet_and_resize_within_it(
+    api: RunningApi, tenant: TenantKey, engine: AsyncEngine, live_node: str, priced: None, settings: Settings
+) -> None:
+    other = await make_tenant(engine, name="globex")
+    async with client(api, tenant.secret) as mine, client(api, other.secret) as theirs:
+
+        async def refused(response: Awaitable[httpx.Response], status: int, code: str) -> dict[str, Any]:
+            r = await response
+            assert r.status_code == status, r.text
+            assert r.headers["content-type"].startswith("application/problem+json")
+            problem: dict[str, Any] = r.json()
+            assert (problem["status"], problem["code"]) == (status, code)
+            return problem
+
+        # 8 live slots, half reservable: 4
+        problem = await refused(
+            mine.post("/api/tenant/reservations", json={"model": MODEL, "slots": 5}), 409, "insufficient_capacity"
+        )
+        assert "4 of 4 reservable" in problem["detail"]
+        await refused(mine.post("/api/tenant/reservations", json={"model": "nope", "slots": 1}), 404, "model_not_found")
+        created = await mine.post("/api/tenant/reservations", json={"model": MODEL, "slots": 3})
+        assert created.status_code == 201
+        rid = created.json()["id"]
+        await refused(
+            mine.post("/api/tenant/reservations", json={"model": MODEL, "slots": 1}), 409, "reservation_exists"
+        )
+        # another tenant sees none of it, and the fleet has one reservable slot left for it
+        assert (await theirs.get("/api/tenant/reservations")).json() == []
+        await refused(theirs.get(f"/api/tenant/reservations/{rid}"), 404, "reservation_not_found")
+        await refused(theirs.patch(f"/api/tenant/reservations/{rid}", json={"slots": 1}), 404, "reservation_not_found")
+        await refused(
+            theirs.post("/api/tenant/reservations", json={"model": MODEL, "slots": 2}), 409, "insufficient_capacity"
+        )
+        # elastic: grow into the last slot, not past it; shrink any time
+        grown = await mine.patch(f"/api/tenant/reservations/{rid}", json={"slots": 4, "burst_slots": 6})
+        assert (grown.json()["slots"], grown.json()["burst_slots"], grown.json()["hour_minor"]) == (4, 6, 600)
+        await refused(mine.patch(f"/api/tenant/reservations/{rid}", json={"slots": 5}), 409, "insufficient_capacity")
+        shrunk = await mine.patch(f"/api/tenant/reservations/{rid}", json={"slots": 1})
+        assert (shrunk.json()["slots"], shrunk.json()["burst_slots"]) == (1, 6)
+        theirs_made = await theirs.post("/api/tenant/reservations", json={"model": MODEL, "slots": 3})
+        assert theirs_made.status_code == 201, theirs_made.text
+        # ended, a reservation frees its slots and cannot be resized
+        await mine.delete(f"/api/tenant/reservations/{rid}")
+        await refused(mine.patch(f"/api/tenant/reservations/{rid}", json={"slots": 1}), 409, "reservation_ended")
+        again = await mine.post("/api/tenant/reservations", json={"model": MODEL, "slots": 1})
+        assert again.status_code == 201
+
+    conn = await asyncpg.connect(plain_url(settings.require_database_url()))
+    try:
+        sizes = await conn.fetch(
+            "SELECT slots, burst_slots FROM reservation_changes WHERE reservation_id = $1 ORDER BY id", rid
+        )
+    finally:
+        await conn.close()
+    # the history the hourly charge reads: created, grown, shrunk, ended
+    assert [tuple(s) for s in sizes] == [(3, 0), (4, 6), (1, 6), (0, 0)]
+
+
+async def test_a_model_without_a_reservation_price_cannot_be_reserved(
+    api: RunningApi, tenant: TenantKey, live_node: str
+) -> None:
+    async with client(api, tenant.secret) as http:
+        r = await http.post("/api/tenant/reservations", json={"model": MODEL, "slots": 1})
+    assert r.status_code == 409
+    assert r.json()["code"] == "not_reservable"
+
+
+async def test_a_dead_api_process_gives_back_its_requests_in_flight(
+    api: RunningApi, tenant: TenantKey, live_node: str, priced: None, settings: Settings
+) -> None:
+    async with client(api, tenant.secret) as http:
+        rid = (await http.post("/api/tenant/reservations", json={"model": MODEL, "slots": 1})).json()["id"]
+    conn = await asyncpg.connect(settings.require_database_url())
+    try:
+        # a process that admitted two requests under it and died (never heard from again)
+        await conn.execute(
+            "INSERT INTO quota_holds (holder, tenant_id, period, held)"
+            " VALUES ('lim_dead', $1, market_current_period(), 0)",
+            tenant.tenant_id,
+        )
+        await conn.execute("INSERT INTO reservation_holds VALUES ('lim_dead', $1, 2)", rid)
+        async with client(api, tenant.secret) as http:
+            assert (await http.get(f"/api/tenant/reservations/{rid}")).json()["in_flight"] == 2
+            assert (await chat(api, tenant.secret)).status_code == 429  # its slot looks taken
+            await conn.fetchval("SELECT market_release_dead_holders(60)")
+            assert (await http.get(f"/api/tenant/reservations/{rid}")).json()["in_flight"] == 0
+    finally:
+        await conn.close()
