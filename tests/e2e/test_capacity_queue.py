@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
+import httpx
 import nats.js.errors
 import openai
 import pytest
@@ -29,8 +31,9 @@ from market.wire import ProfileInfo
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.engines.sim import SimConfig, SimEngine
 from scheduler.service import SchedulerService
+from tests.billing.conftest import make_prices
 from tests.conftest import RunningApi, service_env, wait_healthy
-from tests.token.conftest import make_tenant
+from tests.token.conftest import TenantKey, make_tenant
 
 MODEL = "sim-llama-3-8b"
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +90,42 @@ async def test_requests_over_capacity_wait_and_start_in_arrival_order(
     assert all(texts), "every request got its answer"
     assert sorted(first_token_at, key=first_token_at.__getitem__) == [0, 1, 2, 3]
     assert scheduler.counters["queued"] >= 3  # the later three each waited for the one slot
+
+
+async def test_a_reserved_request_starts_before_the_on_demand_ones_waiting_for_the_slot(
+    api: RunningApi, engine: AsyncEngine, scheduler: SchedulerService, one_slot_node: NodeAgent
+) -> None:
+    """What a reservation buys when the fleet is full: the next free slot, ahead of the queue."""
+    await make_prices(session_factory(engine), model=MODEL, reservation_hour_minor=5)
+    crowd = await make_tenant(engine, "crowd", models=((MODEL, 8192),))
+    holder = await make_tenant(engine, "holder", models=((MODEL, 8192),))
+    state = api.app.state.app_state
+    saved = state.settings
+    state.settings = replace(saved, reservable_share=1.0)  # the one slot may be reserved
+    try:
+        async with httpx.AsyncClient(base_url=api.url, headers={"Authorization": f"Bearer {holder.secret}"}) as http:
+            made = await http.post("/api/tenant/reservations", json={"model": MODEL, "slots": 1})
+        assert made.status_code == 201, made.text
+    finally:
+        state.settings = saved
+    first_token_at: dict[str, float] = {}
+
+    async def ask(who: TenantKey, name: str, max_tokens: int = 48) -> None:
+        client = openai.AsyncOpenAI(api_key=who.secret, base_url=f"{api.url}/v1", max_retries=0)
+        stream = await client.completions.create(model=MODEL, prompt=name, max_tokens=max_tokens, stream=True)
+        async for event in stream:
+            if event.choices and event.choices[0].text:
+                first_token_at.setdefault(name, time.monotonic())
+
+    with api.token_settings(queue_timeout_s=30.0):
+        tasks = [asyncio.create_task(ask(crowd, "busy", max_tokens=600))]  # the slot, for seconds
+        await asyncio.sleep(0.3)
+        for name in ("waiting 1", "waiting 2"):
+            tasks.append(asyncio.create_task(ask(crowd, name)))
+            await asyncio.sleep(0.1)
+        tasks.append(asyncio.create_task(ask(holder, "reserved")))
+        await asyncio.gather(*tasks)
+    assert sorted(first_token_at, key=first_token_at.__getitem__) == ["busy", "reserved", "waiting 1", "waiting 2"]
 
 
 async def test_a_client_that_leaves_while_queued_gives_up_its_place(
