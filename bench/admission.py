@@ -8,8 +8,10 @@ process (as one api replica would run it):
   cases interleaved in ``--rounds`` rounds so that a slow moment of the machine hits both alike;
 - concurrent: N requests in flight, admissions per second and their latencies;
 
-each once without rate limits (quota only) and once with requests- and tokens-per-minute limits
-on both the key and the tenant (all four GCRA buckets touched). Prints a table.
+each once without rate limits (quota only), once with requests- and tokens-per-minute limits
+on both the key and the tenant (all four GCRA buckets touched), and once for a tenant holding a
+reservation for the model (each admission also locks the reservation, counts what runs under it
+and takes a slot; each settle gives it back). Prints a table.
 
     python bench/admission.py [--seconds 5] [--concurrency 32] [--sequential 3000] [--rounds 5]
 """
@@ -32,7 +34,7 @@ from api.state import AppState
 from market import aio, bus, db, keys, migrate
 from market.embedded import EmbeddedNats, EmbeddedPostgres
 from market.ids import new_id
-from market.models import ApiKey, Grant, Incubator, IncubatorPool, Model, Tenant, TenantQuota
+from market.models import ApiKey, Grant, Incubator, IncubatorPool, Model, Reservation, Tenant, TenantQuota
 from market.settings import Settings
 
 MODEL = "bench/model"
@@ -41,7 +43,7 @@ NO_LIMIT = None
 HIGH_LIMIT = 1_000_000_000  # limits that are checked on every request but never bind
 
 
-async def _tenant(state: AppState, limits: int | None) -> str:
+async def _tenant(state: AppState, limits: int | None, reserved: bool = False) -> str:
     """A tenant in an incubator, with a grant and a key; returns the key's secret."""
     async with state.sessions.begin() as session:
         period = await session.scalar(select(func.market_current_period()))
@@ -64,6 +66,8 @@ async def _tenant(state: AppState, limits: int | None) -> str:
             Grant(id=new_id("grant"), tenant_id=tenant.id, incubator_id=incubator.id, period=period, tokens=HUGE)
         )
         session.add(TenantQuota(tenant_id=tenant.id, period=period, granted=HUGE))
+        if reserved:  # room for every request in flight: each is admitted ``reserved``
+            session.add(Reservation(id=new_id("reservation"), tenant_id=tenant.id, model=MODEL, slots=100_000))
         secret, digest, prefix = keys.generate("tenant")
         session.add(
             ApiKey(
@@ -142,8 +146,12 @@ async def main() -> None:
             limiter = Limiter(state)
             await limiter.start()
             cases = [
-                (label, "Bearer " + await _tenant(state, limits))
-                for label, limits in (("quota only", NO_LIMIT), ("quota + 4 rate limits", HIGH_LIMIT))
+                (label, "Bearer " + await _tenant(state, limits, reserved))
+                for label, limits, reserved in (
+                    ("quota only", NO_LIMIT, False),
+                    ("quota + 4 rate limits", HIGH_LIMIT, False),
+                    ("quota + reservation", NO_LIMIT, True),
+                )
             ]
             seqs: dict[str, list[float]] = {label: [] for label, _ in cases}
             for _ in range(args.rounds):

@@ -9,7 +9,8 @@ the quota row, the one order every writer keeps), counts the requests in flight 
 replica, and admits ``reserved`` within ``slots``, ``burst`` within ``slots + burst_slots``, and
 refuses ``reservation_full`` beyond; everyone else is ``on_demand``. The settles take the
 reservation (NULL for none) and give its count back; the dead-holder sweep drops a dead process's
-counts with its holds.
+counts with its holds. The settles' new parameter defaults to NULL, so an api process from before
+this migration still settles while a rolling deploy replaces it (its requests are all on_demand).
 
 The functions' bodies are edited in place (anchors checked), as in 0007, so this migration cannot
 drift from 0003's definitions of everything else; ``market_admit_many`` is restated with the two
@@ -79,7 +80,10 @@ _ADMIT_HOLD = (
     status := 'ok';
 END""",
 )
-_SETTLE_ONE_ARG = ("p_soft double precision, OUT crossed", "p_soft double precision, p_reservation text, OUT crossed")
+_SETTLE_ONE_ARG = (
+    "p_soft double precision, OUT crossed",
+    "p_soft double precision, p_reservation text DEFAULT NULL::text, OUT crossed",
+)
 _SETTLE_ONE_RELEASE = (
     "RETURNING x.release INTO v_release;\n",
     """RETURNING x.release INTO v_release;
@@ -89,7 +93,7 @@ _SETTLE_ONE_RELEASE = (
     END IF;
 """,
 )
-_SETTLE_ARG = ("p_soft double precision)", "p_soft double precision, p_reservations text[])")
+_SETTLE_ARG = ("p_soft double precision)", "p_soft double precision, p_reservations text[] DEFAULT NULL::text[])")
 _SETTLE_RELEASE = (
     "RETURNING q.* INTO v_row;\n",
     """RETURNING q.* INTO v_row;

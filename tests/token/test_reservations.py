@@ -222,5 +222,16 @@ async def test_a_dead_api_process_gives_back_its_requests_in_flight(
             assert (await chat(api, tenant.secret)).status_code == 429  # its slot looks taken
             await conn.fetchval("SELECT market_release_dead_holders(60)")
             assert (await http.get(f"/api/tenant/reservations/{rid}")).json()["in_flight"] == 0
+        # an api process from before reservations settles as it did, while a rolling deploy replaces it
+        await conn.fetch(
+            "SELECT * FROM market_settle_one('lim_old', $1, market_current_period(), 0, 1, 0.8)", tenant.tenant_id
+        )
+        await conn.fetch(
+            "SELECT * FROM market_settle("
+            " ARRAY['lim_old'], ARRAY[$1], ARRAY[market_current_period()], '{0}', '{1}', 0.8)",
+            tenant.tenant_id,
+        )
+        used = await conn.fetchval("SELECT used FROM tenant_quotas WHERE tenant_id = $1", tenant.tenant_id)
+        assert used == 2
     finally:
         await conn.close()
