@@ -1,4 +1,6 @@
-"""Elastic reservations, self-served by tenants under ``/api/tenant/reservations``.
+"""Elastic reservations, self-served by tenants under ``/api/tenant/reservations``, and made or
+changed on a tenant's behalf by its admins under ``/api/admin/tenants/{id}/reservations`` (a
+platform admin, or the admin of the tenant's incubator: the tenant is billed for them either way).
 
 A reservation holds ``slots`` requests in flight for one model in the ``reserved`` class (served
 first by the schedulers, and allowed the headroom every node keeps from other classes), and up to
@@ -28,7 +30,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.admin.access import require_scope
+from api.admin.access import require_scope, visible_tenant
 from api.admin.schemas import Input, ModelName
 from api.auth import Principal
 from api.errors import Conflict, Forbidden, NotFound
@@ -326,4 +328,66 @@ class TenantReservationController(Controller):
         """End it now: the current hour is its last charged; later requests are on-demand."""
         async with app_state.sessions.begin() as session:
             reservation = await end(session, _tenant_id(principal), reservation_id, principal.key_id)
+            return (await _out(session, app_state, [reservation]))[0]
+
+
+class AdminReservationController(Controller):
+    """The same operations for a tenant's admins; another incubator's tenant is not found (404)."""
+
+    path = "/tenants/{tenant_id:str}/reservations"
+    tags = ["admin"]
+
+    @get("/")
+    async def list_reservations(
+        self, app_state: NamedDependency[AppState], principal: NamedDependency[Principal], tenant_id: FromPath[str]
+    ) -> list[ReservationOut]:
+        async with app_state.sessions() as session:
+            await visible_tenant(session, principal, tenant_id)
+            rows = (
+                await session.scalars(
+                    select(Reservation)
+                    .where(Reservation.tenant_id == tenant_id)
+                    .order_by(Reservation.status, Reservation.created_at.desc())
+                )
+            ).all()
+            return await _out(session, app_state, list(rows))
+
+    @post("/")
+    async def create_reservation(
+        self,
+        app_state: NamedDependency[AppState],
+        principal: NamedDependency[Principal],
+        tenant_id: FromPath[str],
+        data: JSONBody[ReservationCreate],
+    ) -> ReservationOut:
+        async with app_state.sessions.begin() as session:
+            await visible_tenant(session, principal, tenant_id)
+            reservation = await create(session, app_state, tenant_id, data, principal.key_id)
+            return (await _out(session, app_state, [reservation]))[0]
+
+    @patch("/{reservation_id:str}")
+    async def resize_reservation(
+        self,
+        app_state: NamedDependency[AppState],
+        principal: NamedDependency[Principal],
+        tenant_id: FromPath[str],
+        reservation_id: FromPath[str],
+        data: JSONBody[ReservationResize],
+    ) -> ReservationOut:
+        async with app_state.sessions.begin() as session:
+            await visible_tenant(session, principal, tenant_id)
+            reservation = await resize(session, app_state, tenant_id, reservation_id, data, principal.key_id)
+            return (await _out(session, app_state, [reservation]))[0]
+
+    @delete("/{reservation_id:str}", status_code=200)
+    async def end_reservation(
+        self,
+        app_state: NamedDependency[AppState],
+        principal: NamedDependency[Principal],
+        tenant_id: FromPath[str],
+        reservation_id: FromPath[str],
+    ) -> ReservationOut:
+        async with app_state.sessions.begin() as session:
+            await visible_tenant(session, principal, tenant_id)
+            reservation = await end(session, tenant_id, reservation_id, principal.key_id)
             return (await _out(session, app_state, [reservation]))[0]

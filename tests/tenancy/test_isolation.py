@@ -40,6 +40,10 @@ async def test_incubator_admin_gets_404_on_another_incubator(api: RunningApi, ad
         ("GET", f"/api/admin/tenants/{t}/models", None),
         ("PUT", f"/api/admin/tenants/{t}/models", {"models": []}),
         ("POST", "/api/admin/tenants", {"name": "sneaky", "incubator_id": i}),
+        ("GET", f"/api/admin/tenants/{t}/reservations", None),
+        ("POST", f"/api/admin/tenants/{t}/reservations", {"model": theirs.model, "slots": 1}),
+        ("PATCH", f"/api/admin/tenants/{t}/reservations/res_x", {"slots": 1}),
+        ("DELETE", f"/api/admin/tenants/{t}/reservations/res_x", None),
     ]
     async with client(api, inc_key["key"]) as inc:
         for method, path, body in attempts:

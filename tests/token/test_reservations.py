@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from market import subjects, wire
+from market.admin_keys import create_platform_admin_key
 from market.db import plain_url, session_factory
 from market.settings import Settings
 from tests.billing.conftest import make_prices
@@ -192,6 +193,25 @@ async def test_reservations_fit_the_live_fleet_and_resize_within_it(
         await conn.close()
     # the history the hourly charge reads: created, grown, shrunk, ended
     assert [tuple(s) for s in sizes] == [(3, 0), (4, 6), (1, 6), (0, 0)]
+
+
+async def test_an_admin_reserves_on_a_tenants_behalf(
+    api: RunningApi, tenant: TenantKey, live_node: str, priced: None, settings: Settings
+) -> None:
+    admin_key = await create_platform_admin_key(settings)
+    base = f"/api/admin/tenants/{tenant.tenant_id}/reservations"
+    async with client(api, admin_key) as admin, client(api, tenant.secret) as own:
+        made = await admin.post(base, json={"model": MODEL, "slots": 2})
+        assert made.status_code == 201, made.text
+        rid = made.json()["id"]
+        assert [r["id"] for r in (await own.get("/api/tenant/reservations")).json()] == [rid]
+        grown = await admin.patch(f"{base}/{rid}", json={"burst_slots": 3})
+        assert (grown.json()["slots"], grown.json()["burst_slots"]) == (2, 3)
+        assert (await own.get(f"/api/tenant/reservations/{rid}")).json()["burst_slots"] == 3
+        assert (await admin.delete(f"{base}/{rid}")).json()["status"] == "ended"
+        assert [r["status"] for r in (await admin.get(base)).json()] == ["ended"]
+        missing = await admin.get("/api/admin/tenants/ten_nobody/reservations")
+        assert missing.status_code == 404
 
 
 async def test_a_model_without_a_reservation_price_cannot_be_reserved(
