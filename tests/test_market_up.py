@@ -184,6 +184,27 @@ def test_market_up_with_a_sim_node_serves_a_tenant_through_the_admin_api(tmp_pat
                 break
             assert time.monotonic() < deadline, balance
             time.sleep(0.3)
+        # The walkthrough's reservation: made, doubled, listed with its price, ended.
+        with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {secret}"}) as own:
+            made = own.post("/api/tenant/reservations", json={"model": "sim-llama-3-8b", "slots": 2, "burst_slots": 4})
+            assert made.status_code == 201, made.text
+            rid = made.json()["id"]
+            assert own.patch(f"/api/tenant/reservations/{rid}", json={"slots": 4}).json()["slots"] == 4
+            [listed] = own.get("/api/tenant/reservations").json()
+            assert (listed["slot_hour_minor"], listed["hour_minor"]) == (5, 20)  # the demo price book's
+            reserved = sdk.chat.completions.create(
+                model="sim-llama-3-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+            )
+            assert reserved.usage is not None
+            assert reserved.usage.completion_tokens == 4
+            assert own.delete(f"/api/tenant/reservations/{rid}").json()["status"] == "ended"
+            deadline = time.monotonic() + 30
+            while True:  # billed in the reserved class, at the demo book's price for it
+                by_class = {row["admission_class"] for row in own.get("/api/tenant/usage").json()["rows"]}
+                if "reserved" in by_class:
+                    break
+                assert time.monotonic() < deadline, by_class
+                time.sleep(0.3)
     finally:
         if proc.poll() is None:
             _stop(proc, _descendants(proc))
