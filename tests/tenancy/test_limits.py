@@ -16,6 +16,7 @@ from api.admin.quota import quota_of
 from api.auth import Principal
 from api.errors import Forbidden, InvalidRequest, NotFound, QuotaExceeded, RateLimited, Unavailable
 from api.limits import SOFT_THRESHOLD_SUBJECT, Admission
+from market.models import Reservation
 from tests.conftest import RunningApi
 from tests.tenancy.conftest import Replica, make_world, ok
 
@@ -311,3 +312,30 @@ async def test_a_burst_is_admitted_in_few_statements_each_request_judged_alone(
     assert [o for (_, m, _), o in zip(calls, outcomes, strict=True) if m == "org/no-such-model"] == ["model"] * 3
     assert a.limiter.admit_statements + b.limiter.admit_statements < len(calls)
     assert await _quota(a, small.tenant_id) == (300, 300, 0)
+
+
+async def test_two_replicas_hold_one_reservation_to_its_slots_and_burst(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start
+) -> None:
+    world = await make_world(admin)
+    a, b = await replicas(), await replicas()
+    async with a.state.sessions.begin() as session:
+        session.add(Reservation(id="res_shared", tenant_id=world.tenant_id, model=world.model, slots=3, burst_slots=2))
+    principals = [await a.principal(world.key), await b.principal(world.key)]
+
+    async def one(i: int) -> Admission | RateLimited:
+        try:
+            return await (a, b)[i % 2].limiter.admit(principals[i % 2], world.model, 10, 10)
+        except RateLimited as exc:
+            return exc
+
+    answers = await asyncio.gather(*[one(i) for i in range(100)])
+    refused = [x for x in answers if isinstance(x, RateLimited)]
+    assert {(x.code, x.headers["retry-after"]) for x in refused} == {("reservation_full", "1")}
+    admitted = [x for x in answers if isinstance(x, Admission)]
+    assert sorted(x.admission_class for x in admitted) == ["burst", "burst", "reserved", "reserved", "reserved"]
+    assert {x.reservation_id for x in admitted} == {"res_shared"}
+    await asyncio.gather(*[(a, b)[i % 2].limiter.settle(adm, 20) for i, adm in enumerate(admitted)])
+    again = await b.limiter.admit(principals[1], world.model, 10, 10)  # every slot came back
+    assert (again.admission_class, again.reservation_id) == ("reserved", "res_shared")
+    await b.limiter.settle(again, 0)
