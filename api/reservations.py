@@ -127,11 +127,13 @@ async def _check_capacity(session: AsyncSession, state: AppState, model: str, mo
         )
 
 
-async def _lock_model(session: AsyncSession, tenant_id: str, name: str) -> Model:
-    model = (
-        await session.execute(select(Model).where(Model.name == name, Model.active).with_for_update())
-    ).scalar_one_or_none()
-    if model is None:
+async def _lock_model(session: AsyncSession, tenant_id: str, name: str, *, check: bool = True) -> Model | None:
+    """Lock the model's row (it serialises reservation sizing); with ``check``, 404 unless it is
+    active and 403 unless the tenant may use it."""
+    model = (await session.execute(select(Model).where(Model.name == name).with_for_update())).scalar_one_or_none()
+    if not check:
+        return model
+    if model is None or not model.active:
         raise NotFound(f"the model '{name}' does not exist", code="model_not_found")
     allowed = (await session.scalars(select(TenantModel.model_name).where(TenantModel.tenant_id == tenant_id))).all()
     if allowed and name not in allowed:
@@ -231,15 +233,16 @@ async def resize(
     current = await _own(session, tenant_id, reservation_id)
     if current.status != "active":
         raise Conflict("this reservation has ended; create a new one", code="reservation_ended")
-    await _lock_model(session, tenant_id, current.model)  # model before reservation, as in create
+    await _lock_model(session, tenant_id, current.model, check=False)  # model, then reservation, as in create
     reservation = await _own(session, tenant_id, reservation_id, lock=True)
     if reservation.status != "active":
         raise Conflict("this reservation has ended; create a new one", code="reservation_ended")
     slots = reservation.slots if isinstance(body.slots, UnsetType) else body.slots
     burst = reservation.burst_slots if isinstance(body.burst_slots, UnsetType) else body.burst_slots
-    if burst:
+    if burst > reservation.burst_slots:
         await _slot_hour_price(session, reservation.model, state.settings.currency, burst)
-    if slots > reservation.slots:
+    if slots > reservation.slots:  # growing needs what creating does; shrinking never fails
+        await _lock_model(session, tenant_id, reservation.model)
         await _check_capacity(session, state, reservation.model, slots - reservation.slots)
     if (slots, burst) != (reservation.slots, reservation.burst_slots):
         reservation.slots, reservation.burst_slots = slots, burst

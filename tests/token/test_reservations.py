@@ -17,11 +17,13 @@ import asyncpg
 import httpx
 import pytest
 from nats.aio.client import Client
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from market import subjects, wire
 from market.admin_keys import create_platform_admin_key
 from market.db import plain_url, session_factory
+from market.models import Model
 from market.settings import Settings
 from tests.billing.conftest import make_prices
 from tests.conftest import RunningApi
@@ -212,6 +214,20 @@ async def test_an_admin_reserves_on_a_tenants_behalf(
         assert [r["status"] for r in (await admin.get(base)).json()] == ["ended"]
         missing = await admin.get("/api/admin/tenants/ten_nobody/reservations")
         assert missing.status_code == 404
+
+
+async def test_a_reservation_of_a_withdrawn_model_shrinks_and_ends_but_does_not_grow(
+    api: RunningApi, tenant: TenantKey, engine: AsyncEngine, live_node: str, priced: None
+) -> None:
+    async with client(api, tenant.secret) as http:
+        rid = (await http.post("/api/tenant/reservations", json={"model": MODEL, "slots": 2})).json()["id"]
+        async with session_factory(engine).begin() as session:
+            await session.execute(update(Model).where(Model.name == MODEL).values(active=False))
+        grow = await http.patch(f"/api/tenant/reservations/{rid}", json={"slots": 3})
+        assert (grow.status_code, grow.json()["code"]) == (404, "model_not_found")
+        shrink = await http.patch(f"/api/tenant/reservations/{rid}", json={"slots": 1})
+        assert (shrink.status_code, shrink.json()["slots"]) == (200, 1)
+        assert (await http.delete(f"/api/tenant/reservations/{rid}")).json()["status"] == "ended"
 
 
 async def test_a_model_without_a_reservation_price_cannot_be_reserved(
