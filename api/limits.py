@@ -62,17 +62,18 @@ STALE_HOLDER_S = 60.0
 """A limiter silent this long is presumed dead; its holds go back to the tenants' quotas."""
 INFERENCE_SCOPE = "inference"
 
-_ADMIT_SQL = "SELECT * FROM market_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_ADMIT_SQL = "SELECT * FROM market_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, true)"
 _ADMIT_MANY_SQL = (
     "SELECT * FROM market_admit_many($1, $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],"
-    " $7::integer[], $8::integer[], $9::integer[], $10::integer[])"
+    " $7::integer[], $8::integer[], $9::integer[], $10::integer[], true)"
 )
 ADMIT_STATEMENTS = 2
 """Admit statements in flight at once per process; what arrives meanwhile waits for the next batch.
 Two, so one tenant's lock wait (another replica's transaction) does not hold every admit back."""
-_SETTLE_ONE_SQL = "SELECT * FROM market_settle_one($1, $2, $3, $4, $5, $6, $7)"
+_SETTLE_ONE_SQL = "SELECT * FROM market_settle_one($1, $2, $3, $4, $5, $6, $7, $8)"
 _SETTLE_SQL = (
-    "SELECT * FROM market_settle($1::text[], $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6, $7::text[])"
+    "SELECT * FROM market_settle($1::text[], $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6, $7::text[],"
+    " $8::text[])"
 )
 
 _LIMIT_NAMES = {
@@ -132,6 +133,8 @@ class _PendingSettle:
     hold: int
     used: int
     reservation_id: str | None
+    admission_class: str | None
+    """The class whose count under ``reservation_id`` the settle gives back."""
     done: asyncio.Future[None] | None
     """Resolved when written; None when nobody waits (an orphaned admit's release)."""
 
@@ -386,6 +389,13 @@ class Limiter:
             row = await pending.done
         except DATABASE_AWAY as exc:
             raise _unavailable(exc) from exc
+        except asyncio.CancelledError:
+            # Left just as the answer came (the batch saw ``done`` uncancelled): give it back here.
+            if pending.done.done() and not pending.done.cancelled() and pending.done.exception() is None:
+                answered = pending.done.result()
+                if answered["status"] == "ok":
+                    self._release_orphan(tenant_id, prompt_tokens + max_tokens, answered)
+            raise
         status: str = row["status"]
         if status == "ok":
             return Admission(
@@ -443,9 +453,12 @@ class Limiter:
                     item.done.set_result(row)
                 elif row["status"] == "ok":
                     tenant_id, hold = item.args[0], item.args[3] + item.args[4]
-                    self._queue(
-                        _PendingSettle(self.holder, tenant_id, row["period"], hold, 0, row["reservation"], None)
-                    )
+                    self._release_orphan(tenant_id, hold, row)
+
+    def _release_orphan(self, tenant_id: str, hold: int, row: asyncpg.Record) -> None:
+        """Give back what an admission whose caller left holds (quota, and its reservation slot)."""
+        reservation, klass = row["reservation"], row["admission_class"]
+        self._queue(_PendingSettle(self.holder, tenant_id, row["period"], hold, 0, reservation, klass, None))
 
     def _refusal(self, status: str, row: asyncpg.Record, model: str, wanted: int) -> Exception:
         headers = _headers(row)
@@ -501,6 +514,7 @@ class Limiter:
                 admission.held_tokens,
                 max(0, used_tokens),
                 admission.reservation_id,
+                admission.admission_class,
                 done,
             )
         )
@@ -531,6 +545,7 @@ class Limiter:
                         one.used,
                         self.soft_threshold,
                         one.reservation_id,
+                        one.admission_class,
                     )
                 )[0]
                 if row["crossed"]:
@@ -545,6 +560,7 @@ class Limiter:
                     [item.used for item in batch],
                     self.soft_threshold,
                     [item.reservation_id for item in batch],
+                    [item.admission_class for item in batch],
                 )
                 crossed += [
                     (r["crossed_tenant_id"], r["crossed_period"], r["crossed_granted"], r["crossed_used"]) for r in rows

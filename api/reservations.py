@@ -13,14 +13,15 @@ whenever its traffic changes: growing takes effect at once if the fleet has room
 What the marketplace can promise is bounded by its live fleet: reservations for a model together
 hold at most ``reservable_share`` of the sequence slots of the healthy nodes serving it now, so a
 new or larger reservation beyond that is a 409. Sizing is serialised per model by the model row's
-lock (taken before the reservation's, the order admission never inverts: it locks only the
-reservation), so two replicas cannot both hand out the last slots.
+lock, taken before the reservation's; admission locks a tenant's quota row and then its
+reservation's, never a model's, and nothing here locks a quota row, so none of them can wait on
+another in a cycle; two replicas cannot both hand out the last slots.
 """
 
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated
 
 from litestar import Controller, delete, get, patch, post
@@ -144,7 +145,7 @@ async def _lock_model(session: AsyncSession, tenant_id: str, name: str, *, check
 async def _out(session: AsyncSession, state: AppState, reservations: list[Reservation]) -> list[ReservationOut]:
     ids = [r.id for r in reservations]
     rows = await session.execute(
-        select(ReservationHold.reservation_id, func.sum(ReservationHold.in_flight))
+        select(ReservationHold.reservation_id, func.sum(ReservationHold.reserved + ReservationHold.burst))
         .where(ReservationHold.reservation_id.in_(ids))
         .group_by(ReservationHold.reservation_id)
     )
@@ -258,7 +259,7 @@ async def end(session: AsyncSession, tenant_id: str, reservation_id: str, actor:
     reservation = await _own(session, tenant_id, reservation_id, lock=True)
     if reservation.status == "active":
         reservation.status = "ended"
-        reservation.ended_at = datetime.now(UTC)
+        reservation.ended_at = func.now()  # the database's clock, as the changes' (hourly charges)
         session.add(ReservationChange(reservation_id=reservation.id, slots=0, burst_slots=0, actor_key_id=actor))
         await session.flush()
         await session.refresh(reservation)

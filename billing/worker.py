@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
@@ -219,6 +219,7 @@ class UsageWorker:
         self._sub: Puller | None = None
         self._db: asyncpg.Connection | None = None
         self._last_rating = 0.0
+        self._last_hours = 0.0
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -236,6 +237,8 @@ class UsageWorker:
                     continue
                 pending = asyncio.create_task(self._fetch())
                 await self.process(msgs)
+                if time.monotonic() - self._last_hours >= RATE_PENDING_EVERY_S:  # busy all along
+                    await self._charge_reservation_hours()
         finally:
             if pending is not None:
                 pending.cancel()
@@ -400,16 +403,28 @@ class UsageWorker:
                 pass  # disconnected: the client reconnects by itself
         try:
             posted = await ingest.rate_pending(await self._connection(), self.settings.currency)
-            conn = await self._connection()
-            until = datetime.now(UTC)
-            async with conn.transaction():
-                hours = await post_reservation_hours(conn, self.settings.currency, until - RESERVATION_LOOKBACK, until)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("rating pending usage or charging reservation-hours failed", extra={"error": str(exc)})
+            log.warning("rating pending usage failed", extra={"error": str(exc)})
             await self._drop_connection()
             return
         if posted:
             log.info("rated usage that was waiting for a price", extra={"count": posted})
+        await self._charge_reservation_hours()
+
+    async def _charge_reservation_hours(self) -> None:
+        """Charge the reservation-hours that ended, by the database's clock (which stamps the
+        reservations' changes) and two minutes late, so that a change committing as an hour ends
+        is counted in its hour."""
+        self._last_hours = time.monotonic()
+        try:
+            conn = await self._connection()
+            async with conn.transaction():
+                until = await conn.fetchval("SELECT now() - interval '2 minutes'")
+                hours = await post_reservation_hours(conn, self.settings.currency, until - RESERVATION_LOOKBACK, until)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("charging reservation-hours failed", extra={"error": str(exc)})
+            await self._drop_connection()
+            return
         if hours:
             log.info("charged reservation-hours", extra={"count": hours})
 

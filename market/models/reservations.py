@@ -7,9 +7,9 @@ request gets a 429. It is elastic: a tenant resizes it at any time, and each hou
 the most slots it held during that hour (``reservation_changes``), so a business that grows pays
 for the larger size only from the hour it takes it.
 
-The in-flight count lives in ``reservation_holds``, one row per api process (like
+The in-flight counts live in ``reservation_holds``, one row per api process (like
 ``quota_holds``), changed only by the admission functions of migration 0012 under the
-reservation's row lock, so every api replica enforces one count and a crashed process's
+tenant's quota row lock, so every api replica enforces one count and a crashed process's
 requests are given back by the dead-holder sweep.
 """
 
@@ -70,13 +70,15 @@ class ReservationChange(Base):
 
 
 class ReservationHold(Base):
-    """Requests one api process has in flight under a reservation (both classes)."""
+    """Requests one api process has in flight under a reservation, per class: a reserved slot
+    freed is taken by the next request even while burst ones still run."""
 
     __tablename__ = "reservation_holds"
-    __table_args__ = (CheckConstraint("in_flight >= 0", name="non_negative"),)
+    __table_args__ = (CheckConstraint("reserved >= 0 AND burst >= 0", name="non_negative"),)
 
     holder: Mapped[str] = mapped_column(String(40), primary_key=True)
     reservation_id: Mapped[str] = mapped_column(
         ForeignKey("reservations.id", ondelete="CASCADE"), primary_key=True, index=True
     )
-    in_flight: Mapped[int] = mapped_column(Integer, server_default="0")
+    reserved: Mapped[int] = mapped_column(Integer, server_default="0")
+    burst: Mapped[int] = mapped_column(Integer, server_default="0")

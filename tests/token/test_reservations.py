@@ -252,7 +252,7 @@ async def test_a_dead_api_process_gives_back_its_requests_in_flight(
             " VALUES ('lim_dead', $1, market_current_period(), 0)",
             tenant.tenant_id,
         )
-        await conn.execute("INSERT INTO reservation_holds VALUES ('lim_dead', $1, 2)", rid)
+        await conn.execute("INSERT INTO reservation_holds VALUES ('lim_dead', $1, 1, 1)", rid)
         async with client(api, tenant.secret) as http:
             assert (await http.get(f"/api/tenant/reservations/{rid}")).json()["in_flight"] == 2
             assert (await chat(api, tenant.secret)).status_code == 429  # its slot looks taken
