@@ -177,6 +177,16 @@ async def _out(session: AsyncSession, state: AppState, reservations: list[Reserv
     return out
 
 
+async def _list(session: AsyncSession, state: AppState, tenant_id: str) -> list[ReservationOut]:
+    """A tenant's reservations, active first, newest first."""
+    rows = await session.scalars(
+        select(Reservation)
+        .where(Reservation.tenant_id == tenant_id)
+        .order_by(Reservation.status, Reservation.created_at.desc())
+    )
+    return await _out(session, state, list(rows.all()))
+
+
 async def _own(session: AsyncSession, tenant_id: str, reservation_id: str, *, lock: bool = False) -> Reservation:
     query = select(Reservation).where(Reservation.id == reservation_id, Reservation.tenant_id == tenant_id)
     if lock:
@@ -281,14 +291,7 @@ class TenantReservationController(Controller):
     ) -> list[ReservationOut]:
         """This tenant's reservations, active first, with what runs under each now."""
         async with app_state.sessions() as session:
-            rows = (
-                await session.scalars(
-                    select(Reservation)
-                    .where(Reservation.tenant_id == _tenant_id(principal))
-                    .order_by(Reservation.status, Reservation.created_at.desc())
-                )
-            ).all()
-            return await _out(session, app_state, list(rows))
+            return await _list(session, app_state, _tenant_id(principal))
 
     @post("/", guards=[require_scope("manage")])
     async def create_reservation(
@@ -347,14 +350,7 @@ class AdminReservationController(Controller):
     ) -> list[ReservationOut]:
         async with app_state.sessions() as session:
             await visible_tenant(session, principal, tenant_id)
-            rows = (
-                await session.scalars(
-                    select(Reservation)
-                    .where(Reservation.tenant_id == tenant_id)
-                    .order_by(Reservation.status, Reservation.created_at.desc())
-                )
-            ).all()
-            return await _out(session, app_state, list(rows))
+            return await _list(session, app_state, tenant_id)
 
     @post("/")
     async def create_reservation(
