@@ -39,13 +39,13 @@ from api.state import AppState
 from market.ids import new_id
 from market.models import (
     Model,
-    PriceBook,
     PriceBookEntry,
     Reservation,
     ReservationChange,
     ReservationHold,
     TenantModel,
 )
+from market.models.billing import price_book_in_force
 
 Slots = Annotated[int, Meta(ge=1, le=1_000_000)]
 BurstSlots = Annotated[int, Meta(ge=0, le=1_000_000)]
@@ -84,13 +84,7 @@ class ReservationOut(Struct, kw_only=True):
 
 async def _prices(session: AsyncSession, model: str, currency: str) -> dict[str, PriceBookEntry]:
     """The price book entries for ``model`` in force now, by admission class."""
-    book = (
-        select(PriceBook.id)
-        .where(PriceBook.currency == currency, PriceBook.effective_from <= func.now())
-        .order_by(PriceBook.effective_from.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
+    book = price_book_in_force(currency, func.now()).scalar_subquery()
     rows = await session.scalars(
         select(PriceBookEntry).where(PriceBookEntry.price_book_id == book, PriceBookEntry.model == model)
     )
@@ -128,18 +122,18 @@ async def _check_capacity(session: AsyncSession, state: AppState, model: str, mo
         )
 
 
-async def _lock_model(session: AsyncSession, tenant_id: str, name: str, *, check: bool = True) -> Model | None:
-    """Lock the model's row (it serialises reservation sizing); with ``check``, 404 unless it is
-    active and 403 unless the tenant may use it."""
-    model = (await session.execute(select(Model).where(Model.name == name).with_for_update())).scalar_one_or_none()
-    if not check:
-        return model
+async def _lock_model(session: AsyncSession, name: str) -> Model | None:
+    """Lock the model's row: it serialises reservation sizing for the model."""
+    return (await session.execute(select(Model).where(Model.name == name).with_for_update())).scalar_one_or_none()
+
+
+async def _check_usable(session: AsyncSession, tenant_id: str, name: str, model: Model | None) -> None:
+    """404 unless the model is active, 403 unless the tenant may use it: what reserving more needs."""
     if model is None or not model.active:
         raise NotFound(f"the model '{name}' does not exist", code="model_not_found")
     allowed = (await session.scalars(select(TenantModel.model_name).where(TenantModel.tenant_id == tenant_id))).all()
     if allowed and name not in allowed:
         raise Forbidden(f"your organisation may not use the model '{name}'", code="model_not_allowed")
-    return model
 
 
 async def _out(session: AsyncSession, state: AppState, reservations: list[Reservation]) -> list[ReservationOut]:
@@ -200,7 +194,7 @@ async def _own(session: AsyncSession, tenant_id: str, reservation_id: str, *, lo
 async def create(
     session: AsyncSession, state: AppState, tenant_id: str, body: ReservationCreate, actor: str | None
 ) -> Reservation:
-    await _lock_model(session, tenant_id, body.model)
+    await _check_usable(session, tenant_id, body.model, await _lock_model(session, body.model))
     await _slot_hour_price(session, body.model, state.settings.currency, body.burst_slots)
     existing = await session.scalar(
         select(Reservation.id).where(
@@ -244,7 +238,7 @@ async def resize(
     current = await _own(session, tenant_id, reservation_id)
     if current.status != "active":
         raise Conflict("this reservation has ended; create a new one", code="reservation_ended")
-    await _lock_model(session, tenant_id, current.model, check=False)  # model, then reservation, as in create
+    model = await _lock_model(session, current.model)  # model, then reservation, as in create
     reservation = await _own(session, tenant_id, reservation_id, lock=True)
     if reservation.status != "active":
         raise Conflict("this reservation has ended; create a new one", code="reservation_ended")
@@ -253,7 +247,7 @@ async def resize(
     if burst > reservation.burst_slots:
         await _slot_hour_price(session, reservation.model, state.settings.currency, burst)
     if slots > reservation.slots:  # growing needs what creating does; shrinking never fails
-        await _lock_model(session, tenant_id, reservation.model)
+        await _check_usable(session, tenant_id, reservation.model, model)
         await _check_capacity(session, state, reservation.model, slots - reservation.slots)
     if (slots, burst) != (reservation.slots, reservation.burst_slots):
         reservation.slots, reservation.burst_slots = slots, burst

@@ -14,9 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from market.models.billing import (
     PLATFORM_REVENUE,
     LedgerEntry,
-    PriceBook,
     PriceBookEntry,
     post_transaction,
+    price_book_in_force,
     tenant_account,
 )
 from market.money import MICROS_PER_MINOR
@@ -37,14 +37,7 @@ def reservation_hour_id(reservation_id: str, hour: datetime) -> str:
 
 async def reservation_hour_price(session: AsyncSession, model: str, hour: datetime, currency: str) -> int:
     """The committed price per reserved slot per hour (minor units) in force at ``hour``."""
-    book_id = (
-        await session.execute(
-            select(PriceBook.id)
-            .where(PriceBook.currency == currency, PriceBook.effective_from <= hour)
-            .order_by(PriceBook.effective_from.desc())
-            .limit(1)
-        )
-    ).scalar_one_or_none()
+    book_id = (await session.execute(price_book_in_force(currency, hour))).scalar_one_or_none()
     price = None
     if book_id is not None:
         price = (

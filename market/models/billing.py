@@ -30,6 +30,7 @@ import msgspec
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    ColumnElement,
     Date,
     Float,
     ForeignKey,
@@ -37,8 +38,10 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    Select,
     String,
     UniqueConstraint,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import insert
@@ -105,6 +108,17 @@ class PriceBook(Base):
     note: Mapped[str] = mapped_column(String(500), server_default="")
     created_by: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+
+
+def price_book_in_force(currency: str, at: datetime | ColumnElement[datetime]) -> Select[str]:
+    """The id of the price book version in force at ``at`` (a time, or an SQL expression such as
+    ``now()``) for ``currency``: the latest ``effective_from <= at``; no row when none is."""
+    return (
+        select(PriceBook.id)
+        .where(PriceBook.currency == currency, PriceBook.effective_from <= at)
+        .order_by(PriceBook.effective_from.desc())
+        .limit(1)
+    )
 
 
 class PriceBookEntry(Base):
