@@ -224,10 +224,11 @@ async def test_a_request_refused_while_it_waits_for_a_slot_is_withdrawn_at_once(
     await client.completions.create(model=MODEL, prompt="first", max_tokens=5)  # admitted, with room
     with api.token_settings(queue_timeout_s=30.0):
         busy = asyncio.create_task(client.completions.create(model=MODEL, prompt="long", max_tokens=4000))
-        for _ in range(100):
+        for _ in range(500):  # a loaded machine can take seconds
             if scheduler.counters["placed"] == 2:
                 break
             await asyncio.sleep(0.02)
+        assert scheduler.counters["placed"] == 2, "the busy request holds the one slot"
         async with session_factory(engine)() as session, session.begin():
             await session.execute(
                 text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
@@ -239,7 +240,7 @@ async def test_a_request_refused_while_it_waits_for_a_slot_is_withdrawn_at_once(
             await lock.start()
             await blocker.execute("SELECT 1 FROM rate_limit_buckets WHERE scope = $1 FOR UPDATE", tenant.key_id)
             refused = asyncio.create_task(client.completions.create(model=MODEL, prompt="refused", max_tokens=5))
-            for _ in range(100):
+            for _ in range(500):
                 if scheduler.counters["queued"]:
                     break
                 await asyncio.sleep(0.02)
