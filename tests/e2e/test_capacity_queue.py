@@ -224,11 +224,19 @@ async def test_a_request_refused_while_it_waits_for_a_slot_is_withdrawn_at_once(
     await client.completions.create(model=MODEL, prompt="first", max_tokens=5)  # admitted, with room
     with api.token_settings(queue_timeout_s=30.0):
         busy = asyncio.create_task(client.completions.create(model=MODEL, prompt="long", max_tokens=4000))
+        # Placed, and its admission (beside placement) answered: were the quota used up before
+        # that, it would be refused, and the key's next admission would no longer run beside
+        # placement (a loaded CI run saw exactly that).
+        runs = api.app.state.app_state.services["token"].placed
+
+        def busy_admitted() -> bool:
+            return scheduler.counters["placed"] == 2 and all(r.admitting is None or r.admitting.done() for r in runs)
+
         for _ in range(500):  # a loaded machine can take seconds
-            if scheduler.counters["placed"] == 2:
+            if busy_admitted():
                 break
             await asyncio.sleep(0.02)
-        assert scheduler.counters["placed"] == 2, "the busy request holds the one slot"
+        assert busy_admitted(), "the busy request holds the one slot, admitted"
         async with session_factory(engine)() as session, session.begin():
             await session.execute(
                 text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
