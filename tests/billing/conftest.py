@@ -18,10 +18,11 @@ from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from billing import ingest
+from billing.ledger import post_reservation_hours
 from billing.worker import UsageWorker
 from market import bus, db, keys, subjects
 from market.ids import new_id, ulid
-from market.models import ApiKey, Incubator, Provider, Tenant
+from market.models import ApiKey, Incubator, Model, Provider, Reservation, ReservationChange, Tenant
 from market.models.billing import PayoutSpec, PriceSpec, create_price_book
 from market.settings import Settings
 from market.wire import UsageEvent, encode
@@ -114,6 +115,50 @@ async def make_prices(
             payouts=payouts,
         )
     return book.id
+
+
+async def make_reservation(
+    sessions: async_sessionmaker[AsyncSession],
+    tenant_id: str,
+    changes: list[tuple[datetime, int]],
+    *,
+    reservation_id: str | None = None,
+    model: str = MODEL,
+) -> str:
+    """A reservation with its history, as the api writes it: sized ``changes[i][1]`` slots from
+    ``changes[i][0]``; a last size of 0 ends it then."""
+    rid = reservation_id or new_id("reservation")
+    created, first = changes[0]
+    ended = changes[-1][0] if changes[-1][1] == 0 else None
+    async with sessions.begin() as session:
+        if await session.get(Model, model) is None:
+            session.add(Model(name=model, context_length=4096))
+            await session.flush()
+        session.add(
+            Reservation(
+                id=rid,
+                tenant_id=tenant_id,
+                model=model,
+                slots=first,
+                created_at=created,
+                status="active" if ended is None else "ended",
+                ended_at=ended,
+            )
+        )
+        await session.flush()
+        for at, slots in changes:
+            session.add(ReservationChange(reservation_id=rid, slots=slots, burst_slots=0, at=at))
+    return rid
+
+
+async def post_hours(settings: Settings, since: datetime, until: datetime) -> int:
+    """One billing-worker pass over reservation hours ended in ``[since, until)``."""
+    conn = await asyncpg.connect(db.plain_url(settings.require_database_url()))
+    try:
+        async with conn.transaction():
+            return await post_reservation_hours(conn, settings.currency, since, until)
+    finally:
+        await conn.close()
 
 
 def usage_event(

@@ -8,26 +8,25 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import msgspec
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing.invoices import PeriodError, run_invoices
-from billing.ledger import NoReservationPrice, post_reservation_hour, post_reservation_hours
 from billing.reconcile import reconcile
-from market.models import Invoice, InvoiceLine, Model, ProviderStatement, Reservation, ReservationChange
+from market.models import Invoice, InvoiceLine, ProviderStatement
 from market.models.billing import grant_credit
 from market.money import MICROS_PER_MINOR
 from market.settings import Settings
 from tests.billing.conftest import (
-    MODEL,
     fetch,
     fetchval,
     make_prices,
     make_provider,
+    make_reservation,
     make_tenant,
+    post_hours,
     store,
     usage_event,
 )
@@ -161,26 +160,16 @@ async def test_reservation_hours_are_charged_once_and_invoiced(
 ) -> None:
     tenant = await make_tenant(sessions)
     await make_prices(sessions, reservation_hour_minor=150)
-    hour = datetime(2026, 10, 5, 13, 27, tzinfo=UTC)
-    async with sessions.begin() as session:
-        for _ in range(3):  # the scheduler ticks three times within the same hour
-            await post_reservation_hour(
-                session, reservation_id="res_a", tenant_id=tenant, model=MODEL, slots=2, hour=hour, currency="usd"
-            )
-        assert await post_reservation_hour(
-            session,
-            reservation_id="res_a",
-            tenant_id=tenant,
-            model=MODEL,
-            slots=2,
-            hour=hour + timedelta(hours=1),
-            currency="usd",
-        )
-        with pytest.raises(NoReservationPrice):
-            await post_reservation_hour(
-                session, reservation_id="res_b", tenant_id=tenant, model="unpriced", slots=1, hour=hour, currency="usd"
-            )
+    day = datetime(2026, 10, 5, tzinfo=UTC)
+    # 2 slots from 13:27 to 14:30: two started hours; and one for a model the price book leaves out
+    held = [(day + timedelta(hours=13, minutes=27), 2), (day + timedelta(hours=14, minutes=30), 0)]
+    await make_reservation(sessions, tenant, held)
+    unpriced = await make_reservation(sessions, tenant, [(day + timedelta(hours=13), 1)], model="unpriced")
+    for _ in range(3):  # the worker looks again and again, as it does every half minute
+        await post_hours(settings, day, day + timedelta(days=1))
     assert await fetchval(settings, "SELECT count(*) FROM ledger_transactions WHERE kind = 'reservation'") == 2
+    unpriced_hours = "SELECT count(*) FROM ledger_transactions WHERE id LIKE 'resv:' || $1 || ':%'"
+    assert await fetchval(settings, unpriced_hours, unpriced) == 0  # left for when it has a price
     await _run(sessions, "2026-10")
     async with sessions() as session:
         invoice = (await session.execute(select(Invoice))).scalar_one()
@@ -195,30 +184,14 @@ async def test_an_elastic_reservation_is_charged_each_hour_for_the_most_slots_it
     tenant = await make_tenant(sessions)
     await make_prices(sessions, reservation_hour_minor=100)
     day = datetime(2026, 10, 7, tzinfo=UTC)
+    # created with 2 slots at 10:30, grown to 5 at 11:15, shrunk to 1 at 12:40, ended at 13:10
     at = [day + timedelta(hours=10, minutes=30), day + timedelta(hours=11, minutes=15)]
     at += [day + timedelta(hours=12, minutes=40), day + timedelta(hours=13, minutes=10)]
-    async with sessions.begin() as session:
-        session.add(Model(name=MODEL, context_length=4096))
-        await session.flush()
-        session.add(Reservation(id="res_grow", tenant_id=tenant, model=MODEL, slots=2, created_at=at[0]))
-        await session.flush()
-        # created with 2 slots at 10:30, grown to 5 at 11:15, shrunk to 1 at 12:40, ended at 13:10
-        for when, slots in zip(at, (2, 5, 1, 0), strict=True):
-            session.add(ReservationChange(reservation_id="res_grow", slots=slots, burst_slots=0, at=when))
-        await session.execute(
-            update(Reservation).where(Reservation.id == "res_grow").values(status="ended", ended_at=at[3])
-        )
+    await make_reservation(sessions, tenant, list(zip(at, (2, 5, 1, 0), strict=True)))
 
-    async def post(until: datetime) -> int:
-        conn = await asyncpg.connect(settings.database_url)
-        try:
-            return await post_reservation_hours(conn, "usd", day, until)
-        finally:
-            await conn.close()
-
-    assert await post(day + timedelta(hours=12, minutes=59)) == 2  # 10:00 and 11:00 have ended; 12:00 runs
-    assert await post(day + timedelta(days=1)) == 2  # 12:00 and 13:00; nothing after the end
-    assert await post(day + timedelta(days=1)) == 0  # charged once, however often the worker looks
+    assert await post_hours(settings, day, day + timedelta(hours=12, minutes=59)) == 2  # 10:00, 11:00 ended
+    assert await post_hours(settings, day, day + timedelta(days=1)) == 2  # 12:00 and 13:00; none after the end
+    assert await post_hours(settings, day, day + timedelta(days=1)) == 0  # once, however often the worker looks
     memos = await fetch(settings, "SELECT memo FROM ledger_transactions WHERE kind = 'reservation' ORDER BY id")
     assert [m["memo"].split(": ")[1] for m in memos] == [
         "2 slot(s) for the hour from 2026-10-07 10:00 UTC",  # a started hour is charged
@@ -240,13 +213,7 @@ async def test_an_invoice_run_charges_the_reservation_hours_the_worker_has_not(
 ) -> None:
     tenant = await make_tenant(sessions)
     await make_prices(sessions, reservation_hour_minor=40)
-    start = datetime(2026, 10, 31, 21, 5, tzinfo=UTC)
-    async with sessions.begin() as session:
-        session.add(Model(name=MODEL, context_length=4096))
-        await session.flush()
-        session.add(Reservation(id="res_late", tenant_id=tenant, model=MODEL, slots=3, created_at=start))
-        await session.flush()
-        session.add(ReservationChange(reservation_id="res_late", slots=3, burst_slots=0, at=start))
+    await make_reservation(sessions, tenant, [(datetime(2026, 10, 31, 21, 5, tzinfo=UTC), 3)])
     await _run(sessions, "2026-10")  # 21:00, 22:00 and 23:00 of October's last day, still running
     async with sessions() as session:
         line = (await session.execute(select(InvoiceLine))).scalar_one()

@@ -12,11 +12,21 @@ from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing.invoices import run_invoices
-from billing.ledger import post_reservation_hour
 from billing.reconcile import reconcile
 from market.models.billing import grant_credit
 from market.settings import Settings
-from tests.billing.conftest import MODEL, OCTOBER, fetch, make_prices, make_provider, make_tenant, store, usage_event
+from tests.billing.conftest import (
+    MODEL,
+    OCTOBER,
+    fetch,
+    make_prices,
+    make_provider,
+    make_reservation,
+    make_tenant,
+    post_hours,
+    store,
+    usage_event,
+)
 from tests.conftest import truncate_all
 
 usage_ops = st.tuples(
@@ -86,16 +96,9 @@ async def test_ledger_balances_after_any_sequence(
                 )
         elif kind == "reservation":
             _, t, slots, hour = op
-            async with sessions.begin() as session:
-                await post_reservation_hour(
-                    session,
-                    reservation_id=f"res_{t}",
-                    tenant_id=tenants[t],
-                    model=MODEL,
-                    slots=slots,
-                    hour=datetime(2026, 10, 10, tzinfo=UTC) + timedelta(hours=hour),
-                    currency="usd",
-                )
+            start = datetime(2026, 10, 10, tzinfo=UTC) + timedelta(hours=hour)
+            await make_reservation(sessions, tenants[t], [(start, slots), (start + timedelta(minutes=59), 0)])
+            await post_hours(settings, start, start + timedelta(days=1))
         else:
             async with sessions() as session:
                 await run_invoices(session, "2026-10", "usd")
