@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
@@ -34,7 +34,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import String
 
 from billing import ingest
-from billing.ledger import post_reservation_hours
+from billing.ledger import hour_start, post_reservation_hours
 from market import bus, subjects
 from market.db import plain_url
 from market.models import UsageRecord
@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 DURABLE = "billing"
 RATE_PENDING_EVERY_S = 30.0
+RESERVATION_GRACE = timedelta(minutes=2)
+"""How long after an hour ends it is charged: a resize stamped by its transaction's start within
+the hour may commit a little after it, and must still count in that hour."""
 RESERVATION_LOOKBACK = timedelta(days=7)
 """How far back each pass looks for reservation-hours not yet charged (an invoice run looks at its
 whole month)."""
@@ -87,6 +90,11 @@ def invalid(event: UsageEvent) -> str | None:
         if value is not None and not 0 <= value < 1e12:
             return f"{name} is negative, infinite or not a number"
     return None
+
+
+def charge_hours_until(db_now: datetime) -> datetime:
+    """The end of the last reservation-hour that may be charged at ``db_now``."""
+    return hour_start(db_now - RESERVATION_GRACE)
 
 
 @dataclass
@@ -203,6 +211,7 @@ class UsageWorker:
         ack_wait_s: float = 30.0,
         fetch_timeout_s: float = 1.0,
         name: str = "billing",
+        housekeeping_every_s: float = RATE_PENDING_EVERY_S,
     ) -> None:
         self.settings = settings
         self.durable = durable
@@ -211,6 +220,7 @@ class UsageWorker:
         self.ack_wait_s = ack_wait_s
         self.fetch_timeout_s = fetch_timeout_s
         self.name = name
+        self.housekeeping_every_s = housekeeping_every_s
         self.stats = WorkerStats()
         self.ready = asyncio.Event()
         self._decode = decoder(UsageEvent)
@@ -237,7 +247,7 @@ class UsageWorker:
                     continue
                 pending = asyncio.create_task(self._fetch())
                 await self.process(msgs)
-                if time.monotonic() - self._last_hours >= RATE_PENDING_EVERY_S:  # busy all along
+                if time.monotonic() - self._last_hours >= self.housekeeping_every_s:  # busy all along
                     await self._charge_reservation_hours()
         finally:
             if pending is not None:
@@ -391,7 +401,7 @@ class UsageWorker:
         """Between batches with nothing to do: check the consumer still exists; rate late-priced usage;
         charge the reservation-hours that ended."""
         now = time.monotonic()
-        if now - self._last_rating < RATE_PENDING_EVERY_S:
+        if now - self._last_rating < self.housekeeping_every_s:
             return
         self._last_rating = now
         if self._js is not None:
@@ -413,13 +423,12 @@ class UsageWorker:
 
     async def _charge_reservation_hours(self) -> None:
         """Charge the reservation-hours that ended, by the database's clock (which stamps the
-        reservations' changes) and two minutes late, so that a change committing as an hour ends
-        is counted in its hour."""
+        reservations' changes) and ``RESERVATION_GRACE`` late."""
         self._last_hours = time.monotonic()
         try:
             conn = await self._connection()
             async with conn.transaction():
-                until = await conn.fetchval("SELECT now() - interval '2 minutes'")
+                until = charge_hours_until(await conn.fetchval("SELECT now()"))
                 hours = await post_reservation_hours(conn, self.settings.currency, until - RESERVATION_LOOKBACK, until)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("charging reservation-hours failed", extra={"error": str(exc)})

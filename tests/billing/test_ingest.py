@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing import ingest
 from billing import worker as worker_module
-from billing.worker import UsageWorker
+from billing.worker import UsageWorker, charge_hours_until
 from market.money import token_cost_micros
 from market.settings import Settings
 from market.wire import UsageEvent
@@ -26,6 +27,7 @@ from tests.billing.conftest import (
     fetchval,
     make_prices,
     make_provider,
+    make_reservation,
     make_tenant,
     new_worker,
     publish,
@@ -309,3 +311,32 @@ async def owed_for_one(settings: Settings, tenant_id: str, request_id: str) -> i
             request_id,
         )
     )
+
+
+async def test_a_worker_busy_with_usage_still_charges_reservation_hours(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], usage_stream: JetStreamContext
+) -> None:
+    """Under steady traffic the worker never idles; the hours that ended are charged all the same."""
+    tenant = await make_tenant(sessions)
+    await make_prices(sessions, reservation_hour_minor=10)
+    db_now: datetime = await fetchval(settings, "SELECT now()")
+    await make_reservation(sessions, tenant, [(db_now - timedelta(hours=5), 2)])
+    total = 3000
+    for _ in range(total):
+        await publish(usage_stream, usage_event(tenant))
+    worker = new_worker(settings, "busy-test", batch_size=20, housekeeping_every_s=0.2)
+    charged = "SELECT count(*) FROM ledger_transactions WHERE kind = 'reservation'"
+    async with running(worker):
+        while not await fetchval(settings, charged):
+            await asyncio.sleep(0.02)
+        recorded_then = worker.stats.recorded
+        await eventually(lambda: consumer_drained(usage_stream, "busy-test"), what="the stream to drain")
+    assert recorded_then < total  # charged while usage was still waiting, not once it ran dry
+    assert await fetchval(settings, charged) >= 4  # five hours ago: at least four whole hours have ended
+
+
+def test_an_hour_is_charged_two_minutes_after_it_ends() -> None:
+    """A resize stamped 13:59:59 by its transaction's start may commit after 14:00: the 13:00 hour
+    waits two minutes for it."""
+    assert charge_hours_until(datetime(2026, 10, 7, 14, 1, 59, tzinfo=UTC)) == datetime(2026, 10, 7, 13, tzinfo=UTC)
+    assert charge_hours_until(datetime(2026, 10, 7, 14, 2, tzinfo=UTC)) == datetime(2026, 10, 7, 14, tzinfo=UTC)

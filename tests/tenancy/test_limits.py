@@ -348,3 +348,33 @@ async def test_two_replicas_hold_one_reservation_to_its_slots_and_burst(
     async with a.state.sessions() as session:
         held = (await session.execute(text("SELECT sum(reserved), sum(burst) FROM reservation_holds"))).one()
     assert tuple(held) == (0, 0)  # every slot came back, whichever replica settled it
+
+
+async def test_a_caller_cancelled_as_its_admission_is_answered_gives_back_the_hold_and_slot(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start
+) -> None:
+    """The admit's answer has arrived but its caller has not resumed when it is cancelled (a client
+    gone at that instant): what the answer held, tokens and reserved slot, goes back."""
+    world = await make_world(admin, grant=100)
+    a = await replicas()
+    async with a.state.sessions.begin() as session:
+        session.add(Reservation(id="res_race", tenant_id=world.tenant_id, model=world.model, slots=1))
+    principal = await a.principal(world.key)
+    admit = asyncio.create_task(a.limiter.admit(principal, world.model, 30, 30))
+    await asyncio.sleep(0)
+    [pending] = a.limiter._admits
+    # Checking every loop turn sees the answer before the caller's wake-up (queued by the answer) runs.
+    while not pending.done.done():
+        await asyncio.sleep(0)
+    assert not admit.done()
+    admit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await admit
+    assert pending.done.result()["status"] == "ok"  # it was admitted, and nobody will settle it
+    for _ in range(50):
+        if await _quota(a, world.tenant_id) == (100, 0, 0):
+            break
+        await asyncio.sleep(0.05)
+    assert await _quota(a, world.tenant_id) == (100, 0, 0)
+    again = await a.limiter.admit(principal, world.model, 50, 50)  # the whole grant, and the one slot
+    assert (again.admission_class, again.reservation_id) == ("reserved", "res_race")
