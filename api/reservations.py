@@ -16,6 +16,11 @@ new or larger reservation beyond that is a 409. Sizing is serialised per model b
 lock, taken before the reservation's; admission locks a tenant's quota row and then its
 reservation's, never a model's, and nothing here locks a quota row, so none of them can wait on
 another in a cycle; two replicas cannot both hand out the last slots.
+
+Capacity nobody may use is neither held nor charged: suspending a tenant ends its reservations, and
+retiring a model ends every reservation of it (``end_all``, in the same transaction). Sizing takes
+the tenant's row in share mode between the model's and the reservation's, so a suspension (tenant,
+then its reservations) and a reservation made or grown beside it cannot both commit or deadlock.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from market.models import (
     Reservation,
     ReservationChange,
     ReservationHold,
+    Tenant,
     TenantModel,
 )
 from market.models.billing import price_book_in_force
@@ -127,10 +133,20 @@ async def _lock_model(session: AsyncSession, name: str) -> Model | None:
     return (await session.execute(select(Model).where(Model.name == name).with_for_update())).scalar_one_or_none()
 
 
-async def _check_usable(session: AsyncSession, tenant_id: str, name: str, model: Model | None) -> None:
-    """404 unless the model is active, 403 unless the tenant may use it: what reserving more needs."""
+async def _lock_tenant(session: AsyncSession, tenant_id: str) -> str | None:
+    """The tenant's status, its row held in share mode until commit: a suspension waits for us."""
+    return await session.scalar(select(Tenant.status).where(Tenant.id == tenant_id).with_for_update(read=True))
+
+
+async def _check_usable(
+    session: AsyncSession, tenant_id: str, name: str, model: Model | None, tenant_status: str | None
+) -> None:
+    """404 unless the model is active, 409 if the tenant is suspended, 403 unless the tenant may use
+    the model: what reserving more needs."""
     if model is None or not model.active:
         raise NotFound(f"the model '{name}' does not exist", code="model_not_found")
+    if tenant_status != "active":
+        raise Conflict("this tenant is suspended: it cannot reserve capacity", code="tenant_suspended")
     allowed = (await session.scalars(select(TenantModel.model_name).where(TenantModel.tenant_id == tenant_id))).all()
     if allowed and name not in allowed:
         raise Forbidden(f"your organisation may not use the model '{name}'", code="model_not_allowed")
@@ -194,7 +210,8 @@ async def _own(session: AsyncSession, tenant_id: str, reservation_id: str, *, lo
 async def create(
     session: AsyncSession, state: AppState, tenant_id: str, body: ReservationCreate, actor: str | None
 ) -> Reservation:
-    await _check_usable(session, tenant_id, body.model, await _lock_model(session, body.model))
+    model = await _lock_model(session, body.model)
+    await _check_usable(session, tenant_id, body.model, model, await _lock_tenant(session, tenant_id))
     await _slot_hour_price(session, body.model, state.settings.currency, body.burst_slots)
     existing = await session.scalar(
         select(Reservation.id).where(
@@ -238,7 +255,8 @@ async def resize(
     current = await _own(session, tenant_id, reservation_id)
     if current.status != "active":
         raise Conflict("this reservation has ended; create a new one", code="reservation_ended")
-    model = await _lock_model(session, current.model)  # model, then reservation, as in create
+    model = await _lock_model(session, current.model)  # model, tenant, then reservation, as in create
+    tenant_status = await _lock_tenant(session, tenant_id)
     reservation = await _own(session, tenant_id, reservation_id, lock=True)
     if reservation.status != "active":
         raise Conflict("this reservation has ended; create a new one", code="reservation_ended")
@@ -247,7 +265,7 @@ async def resize(
     if burst > reservation.burst_slots:
         await _slot_hour_price(session, reservation.model, state.settings.currency, burst)
     if slots > reservation.slots:  # growing needs what creating does; shrinking never fails
-        await _check_usable(session, tenant_id, reservation.model, model)
+        await _check_usable(session, tenant_id, reservation.model, model, tenant_status)
         await _check_capacity(session, state, reservation.model, slots - reservation.slots)
     if (slots, burst) != (reservation.slots, reservation.burst_slots):
         reservation.slots, reservation.burst_slots = slots, burst
@@ -268,6 +286,26 @@ async def end(session: AsyncSession, tenant_id: str, reservation_id: str, actor:
         await session.flush()
         await session.refresh(reservation)
     return reservation
+
+
+async def end_all(
+    session: AsyncSession, actor: str | None, *, tenant_id: str | None = None, model: str | None = None
+) -> int:
+    """End every active reservation of ``tenant_id`` (being suspended) or of ``model`` (being
+    retired), in the caller's transaction; returns how many. The hour they end in is still charged,
+    as when a tenant ends one; reinstating restores none."""
+    query = select(Reservation).where(Reservation.status == "active")
+    if tenant_id is not None:
+        query = query.where(Reservation.tenant_id == tenant_id)
+    if model is not None:
+        query = query.where(Reservation.model == model)
+    active = (await session.scalars(query.order_by(Reservation.id).with_for_update())).all()
+    for reservation in active:
+        reservation.status = "ended"
+        reservation.ended_at = func.now()
+        session.add(ReservationChange(reservation_id=reservation.id, slots=0, burst_slots=0, actor_key_id=actor))
+    await session.flush()
+    return len(active)
 
 
 def _tenant_id(principal: Principal) -> str:

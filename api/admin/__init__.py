@@ -10,10 +10,13 @@ from api.admin.incubators import IncubatorController
 from api.admin.models import ModelController
 from api.admin.tenants import TenantController
 from api.auth import require_admin
-from api.reservations import AdminReservationController
 
 
 def admin_router() -> Router:
+    # api.reservations builds on api.admin.access: importing it here, not above, keeps either
+    # importable first.
+    from api.reservations import AdminReservationController
+
     return Router(
         path="/api/admin",
         route_handlers=[IncubatorController, TenantController, ModelController, AdminReservationController],

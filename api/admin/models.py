@@ -7,8 +7,9 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from sqlalchemy import select
 
+from api import reservations
 from api.admin.schemas import ModelCreate, ModelOut, ModelUpdate, is_set
-from api.auth import require_platform_admin
+from api.auth import Principal, require_platform_admin
 from api.errors import Conflict, NotFound
 from api.state import AppState
 from market.models import Model
@@ -48,13 +49,21 @@ class ModelController(Controller):
 
     @patch("/{name:path}", guards=[require_platform_admin])
     async def update(
-        self, app_state: NamedDependency[AppState], name: FromPath[str], data: JSONBody[ModelUpdate]
+        self,
+        app_state: NamedDependency[AppState],
+        principal: NamedDependency[Principal],
+        name: FromPath[str],
+        data: JSONBody[ModelUpdate],
     ) -> ModelOut:
-        """Change context length or owner, or retire a model (``active: false``) without deleting it."""
+        """Change context length or owner, or retire a model (``active: false``) without deleting it.
+
+        Retiring ends every reservation of the model: nobody can call it any more."""
         async with app_state.sessions.begin() as session:
             model = await session.get(Model, name.lstrip("/"), with_for_update=True)
             if model is None:
                 raise NotFound("model not found", code="model_not_found")
+            if data.active is False and model.active:
+                await reservations.end_all(session, principal.key_id, model=model.name)
             for field in data.__struct_fields__:
                 value = getattr(data, field)
                 if is_set(value):

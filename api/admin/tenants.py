@@ -14,6 +14,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import select
 
+from api import reservations
 from api.admin import keys as key_service
 from api.admin import quota as quota_service
 from api.admin.access import is_platform, visible_incubator, visible_tenant
@@ -152,10 +153,14 @@ class TenantController(Controller):
         tenant_id: FromPath[str],
         data: JSONBody[TenantUpdate],
     ) -> TenantOut:
-        """Change name, status or limits; a suspension or new limit applies on every replica at once."""
+        """Change name, status or limits; a suspension or new limit applies on every replica at once.
+
+        Suspending ends the tenant's reservations (reinstating does not bring them back)."""
         changes: dict[str, Any] = {f: getattr(data, f) for f in data.__struct_fields__ if is_set(getattr(data, f))}
         async with app_state.sessions.begin() as session:
             tenant = await visible_tenant(session, principal, tenant_id, for_update=True)
+            if changes.get("status") == "suspended" and tenant.status != "suspended":
+                await reservations.end_all(session, principal.key_id, tenant_id=tenant_id)
             for name, value in changes.items():
                 setattr(tenant, name, value)
             await session.flush()

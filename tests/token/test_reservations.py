@@ -219,6 +219,8 @@ async def test_an_admin_reserves_on_a_tenants_behalf(
 async def test_a_reservation_of_a_withdrawn_model_shrinks_and_ends_but_does_not_grow(
     api: RunningApi, tenant: TenantKey, engine: AsyncEngine, live_node: str, priced: None
 ) -> None:
+    """Withdrawn behind the admin API's back (straight in the database): the reservation can only
+    wind down."""
     async with client(api, tenant.secret) as http:
         rid = (await http.post("/api/tenant/reservations", json={"model": MODEL, "slots": 2})).json()["id"]
         async with session_factory(engine).begin() as session:
@@ -228,6 +230,63 @@ async def test_a_reservation_of_a_withdrawn_model_shrinks_and_ends_but_does_not_
         shrink = await http.patch(f"/api/tenant/reservations/{rid}", json={"slots": 1})
         assert (shrink.status_code, shrink.json()["slots"]) == (200, 1)
         assert (await http.delete(f"/api/tenant/reservations/{rid}")).json()["status"] == "ended"
+
+
+async def test_retiring_a_model_ends_its_reservations(
+    api: RunningApi, tenant: TenantKey, engine: AsyncEngine, live_node: str, priced: None, settings: Settings
+) -> None:
+    other = await make_tenant(engine, name="other")
+    admin_key = await create_platform_admin_key(settings)
+    async with client(api, tenant.secret) as own, client(api, other.secret) as theirs, client(api, admin_key) as admin:
+        mine = (await own.post("/api/tenant/reservations", json={"model": MODEL, "slots": 2})).json()["id"]
+        yours = (await theirs.post("/api/tenant/reservations", json={"model": MODEL, "slots": 1})).json()["id"]
+        retired = await admin.patch(f"/api/admin/models/{MODEL}", json={"active": False})
+        assert retired.status_code == 200, retired.text
+        for http, rid in ((own, mine), (theirs, yours)):
+            ended = (await http.get(f"/api/tenant/reservations/{rid}")).json()
+            assert (ended["status"], ended["ended_at"] is not None) == ("ended", True)
+            grow = await http.patch(f"/api/tenant/reservations/{rid}", json={"slots": 3})
+            assert (grow.status_code, grow.json()["code"]) == (409, "reservation_ended")
+        again = await own.post("/api/tenant/reservations", json={"model": MODEL, "slots": 1})
+        assert (again.status_code, again.json()["code"]) == (404, "model_not_found")
+    assert await _last_change(settings, mine) == (0, "platform_admin")  # who ended it, in the history
+
+
+async def test_suspending_a_tenant_ends_its_reservations_and_reinstating_does_not_restore_them(
+    api: RunningApi, tenant: TenantKey, live_node: str, priced: None, settings: Settings
+) -> None:
+    admin_key = await create_platform_admin_key(settings)
+    base = f"/api/admin/tenants/{tenant.tenant_id}"
+    async with client(api, tenant.secret) as own, client(api, admin_key) as admin:
+        rid = (await own.post("/api/tenant/reservations", json={"model": MODEL, "slots": 4})).json()["id"]
+        assert (await admin.patch(base, json={"status": "suspended"})).status_code == 200
+        [held] = (await admin.get(f"{base}/reservations")).json()
+        assert (held["id"], held["status"]) == (rid, "ended")
+        refused = await admin.post(f"{base}/reservations", json={"model": MODEL, "slots": 1})
+        assert (refused.status_code, refused.json()["code"]) == (409, "tenant_suspended")
+        assert refused.headers["content-type"].startswith("application/problem+json")
+
+        assert (await admin.patch(base, json={"status": "active"})).status_code == 200
+        assert [r["status"] for r in (await own.get("/api/tenant/reservations")).json()] == ["ended"]
+        # the capacity it held went back to the fleet: the whole reservable share is there again
+        made = await own.post("/api/tenant/reservations", json={"model": MODEL, "slots": 4})
+        assert made.status_code == 201, made.text
+    assert await _last_change(settings, rid) == (0, "platform_admin")
+
+
+async def _last_change(settings: Settings, reservation_id: str) -> tuple[int, str | None]:
+    """The reservation's last size, and the role of the key that set it."""
+    conn = await asyncpg.connect(plain_url(settings.require_database_url()))
+    try:
+        row = await conn.fetchrow(
+            """SELECT c.slots, k.role FROM reservation_changes c LEFT JOIN api_keys k ON k.id = c.actor_key_id
+               WHERE c.reservation_id = $1 ORDER BY c.id DESC LIMIT 1""",
+            reservation_id,
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    return row["slots"], row["role"]
 
 
 async def test_a_model_without_a_reservation_price_cannot_be_reserved(
@@ -271,3 +330,99 @@ async def test_a_dead_api_process_gives_back_its_requests_in_flight(
         assert used == 2
     finally:
         await conn.close()
+
+
+async def test_sizing_suspending_retiring_and_requests_interleaved_keep_the_books_straight(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, live_node: str, priced: None, settings: Settings
+) -> None:
+    """Everything that locks a reservation, at once and over and over: a tenant sizing its
+    reservation and sending requests, an admin suspending and reinstating it, the platform retiring
+    and restoring the model. No deadlock (a 500), and the invariants hold at the end."""
+    await fleet({"node_echo": echo_node("node_echo", words=2, delay=0.01)})
+    admin_key = await create_platform_admin_key(settings)
+    statuses: list[tuple[str, int, str]] = []
+
+    def saw(what: str, r: httpx.Response) -> None:
+        code = r.json().get("code") or r.json().get("error", {}).get("code", "") if r.status_code >= 400 else ""
+        statuses.append((what, r.status_code, code))
+
+    async with client(api, tenant.secret) as own, client(api, admin_key) as admin:
+        until = time.monotonic() + 4.0
+
+        async def sizing() -> None:
+            i = 0
+            while time.monotonic() < until:
+                i += 1
+                listed = await own.get("/api/tenant/reservations")
+                if listed.status_code != 200:
+                    saw("list", listed)
+                    continue
+                active = [r["id"] for r in listed.json() if r["status"] == "active"]
+                if not active:
+                    saw("create", await own.post("/api/tenant/reservations", json={"model": MODEL, "slots": 1 + i % 3}))
+                    continue
+                for slots in (1 + i % 4, 1 + (i + 1) % 4, 1 + (i + 2) % 4):
+                    saw("resize", await own.patch(f"/api/tenant/reservations/{active[0]}", json={"slots": slots}))
+                if i % 7 == 0:
+                    saw("end", await own.delete(f"/api/tenant/reservations/{active[0]}"))
+
+        async def suspending() -> None:
+            suspend = True
+            while time.monotonic() < until:
+                status = "suspended" if suspend else "active"
+                saw("suspend", await admin.patch(f"/api/admin/tenants/{tenant.tenant_id}", json={"status": status}))
+                await asyncio.sleep(0.15 if suspend else 0.3)  # active long enough to reserve again
+                suspend = not suspend
+            saw("suspend", await admin.patch(f"/api/admin/tenants/{tenant.tenant_id}", json={"status": "active"}))
+
+        async def retiring() -> None:
+            retire = True
+            while time.monotonic() < until:
+                saw("retire", await admin.patch(f"/api/admin/models/{MODEL}", json={"active": not retire}))
+                await asyncio.sleep(0.1 if retire else 0.5)
+                retire = not retire
+            saw("retire", await admin.patch(f"/api/admin/models/{MODEL}", json={"active": True}))
+
+        async def requests() -> None:
+            while time.monotonic() < until:
+                saw("chat", await chat(api, tenant.secret))
+
+        await asyncio.gather(sizing(), suspending(), retiring(), requests(), requests())
+
+    assert not [s for s in statuses if s[1] >= 500], statuses
+    suspended = {(403, "tenant_suspended")}  # the tenant's own key, while suspended
+    sizing_refused = suspended | {(409, "tenant_suspended"), (404, "model_not_found")}
+    expected = {
+        "list": suspended,
+        "create": {(201, ""), (409, "reservation_exists")} | sizing_refused,
+        "resize": {(200, ""), (409, "reservation_ended")} | sizing_refused,
+        "end": {(200, "")} | suspended,
+        "suspend": {(200, "")},
+        "retire": {(200, "")},
+        "chat": {(200, ""), (404, "model_not_found"), (429, "reservation_full")} | suspended,
+    }
+    assert {s for s in statuses if (s[1], s[2]) not in expected[s[0]]} == set()
+    assert {(s[0], s[1]) for s in statuses} >= {("create", 201), ("chat", 200)}  # it did interleave work
+
+    conn = await asyncpg.connect(plain_url(settings.require_database_url()))
+    try:
+        # the last word was a reinstatement and a restored model: state both, then check the books
+        tenant_status = await conn.fetchval("SELECT status FROM tenants WHERE id = $1", tenant.tenant_id)
+        model_active = await conn.fetchval("SELECT active FROM models WHERE name = $1", MODEL)
+        active = await conn.fetch(
+            "SELECT r.id, r.slots, (SELECT c.slots FROM reservation_changes c WHERE c.reservation_id = r.id"
+            " ORDER BY c.id DESC LIMIT 1) AS last FROM reservations r WHERE r.status = 'active'"
+        )
+        ended_open = await conn.fetchval(
+            "SELECT count(*) FROM reservations r WHERE r.status = 'ended' AND (SELECT c.slots FROM"
+            " reservation_changes c WHERE c.reservation_id = r.id ORDER BY c.id DESC LIMIT 1) <> 0"
+        )
+        held = await conn.fetchval("SELECT coalesce(sum(reserved + burst), 0) FROM reservation_holds")
+        quota_held = await conn.fetchval("SELECT held FROM tenant_quotas WHERE tenant_id = $1", tenant.tenant_id)
+    finally:
+        await conn.close()
+    assert (tenant_status, model_active) == ("active", True)
+    assert len(active) <= 1
+    assert all(r["slots"] == r["last"] for r in active)  # the history's last size is the size in force
+    assert ended_open == 0  # every ended reservation's history ends with its end
+    assert (held, quota_held) == (0, 0)  # every request's slot and tokens came back
