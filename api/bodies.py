@@ -7,6 +7,7 @@ first. All share this one decoder so the messages match.
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import msgspec
@@ -19,6 +20,10 @@ from api.errors import InvalidRequest
 T = TypeVar("T")
 
 
+_PATH = re.compile(r"`\$\.([^`]+)`")
+"""The field msgspec names in its message (``at `$.a.b``` or ``at `key` in `$.a```): the error's ``param``."""
+
+
 def decode_body(body: bytes, decoder: msgspec.json.Decoder[T], *, empty: bytes | None = None) -> T:
     """Decode ``body``; an empty one is refused, or read as ``empty`` where every field has a default."""
     if not body:
@@ -29,7 +34,8 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T], *, empty: bytes |
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
         message = str(exc)
-        param = message.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in message else None
+        path = _PATH.search(message)
+        param = path.group(1).replace("[...]", "") if path else None
         raise InvalidRequest(f"invalid request: {message}", param=param) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None

@@ -2,6 +2,9 @@
 
 Unknown fields are ignored rather than refused, as the OpenAI SDK grows fields faster than any
 server; every known field is checked for type and range, so a wrong value gets a 400 that names it.
+The exceptions are the fields that would change what comes back and that the relay cannot carry
+yet (tool calls, log probabilities, a completion's suffix): ignoring them would answer something
+other than what was asked, so they are a 400 ``unsupported_parameter`` naming the field.
 """
 
 from __future__ import annotations
@@ -21,6 +24,48 @@ ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=8)]
 Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 """OpenAI's seed is a 64-bit signed integer."""
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)] | None
+
+
+TokenBias = Annotated[int, msgspec.Meta(ge=-100, le=100)]
+TokenId = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,9}$")]
+LogitBias = Annotated[dict[TokenId, TokenBias], msgspec.Meta(max_length=1024)]
+"""Token id (as a string, as OpenAI's) to a bias added to its logit; the engine refuses ids
+outside its vocabulary."""
+
+
+class JsonSchema(msgspec.Struct, omit_defaults=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextFormat(msgspec.Struct, tag_field="type", tag="text"):
+    pass
+
+
+class JsonObjectFormat(msgspec.Struct, tag_field="type", tag="json_object"):
+    pass
+
+
+class JsonSchemaFormat(msgspec.Struct, tag_field="type", tag="json_schema"):
+    json_schema: JsonSchema
+
+
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
+"""Structured output: the engine constrains its sampling to the format (vLLM's guided decoding),
+so the answer parses, whatever the model."""
+
+_UNSUPPORTED: dict[str, str] = {
+    "tools": "tool calling is not supported yet",
+    "tool_choice": "tool calling is not supported yet",
+    "functions": "function calling is not supported yet",
+    "function_call": "function calling is not supported yet",
+    "logprobs": "log probabilities are not supported yet",
+    "top_logprobs": "log probabilities are not supported yet",
+    "suffix": "a completion's suffix is not supported",
+    "audio": "audio output is not supported",
+}
 
 
 class StreamOptions(msgspec.Struct):
@@ -59,6 +104,17 @@ class _Sampling(msgspec.Struct, kw_only=True):
     n: ChoiceCount | None = 1
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
+    logit_bias: LogitBias | None = None
+    # Fields we refuse when they ask for something (see the module's docstring); null, false, an
+    # empty list or ``"none"`` ask for nothing, as the SDKs and frameworks often send.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    suffix: str | None = None
+    audio: Any = None
 
     def sampling(self) -> dict[str, Any]:
         """The sampling fields the engine gets, without Nones."""
@@ -67,6 +123,8 @@ class _Sampling(msgspec.Struct, kw_only=True):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self.logit_bias:
+            out["logit_bias"] = self.logit_bias
         if self.choices != 1:
             out["n"] = self.choices
         return out
@@ -74,6 +132,15 @@ class _Sampling(msgspec.Struct, kw_only=True):
     def __post_init__(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true - at `$.stream_options`")
+
+    def refuse_unsupported(self) -> None:
+        for name, why in _UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value is None or value is False or value == [] or value == "none":
+                continue
+            raise InvalidRequest(
+                f"Unsupported parameter: '{name}': {why} on this marketplace", code="unsupported_parameter", param=name
+            )
 
     @property
     def choices(self) -> int:
@@ -87,6 +154,13 @@ class _Sampling(msgspec.Struct, kw_only=True):
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=4096)]
     max_completion_tokens: PositiveInt | None = None
+    response_format: ResponseFormat | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        out = super().sampling()
+        if self.response_format is not None and not isinstance(self.response_format, TextFormat):
+            out["response_format"] = msgspec.to_builtins(self.response_format)
+        return out
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -112,11 +186,14 @@ _COMPLETION = msgspec.json.Decoder(CompletionRequest)
 
 
 def decode_chat(body: bytes) -> ChatCompletionRequest:
-    return decode_body(body, _CHAT)
+    request = decode_body(body, _CHAT)
+    request.refuse_unsupported()
+    return request
 
 
 def decode_completion(body: bytes) -> CompletionRequest:
     request = decode_body(body, _COMPLETION)
+    request.refuse_unsupported()
     if request.echo:
         raise InvalidRequest("echo is not supported", param="echo")
     return request

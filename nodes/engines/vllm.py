@@ -139,6 +139,16 @@ def _error_message(status: int, raw: bytes) -> str:
         return raw.decode(errors="replace")[:500] or f"engine answered {status}"
 
 
+def _stream_error(error: Any, raw: bytes, yielded: bool) -> EngineError:
+    """An error event in a stream vLLM answered 200: one that refuses the request (its ``code`` a
+    4xx, as for a logit bias outside the vocabulary or a schema it cannot compile) comes before
+    any output and is the client's to fix, as the same refusal would be with a 400 status."""
+    code = error.get("code") if isinstance(error, dict) else None
+    if not yielded and isinstance(code, int) and 400 <= code < 500:
+        return EngineError("invalid_request", _error_message(code, raw), status=code)
+    return EngineError("engine_error", _error_message(500, raw))
+
+
 def _raise_for_status(status: int, raw: bytes) -> None:
     if status < 400:
         return
@@ -540,7 +550,7 @@ class VllmEngine:
                         return
                     event = _decode_event(data)
                     if event.error is not None:
-                        raise EngineError("engine_error", _error_message(500, data))
+                        raise _stream_error(event.error, data, yielded)
                     usage = None
                     if event.usage is not None:
                         usage = Usage(event.usage.prompt_tokens or 0, event.usage.completion_tokens or 0)

@@ -143,6 +143,65 @@ async def test_tenant_gets_answers_from_a_real_vllm_with_usage(
         await agent.stop(drain=False)
 
 
+async def test_structured_output_and_logit_bias_reach_vllm(
+    api: RunningApi, scheduler: SchedulerService, settings: Settings, vllm_server: VllmServer, tenant: TenantKey
+) -> None:
+    """A random-weight model answers in the schema when asked to (vLLM's guided decoding), and a
+    logit bias steers it: both prove the fields reached the engine, which nothing else could fake."""
+    agent = attached_agent(settings, vllm_server, "node_e2e_format")
+    await agent.start()
+    try:
+        await wait_healthy(scheduler, ["node_e2e_format"])
+        client = sdk(api, tenant.secret)
+        schema = {
+            "type": "object",
+            "properties": {"verdict": {"type": "string", "enum": ["yes", "no"]}},
+            "required": ["verdict"],
+            "additionalProperties": False,
+        }
+        fmt: Any = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}}
+        for streamed in (False, True):
+            if streamed:
+                parts = await client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "yes?"}],
+                    max_tokens=80,
+                    response_format=fmt,
+                    stream=True,
+                )
+                text = "".join([c.delta.content or "" async for p in parts for c in p.choices])
+            else:
+                answer = await client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "yes?"}], max_tokens=80, response_format=fmt
+                )
+                assert answer.choices[0].finish_reason == "stop"  # the schema ended it, not max_tokens
+                text = answer.choices[0].message.content or ""
+            assert json.loads(text)["verdict"] in ("yes", "no"), text
+        plain = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "yes?"}],
+            max_tokens=20,
+            response_format={"type": "json_object"},
+        )
+        assert (plain.choices[0].message.content or "").lstrip().startswith("{")
+
+        biased = await client.completions.create(model=MODEL, prompt="hi", max_tokens=6, logit_bias={"50": 100})
+        unbiased = await client.completions.create(model=MODEL, prompt="hi", max_tokens=6, temperature=0)
+        text = biased.choices[0].text
+        assert text == text[: len(text) // 6] * 6  # one token, six times over
+        assert text != unbiased.choices[0].text
+        with pytest.raises(openai.BadRequestError) as refused:  # vLLM's own refusal, relayed as a 400
+            await client.completions.create(model=MODEL, prompt="hi", max_tokens=6, logit_bias={"99999999": 5})
+        assert "logit_bias" in str(refused.value)
+        nonsense: Any = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+        with pytest.raises(openai.BadRequestError):  # a schema vLLM cannot compile
+            await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5, response_format=nonsense
+            )
+    finally:
+        await agent.stop(drain=False)
+
+
 async def _stream_and_leave(api: RunningApi, tenant: TenantKey, nc: Client) -> wire.UsageEvent:
     """Start a long greedy stream, leave after its first event; the usage event of that request."""
     # A 503 with Retry-After is the api's answer when the only node is briefly declared lost

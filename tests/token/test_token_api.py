@@ -615,6 +615,45 @@ async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
             "stream_options",
         ),
         (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}],'
+            b' "tools": [{"type": "function", "function": {"name": "f"}}]}',
+            400,
+            "unsupported_parameter",
+            "tools",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "logprobs": true}',
+            400,
+            "unsupported_parameter",
+            "logprobs",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}],'
+            b' "response_format": {"type": "yaml"}}',
+            400,
+            "invalid_request",
+            "response_format.type",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}],'
+            b' "response_format": {"type": "json_schema", "json_schema": {"name": "has spaces"}}}',
+            400,
+            "invalid_request",
+            "response_format.json_schema.name",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"7": 101}}',
+            400,
+            "invalid_request",
+            "logit_bias",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"seven": 1}}',
+            400,
+            "invalid_request",
+            "logit_bias",
+        ),
+        (
             b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "x": '
             + b"[" * 5000
             + b"]" * 5000
@@ -654,6 +693,39 @@ async def test_nulls_the_sdk_sends_for_unset_parameters_mean_the_defaults(
     assert chat.choices[0].message.content == "w0 w1 "
     completion = await client.completions.create(model="fake-model", prompt="x", echo=None, n=None, stream=None)
     assert completion.choices[0].text == "w0 w1 "
+
+
+async def test_structured_output_and_logit_bias_go_to_the_engine_and_empty_tool_fields_are_no_request(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet
+) -> None:
+    """What the SDK and agent frameworks send: the format and the bias reach the node as given;
+    ``tools=[]``, ``tool_choice="none"`` and ``logprobs=False`` ask for nothing and are not refused."""
+    f = await fleet({"node_a": echo_node("node_a", words=2)})
+    client = sdk(api, tenant.secret)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    await client.chat.completions.create(
+        model="fake-model",
+        messages=[{"role": "user", "content": "x"}],
+        response_format=fmt,
+        logit_bias={"42": -100},
+        tools=[],
+        tool_choice="none",
+        logprobs=False,
+    )
+    body = f.jobs[-1].body
+    assert body["response_format"] == fmt
+    assert body["logit_bias"] == {"42": -100}
+    assert not {"tools", "tool_choice", "logprobs"} & body.keys()
+    await client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "x"}], response_format={"type": "text"}
+    )
+    assert "response_format" not in f.jobs[-1].body  # plain text is what the engine does anyway
+    await client.completions.create(model="fake-model", prompt="x", logit_bias={"3": 5})
+    assert f.jobs[-1].body["logit_bias"] == {"3": 5}
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.completions.create(model="fake-model", prompt="x", suffix="y")
+    assert refused.value.body["param"] == "suffix"  # type: ignore[index]
 
 
 async def test_several_choices_may_each_run_to_the_end_of_the_context(
