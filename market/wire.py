@@ -91,6 +91,24 @@ class Placement(msgspec.Struct, kw_only=True):
     """The replica that answered (its ``SchedulerAlive.replica``)."""
 
 
+class TopLogprob(msgspec.Struct, array_like=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    """One generated token's log probability, and the most likely alternatives when asked for.
+
+    One shape for both APIs: the api renders it as chat's ``logprobs.content`` or as the
+    completions API's parallel lists."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top: list[TopLogprob] = msgspec.field(default_factory=list)
+
+
 class Piece(msgspec.Struct, array_like=True):
     """Generated text for one choice; ``tokens`` is how many engine tokens it carries."""
 
@@ -98,6 +116,9 @@ class Piece(msgspec.Struct, array_like=True):
     text: str
     tokens: int = 1
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """The text's tokens' log probabilities, for a job that asked for them (``logprobs`` in its
+    body); absent otherwise, so older peers read the piece as before."""
 
 
 class Usage(msgspec.Struct):

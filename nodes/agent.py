@@ -141,7 +141,12 @@ def _merge(pending: list[Piece], new: list[Piece]) -> None:
     for piece in new:
         last = pending[-1] if pending else None
         if last is not None and last.index == piece.index and last.finish_reason is None:
-            pending[-1] = Piece(last.index, last.text + piece.text, last.tokens + piece.tokens, piece.finish_reason)
+            logprobs = last.logprobs
+            if piece.logprobs is not None:
+                logprobs = piece.logprobs if logprobs is None else logprobs + piece.logprobs
+            pending[-1] = Piece(
+                last.index, last.text + piece.text, last.tokens + piece.tokens, piece.finish_reason, logprobs
+            )
         else:
             pending.append(piece)
 

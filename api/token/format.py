@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from market.wire import Piece, Usage
+from market.wire import Piece, TokenLogprob, Usage
 
 _json = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"
@@ -28,6 +28,36 @@ def usage_body(usage: Usage) -> dict[str, int]:
     }
 
 
+def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    """Chat's ``choice.logprobs``."""
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": e.bytes,
+                "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in e.top],
+            }
+            for e in entries
+        ]
+    }
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The completions API's ``choice.logprobs``: parallel lists, ``text_offset`` counted from
+    ``offset`` characters into the choice's text."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
 class StreamFormatter:
     """Turns wire Pieces into OpenAI streaming chunks for one response."""
 
@@ -38,6 +68,8 @@ class StreamFormatter:
         self.created = created
         self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
         self._started: set[int] = set()
+        self._offsets: dict[int, int] = {}
+        """Characters of each choice's logprob tokens sent so far (the completions API's ``text_offset``)."""
         # What every chunk of this response repeats, encoded once: a token's event only encodes
         # its choices (the same bytes as encoding the whole dict, in the same key order).
         self._head = (
@@ -72,12 +104,23 @@ class StreamFormatter:
                 if piece.index not in self._started:
                     self._started.add(piece.index)
                     delta = {"role": "assistant", "content": piece.text}
+                logprobs = chat_logprobs(piece.logprobs) if piece.logprobs is not None else None
                 choices.append(
-                    {"index": piece.index, "delta": delta, "logprobs": None, "finish_reason": piece.finish_reason}
+                    {"index": piece.index, "delta": delta, "logprobs": logprobs, "finish_reason": piece.finish_reason}
                 )
             else:
+                logprobs = None
+                if piece.logprobs is not None:
+                    offset = self._offsets.get(piece.index, 0)
+                    logprobs = completion_logprobs(piece.logprobs, offset)
+                    self._offsets[piece.index] = offset + sum(len(e.token) for e in piece.logprobs)
                 choices.append(
-                    {"index": piece.index, "text": piece.text, "logprobs": None, "finish_reason": piece.finish_reason}
+                    {
+                        "index": piece.index,
+                        "text": piece.text,
+                        "logprobs": logprobs,
+                        "finish_reason": piece.finish_reason,
+                    }
                 )
         return self._head + _json.encode(choices) + b"}\n\n"
 
@@ -101,23 +144,31 @@ def whole_response(
     texts: dict[int, list[str]],
     finish: dict[int, str | None],
     usage: Usage,
+    logprobs: dict[int, list[TokenLogprob]] | None = None,
 ) -> bytes:
-    """A non-streamed response from the pieces collected for each choice."""
+    """A non-streamed response from the pieces collected for each choice (and their logprobs, if
+    the request asked for them)."""
     choices: list[dict[str, Any]] = []
     for index in sorted(texts) or [0]:
         text = "".join(texts.get(index, []))
+        entries = logprobs.get(index, []) if logprobs is not None else None
         if kind == "chat":
             choices.append(
                 {
                     "index": index,
                     "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(entries) if entries is not None else None,
                     "finish_reason": finish.get(index) or "stop",
                 }
             )
         else:
             choices.append(
-                {"index": index, "text": text, "logprobs": None, "finish_reason": finish.get(index) or "stop"}
+                {
+                    "index": index,
+                    "text": text,
+                    "logprobs": completion_logprobs(entries, 0) if entries is not None else None,
+                    "finish_reason": finish.get(index) or "stop",
+                }
             )
     return _json.encode(
         {

@@ -24,7 +24,7 @@ from api.token.schemas import decode_chat, decode_completion
 from api.token.service import ClientGone, Run, TokenService
 from api.token.sse import RelayStream
 from market.logs import request_id_var
-from market.wire import Usage
+from market.wire import TokenLogprob, Usage
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ async def _whole(
 ) -> Response[Any]:
     texts: dict[int, list[str]] = {}
     finish: dict[int, str | None] = {}
+    logprobs: dict[int, list[TokenLogprob]] | None = {} if run.job.body.get("logprobs") is not None else None
 
     async def collect() -> None:
         async for batch in run.batches():
@@ -130,6 +131,8 @@ async def _whole(
                     texts.setdefault(piece.index, []).append(piece.text)
                     if piece.finish_reason:
                         finish[piece.index] = piece.finish_reason
+                    if logprobs is not None and piece.logprobs:
+                        logprobs.setdefault(piece.index, []).extend(piece.logprobs)
 
     disconnect = asyncio.create_task(_wait_disconnect(request))
     work = asyncio.create_task(collect())
@@ -156,7 +159,7 @@ async def _whole(
     usage = run.engine_usage or Usage(0, run.relayed_tokens)
     await run.finish("completed")
     return Response(
-        whole_response(kind, run.job.id, run.model, created, texts, finish, usage),
+        whole_response(kind, run.job.id, run.model, created, texts, finish, usage, logprobs),
         media_type="application/json",
         headers=headers,
     )

@@ -3,7 +3,7 @@
 Unknown fields are ignored rather than refused, as the OpenAI SDK grows fields faster than any
 server; every known field is checked for type and range, so a wrong value gets a 400 that names it.
 The exceptions are the fields that would change what comes back and that the relay cannot carry
-yet (tool calls, log probabilities, a completion's suffix): ignoring them would answer something
+yet (tool calls, a completion's suffix, audio): ignoring them would answer something
 other than what was asked, so they are a 400 ``unsupported_parameter`` naming the field.
 """
 
@@ -23,6 +23,8 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=8)]
 Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 """OpenAI's seed is a 64-bit signed integer."""
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
+"""Alternatives per token: OpenAI allows 20 for chat (5 for completions); vLLM's default cap is 20."""
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)] | None
 
 
@@ -61,8 +63,6 @@ _UNSUPPORTED: dict[str, str] = {
     "tool_choice": "tool calling is not supported yet",
     "functions": "function calling is not supported yet",
     "function_call": "function calling is not supported yet",
-    "logprobs": "log probabilities are not supported yet",
-    "top_logprobs": "log probabilities are not supported yet",
     "suffix": "a completion's suffix is not supported",
     "audio": "audio output is not supported",
 }
@@ -111,8 +111,6 @@ class _Sampling(msgspec.Struct, kw_only=True):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
     suffix: str | None = None
     audio: Any = None
 
@@ -155,11 +153,22 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=4096)]
     max_completion_tokens: PositiveInt | None = None
     response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true - at `$.top_logprobs`")
 
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()
         if self.response_format is not None and not isinstance(self.response_format, TextFormat):
             out["response_format"] = msgspec.to_builtins(self.response_format)
+        if self.logprobs:
+            out["logprobs"] = True
+            if self.top_logprobs:
+                out["top_logprobs"] = self.top_logprobs
         return out
 
     def requested_max_tokens(self) -> int | None:
@@ -172,6 +181,14 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
     echo: bool | None = False
+    logprobs: TopLogprobs | None = None
+    """The completions API's: log probabilities of each token and of this many alternatives."""
+
+    def sampling(self) -> dict[str, Any]:
+        out = super().sampling()
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
+        return out
 
     def requested_max_tokens(self) -> int | None:
         # The completions API defaults to 16 tokens when max_tokens is absent.

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from market.wire import Job, Piece, ServingMode, Usage
+from market.wire import Job, Piece, ServingMode, TokenLogprob, TopLogprob, Usage
 from nodes.engines.base import Emission, EngineError, EngineLoad, EngineStatus
 
 SIM_MODEL_NAME = "sim-llama-3-8b"
@@ -123,6 +123,8 @@ class _Seq:
     prefilled: int = 0
     generated: int = 0
     aborted: bool = False
+    alternatives: int | None = None
+    """Log probabilities asked for, with this many alternatives per token; None: not asked for."""
 
     @property
     def context(self) -> int:
@@ -250,6 +252,10 @@ class SimEngine:
             )
         seed = int.from_bytes(hashlib.blake2b(job.id.encode(), digest_size=4).digest(), "big")
         seq = _Seq(job.id, prompt, max_tokens, seed)
+        if job.kind == "chat" and body.get("logprobs"):
+            seq.alternatives = int(body.get("top_logprobs") or 0)
+        elif job.kind != "chat" and body.get("logprobs") is not None:
+            seq.alternatives = int(body["logprobs"])
         self._waiting.append(seq)
         self._wake_all()
         try:
@@ -269,6 +275,18 @@ class SimEngine:
 
     def _text(self, seq: _Seq, position: int) -> str:
         return " " + _WORDS[(seq.seed + position * 7) % len(_WORDS)]
+
+    def _logprobs(self, seq: _Seq, text: str) -> list[TokenLogprob] | None:
+        """Made-up but well-formed log probabilities: the chosen token the likeliest."""
+        if seq.alternatives is None:
+            return None
+        chosen = -0.1 * (1 + (seq.seed + seq.generated) % 5)
+        others = [
+            TopLogprob(" " + _WORDS[(seq.seed + seq.generated + k) % len(_WORDS)], chosen - k)
+            for k in range(1, seq.alternatives)
+        ]
+        top = [TopLogprob(text, chosen), *others] if seq.alternatives else []
+        return [TokenLogprob(text, chosen, list(text.encode()), top)]
 
     def step_ms(self, chunks: list[tuple[int, int]], decode_context: int, decode_seqs: int, phase: Phase) -> float:
         """Simulated duration of one step on this node's accelerator and split.
@@ -357,7 +375,8 @@ class SimEngine:
     def _emit(self, seq: _Seq) -> None:
         seq.generated += 1
         done = seq.generated >= seq.max_tokens
-        piece = Piece(0, self._text(seq, seq.generated), 1, "length" if done else None)
+        text = self._text(seq, seq.generated)
+        piece = Piece(0, text, 1, "length" if done else None, self._logprobs(seq, text))
         seq.out.put_nowait(Emission([piece], Usage(seq.prompt_tokens, seq.generated)))
         if done:
             seq.out.put_nowait(None)

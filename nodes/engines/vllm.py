@@ -37,7 +37,7 @@ import aiohttp
 import msgspec
 from aiohttp.http_exceptions import HttpProcessingError
 
-from market.wire import MAX_REPORTED_COUNT, Job, Piece, Usage
+from market.wire import MAX_REPORTED_COUNT, Job, Piece, TokenLogprob, TopLogprob, Usage
 from nodes.engines.base import Emission, EngineError, EngineLoad, EngineStatus, ErrorCode
 from nodes.profiles import LaunchPlan, ProcessSpec
 
@@ -59,11 +59,50 @@ class _Delta(msgspec.Struct):
     content: str | None = None
 
 
+class _Top(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class _Entry(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[_Top] | None = None
+
+
+class _Logprobs(msgspec.Struct):
+    """A choice's ``logprobs``: chat's ``content`` entries, or the completions API's parallel lists."""
+
+    content: list[_Entry] | None = None
+    tokens: list[str] | None = None
+    token_logprobs: list[float | None] | None = None
+    top_logprobs: list[dict[str, float] | None] | None = None
+
+
 class _Choice(msgspec.Struct):
     index: int = 0
     text: str | None = None
     delta: _Delta | None = None
     finish_reason: str | None = None
+    logprobs: _Logprobs | None = None
+
+
+def _token_logprobs(raw: _Logprobs) -> list[TokenLogprob]:
+    """vLLM's logprobs of either API in the wire's one shape (``-inf`` as vLLM writes it, -9999)."""
+    if raw.content is not None:
+        alternatives = [[TopLogprob(t.token, t.logprob, t.bytes) for t in e.top_logprobs or ()] for e in raw.content]
+        return [TokenLogprob(e.token, e.logprob, e.bytes, a) for e, a in zip(raw.content, alternatives, strict=True)]
+    values = raw.token_logprobs or []
+    tops = raw.top_logprobs or []
+    out = []
+    for i, token in enumerate(raw.tokens or ()):
+        value = values[i] if i < len(values) else None
+        top = (tops[i] if i < len(tops) else None) or {}
+        others = [TopLogprob(t, v) for t, v in top.items()]
+        out.append(TokenLogprob(token, -9999.0 if value is None else value, None, others))
+    return out
 
 
 class _EventUsage(msgspec.Struct):
@@ -561,11 +600,12 @@ class VllmEngine:
                     for choice in event.choices or ():
                         text = ((choice.delta.content if choice.delta else None) if chat else choice.text) or ""
                         finish = choice.finish_reason
-                        if not text and finish is None and not delta:
+                        if not text and finish is None and not delta and choice.logprobs is None:
                             continue
                         tokens = delta if delta is not None else (1 if text else 0)
                         delta = 0  # one choice carries the step's tokens
-                        pieces.append(Piece(choice.index, text, tokens, finish))
+                        logprobs = _token_logprobs(choice.logprobs) if choice.logprobs is not None else None
+                        pieces.append(Piece(choice.index, text, tokens, finish, logprobs))
                     if pieces or usage is not None:
                         yielded = True
                         yield Emission(pieces, usage)

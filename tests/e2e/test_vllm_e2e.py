@@ -202,6 +202,52 @@ async def test_structured_output_and_logit_bias_reach_vllm(
         await agent.stop(drain=False)
 
 
+def _spelt(text: str | None) -> str:
+    """The text without U+FFFD: the random model emits stray bytes of multi-byte characters, which
+    the engine's text and its token strings replace in different places."""
+    return (text or "").replace("\ufffd", "")
+
+
+async def test_log_probabilities_from_vllm_match_the_text(
+    api: RunningApi, scheduler: SchedulerService, settings: Settings, vllm_server: VllmServer, tenant: TenantKey
+) -> None:
+    """Each token's log probability, through the agent's batching of a fast stream and back: as many
+    entries as tokens billed, their tokens spelling the text, the alternatives asked for."""
+    agent = attached_agent(settings, vllm_server, "node_e2e_logprobs")
+    await agent.start()
+    try:
+        await wait_healthy(scheduler, ["node_e2e_logprobs"])
+        client = sdk(api, tenant.secret)
+        messages: Any = [{"role": "user", "content": "count"}]
+        chat = await client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=24, logprobs=True, top_logprobs=3, temperature=0
+        )
+        assert chat.choices[0].logprobs is not None
+        content = chat.choices[0].logprobs.content or []
+        assert chat.usage is not None
+        assert len(content) == chat.usage.completion_tokens == 24
+        assert _spelt("".join(e.token for e in content)) == _spelt(chat.choices[0].message.content)
+        assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in content)
+        # greedy: the chosen token is the likeliest
+        assert all(e.logprob >= max(t.logprob for t in e.top_logprobs) - 1e-4 for e in content)
+
+        stream = await client.completions.create(
+            model=MODEL, prompt="the quick", max_tokens=40, logprobs=2, stream=True, temperature=0
+        )
+        text, tokens, offsets = "", [], []
+        async for part in stream:
+            for choice in part.choices:
+                text += choice.text
+                if choice.logprobs is not None:
+                    tokens += choice.logprobs.tokens or []
+                    offsets += choice.logprobs.text_offset or []
+        assert len(tokens) == 40
+        assert _spelt("".join(tokens)) == _spelt(text)
+        assert offsets == [len("".join(tokens[:i])) for i in range(40)]
+    finally:
+        await agent.stop(drain=False)
+
+
 async def _stream_and_leave(api: RunningApi, tenant: TenantKey, nc: Client) -> wire.UsageEvent:
     """Start a long greedy stream, leave after its first event; the usage event of that request."""
     # A 503 with Retry-After is the api's answer when the only node is briefly declared lost

@@ -209,3 +209,28 @@ async def test_hundreds_of_engines_in_one_process() -> None:
         await asyncio.gather(*(e.stop() for e in engines))
     assert all(len(r) == 20 for r in results)
     assert time.monotonic() - started < 5.0
+
+
+async def test_log_probabilities_are_simulated_when_asked_for() -> None:
+    """Tenants on simulated nodes (``market up --node sim``) get well-formed logprobs, not none."""
+    engine = SimEngine(SimConfig(speedup=50.0))
+    await engine.start()
+    try:
+        asked = job(max_tokens=4, kind="chat")
+        asked.body.update(logprobs=True, top_logprobs=3)
+        pieces = [p async for e in engine.generate(asked) for p in e.pieces]
+        assert [len(p.logprobs or []) for p in pieces] == [1, 1, 1, 1]
+        for p in pieces:
+            [entry] = p.logprobs or []
+            assert entry.token == p.text
+            assert entry.top[0].token == p.text
+            assert len(entry.top) == 3
+            assert entry.logprob == max(t.logprob for t in entry.top) < 0
+        plain = [p async for e in engine.generate(job(max_tokens=2)) for p in e.pieces]
+        assert all(p.logprobs is None for p in plain)
+        none_top = job(max_tokens=2)
+        none_top.body["logprobs"] = 0
+        bare = [p async for e in engine.generate(none_top) for p in e.pieces]
+        assert all(p.logprobs and not p.logprobs[0].top for p in bare)  # logprobs=0: no alternatives
+    finally:
+        await engine.stop()

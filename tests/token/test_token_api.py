@@ -622,10 +622,17 @@ async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
             "tools",
         ),
         (
-            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "logprobs": true}',
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "function_call": "auto"}',
             400,
             "unsupported_parameter",
-            "logprobs",
+            "function_call",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "logprobs": true,'
+            b' "top_logprobs": 21}',
+            400,
+            "invalid_request",
+            "top_logprobs",
         ),
         (
             b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}],'
@@ -726,6 +733,63 @@ async def test_structured_output_and_logit_bias_go_to_the_engine_and_empty_tool_
     with pytest.raises(openai.BadRequestError) as refused:
         await client.completions.create(model="fake-model", prompt="x", suffix="y")
     assert refused.value.body["param"] == "suffix"  # type: ignore[index]
+
+
+def logprob_node(node_id: str) -> NodeBehaviour:
+    """Two pieces of two tokens each, with their log probabilities and one alternative each."""
+
+    async def behave(job: wire.Job, reply: str, nc: Client) -> None:
+        await nc.publish(reply, chunk(job, node_id, 0, "accepted"))
+        for seq, (a, b) in enumerate((("He", "llo"), (" wor", "ld")), start=1):
+            entries = [
+                wire.TokenLogprob(t, -0.5 * seq, list(t.encode()), [wire.TopLogprob("x", -3.0, [120])]) for t in (a, b)
+            ]
+            finish = "length" if seq == 2 else None
+            piece = wire.Piece(0, a + b, 2, finish, entries if job.body.get("logprobs") is not None else None)
+            await nc.publish(reply, chunk(job, node_id, seq, "data", pieces=[piece]))
+        await nc.publish(reply, chunk(job, node_id, 3, "end", usage=wire.Usage(3, 4)))
+
+    return behave
+
+
+async def test_log_probabilities_in_both_apis_streamed_or_not(api: RunningApi, tenant: TenantKey, fleet: Fleet) -> None:
+    f = await fleet({"node_a": logprob_node("node_a")})
+    client = sdk(api, tenant.secret)
+    messages: Any = [{"role": "user", "content": "x"}]
+    chat = await client.chat.completions.create(model="fake-model", messages=messages, logprobs=True, top_logprobs=1)
+    assert (f.jobs[-1].body["logprobs"], f.jobs[-1].body["top_logprobs"]) == (True, 1)
+    assert chat.choices[0].logprobs is not None
+    content = chat.choices[0].logprobs.content or []
+    assert [(e.token, e.logprob, e.bytes) for e in content] == [
+        ("He", -0.5, [72, 101]),
+        ("llo", -0.5, [108, 108, 111]),
+        (" wor", -1.0, [32, 119, 111, 114]),
+        ("ld", -1.0, [108, 100]),
+    ]
+    assert [[(t.token, t.logprob) for t in e.top_logprobs] for e in content] == [[("x", -3.0)]] * 4
+
+    stream = await client.chat.completions.create(model="fake-model", messages=messages, logprobs=True, stream=True)
+    streamed = [e.token async for part in stream for c in part.choices for e in (c.logprobs.content or [])]
+    assert streamed == ["He", "llo", " wor", "ld"]
+
+    plain = await client.chat.completions.create(model="fake-model", messages=messages)
+    assert plain.choices[0].logprobs is None  # not asked for: not sent, not answered
+    assert "logprobs" not in f.jobs[-1].body
+
+    completion = await client.completions.create(model="fake-model", prompt="x", logprobs=1)
+    assert f.jobs[-1].body["logprobs"] == 1
+    lp = completion.choices[0].logprobs
+    assert lp is not None
+    assert (lp.tokens, lp.text_offset) == (["He", "llo", " wor", "ld"], [0, 2, 5, 9])
+    assert lp.token_logprobs == [-0.5, -0.5, -1.0, -1.0]
+    assert lp.top_logprobs == [{"x": -3.0}] * 4
+    parts = await client.completions.create(model="fake-model", prompt="x", logprobs=0, stream=True)
+    offsets = [o async for part in parts for c in part.choices for o in (c.logprobs.text_offset or [])]
+    assert offsets == [0, 2, 5, 9]  # counted across the stream's events
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.chat.completions.create(model="fake-model", messages=messages, top_logprobs=2)
+    assert refused.value.body["param"] == "top_logprobs"  # type: ignore[index]
 
 
 async def test_several_choices_may_each_run_to_the_end_of_the_context(
