@@ -70,6 +70,9 @@ class Job(msgspec.Struct, kw_only=True):
     """Ask a scheduler that keeps the job waiting for a slot to say so at once (``Placement``
     ``queued``), so the api can watch that replica's ``SchedulerAlive`` beats and submit the job
     again should it die (its waiting jobs' answers die with it)."""
+    tools: bool = False
+    """The request offers tools the model may call: only a node whose profile says ``tools`` can
+    serve it (another engine refuses the request)."""
     keepalive_s: float = 0.0
     """How often the api says it still wants the job (``Keepalive`` on ``subjects.node_keepalive``);
     a node aborts a job not confirmed for ``KEEPALIVE_MISSES`` times this (its api process died:
@@ -109,6 +112,16 @@ class TokenLogprob(msgspec.Struct, array_like=True):
     top: list[TopLogprob] = msgspec.field(default_factory=list)
 
 
+class ToolCallDelta(msgspec.Struct, array_like=True):
+    """A piece of a tool call, as OpenAI streams them: the call's ``id`` and function ``name`` come
+    once, in its first delta; ``arguments`` (JSON text) arrives in parts, joined by ``index``."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class Piece(msgspec.Struct, array_like=True):
     """Generated text for one choice; ``tokens`` is how many engine tokens it carries."""
 
@@ -119,6 +132,8 @@ class Piece(msgspec.Struct, array_like=True):
     logprobs: list[TokenLogprob] | None = None
     """The text's tokens' log probabilities, for a job that asked for them (``logprobs`` in its
     body); absent otherwise, so older peers read the piece as before."""
+    tool_calls: list[ToolCallDelta] | None = None
+    """Tool-call deltas generated with (or instead of) the text, for a chat job with ``tools``."""
 
 
 class Usage(msgspec.Struct):
@@ -213,6 +228,9 @@ class ProfileInfo(msgspec.Struct, kw_only=True):
     decode_share: int = 100
     max_num_seqs: int = 256
     max_model_len: int = 4096
+    tools: bool = False
+    """The engine parses tool calls (vLLM started with a ``--tool-call-parser``): jobs with
+    ``Job.tools`` go only to such nodes."""
 
 
 MAX_REPORTED_COUNT = 1_000_000

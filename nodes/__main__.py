@@ -126,6 +126,7 @@ def _config(
     elif isinstance(engine, SimEngine):
         config.profile.max_num_seqs = engine.config.max_num_seqs
         config.profile.max_model_len = engine.config.max_model_len
+        config.profile.tools = True
     return config
 
 
@@ -136,15 +137,17 @@ def cmd_local(args: argparse.Namespace, settings: Settings) -> int:
         engine = sim_engine_for(None, args.speedup)
         models = [SIM_MODEL_NAME]
     else:
+        parser: str | None = args.tool_call_parser
         if args.model:
             model_dir = Path(args.model).expanduser().resolve()
             name = model_dir.name
         else:
-            from nodes.tiny_model import MODEL_NAME, build_tiny_llama
+            from nodes.tiny_model import MODEL_NAME, TOOL_CALL_PARSER, build_tiny_llama
 
             model_dir = build_tiny_llama(settings.data_dir / "models" / MODEL_NAME)
             name = MODEL_NAME
-        profile = cpu_profile(model_dir, name)
+            parser = parser or TOOL_CALL_PARSER
+        profile = cpu_profile(model_dir, name, tool_call_parser=parser)
         validate(profile)
         engine = vllm_engine_for(profile, settings.data_dir / "logs")
         models = profile.marketplace_models
@@ -179,7 +182,7 @@ def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
         models = profile.marketplace_models if profile is not None else [SIM_MODEL_NAME]
     else:
         if profile is None:
-            profile = _local_vllm_profile(args.model, settings)
+            profile = _local_vllm_profile(args.model, settings, args.tool_call_parser)
         validate(profile)
         engine = vllm_engine_for(profile, data_dir / "logs")
         models = profile.marketplace_models
@@ -217,18 +220,20 @@ def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
     elif isinstance(engine, SimEngine):
         config.profile.max_num_seqs = engine.config.max_num_seqs
         config.profile.max_model_len = engine.config.max_model_len
+        config.profile.tools = True
     aio.run(serve(config, engine))
     return 0
 
 
-def _local_vllm_profile(model: str | None, settings: Settings) -> Profile:
+def _local_vllm_profile(model: str | None, settings: Settings, tool_call_parser: str | None = None) -> Profile:
     """A CPU profile for ``--model DIR``, or for the tiny random Llama built once into the data dir."""
     if model:
         model_dir = Path(model).expanduser().resolve()
-        return cpu_profile(model_dir, model_dir.name)
-    from nodes.tiny_model import MODEL_NAME, build_tiny_llama
+        return cpu_profile(model_dir, model_dir.name, tool_call_parser=tool_call_parser)
+    from nodes.tiny_model import MODEL_NAME, TOOL_CALL_PARSER, build_tiny_llama
 
-    return cpu_profile(build_tiny_llama(settings.data_dir / "models" / MODEL_NAME), MODEL_NAME)
+    model_dir = build_tiny_llama(settings.data_dir / "models" / MODEL_NAME)
+    return cpu_profile(model_dir, MODEL_NAME, tool_call_parser=tool_call_parser or TOOL_CALL_PARSER)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     local = sub.add_parser("local", help="a local node for `market up` (sim, or vLLM on a small model)")
     local.add_argument("--engine", choices=("sim", "vllm"), default="sim")
     local.add_argument("--model", help="vllm: a local model directory (default: build the tiny random Llama)")
+    local.add_argument(
+        "--tool-call-parser", help="vllm: the model's tool-call format, for requests with tools (e.g. hermes)"
+    )
     identity(local)
     local.set_defaults(func=cmd_local)
 
@@ -260,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--profile", help="serving profile (YAML or JSON); default: a CPU profile")
     join.add_argument("--engine", choices=("sim", "vllm"), default="vllm")
     join.add_argument("--model", help="vllm without --profile: a local model directory (default: tiny random Llama)")
+    join.add_argument("--tool-call-parser", help="vllm without --profile: the model's tool-call format (e.g. hermes)")
     join.add_argument("--name", help="a name for this machine (default: its hostname)")
     join.add_argument("--data-dir", help="where the node keeps its identity (default: MARKET_DATA_DIR/node)")
     join.add_argument("--speedup", type=float, default=1.0, help="sim engine only: simulated seconds per second")

@@ -26,7 +26,7 @@ import msgspec
 import nats.errors
 
 from market import aio, bus, subjects, wire
-from market.wire import Chunk, Hardware, Heartbeat, Job, Piece, ProfileInfo, Usage
+from market.wire import Chunk, Hardware, Heartbeat, Job, Piece, ProfileInfo, ToolCallDelta, Usage
 from nodes.engines.base import Emission, Engine, EngineError, EngineLoad
 
 if TYPE_CHECKING:
@@ -136,6 +136,19 @@ async def _next(queue: asyncio.Queue[_QueueItem], within: float | None) -> list[
     return []
 
 
+def _join_calls(calls: list[ToolCallDelta] | None, more: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Tool-call deltas in order, a delta that only continues the previous one's arguments joined
+    onto it (one delta per call per message, rather than one per token)."""
+    out = list(calls or ())
+    for delta in more:
+        last = out[-1] if out else None
+        if last is not None and last.index == delta.index and delta.id is None and delta.name is None:
+            out[-1] = ToolCallDelta(last.index, last.id, last.name, last.arguments + delta.arguments)
+        else:
+            out.append(delta)
+    return out
+
+
 def _merge(pending: list[Piece], new: list[Piece]) -> None:
     """Append ``new`` pieces, joining a piece onto the last one of the same choice."""
     for piece in new:
@@ -144,8 +157,11 @@ def _merge(pending: list[Piece], new: list[Piece]) -> None:
             logprobs = last.logprobs
             if piece.logprobs is not None:
                 logprobs = piece.logprobs if logprobs is None else logprobs + piece.logprobs
+            calls = last.tool_calls
+            if piece.tool_calls is not None:
+                calls = _join_calls(calls, piece.tool_calls)
             pending[-1] = Piece(
-                last.index, last.text + piece.text, last.tokens + piece.tokens, piece.finish_reason, logprobs
+                last.index, last.text + piece.text, last.tokens + piece.tokens, piece.finish_reason, logprobs, calls
             )
         else:
             pending.append(piece)

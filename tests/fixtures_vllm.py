@@ -29,7 +29,7 @@ import pytest
 
 from nodes.engines.vllm import die_with_parent
 from nodes.profiles import cpu_profile, launch_plan
-from nodes.tiny_model import MODEL_NAME, build_tiny_llama
+from nodes.tiny_model import MODEL_NAME, TOOL_CALL_PARSER, build_tiny_llama
 
 VLLM_START_TIMEOUT_S = 600.0
 
@@ -72,7 +72,7 @@ def _wait_ready(url: str, model: str, proc: subprocess.Popen[bytes], log_path: P
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    profile = cpu_profile(tiny_model, MODEL_NAME)
+    profile = cpu_profile(tiny_model, MODEL_NAME, tool_call_parser=TOOL_CALL_PARSER)
     plan = launch_plan(profile)
     spec = plan.processes[0]
     log_path = tmp_path_factory.mktemp("vllm-server") / "vllm.log"

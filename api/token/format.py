@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from market.wire import Piece, TokenLogprob, Usage
+from market.wire import Piece, TokenLogprob, ToolCallDelta, Usage
 
 _json = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"
@@ -58,6 +58,43 @@ def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, A
     }
 
 
+def tool_call_deltas(calls: list[ToolCallDelta]) -> list[dict[str, Any]]:
+    """``delta.tool_calls``: a call's id, type and name in its first delta only, as OpenAI's."""
+    out = []
+    for call in calls:
+        function: dict[str, Any] = {"arguments": call.arguments}
+        item: dict[str, Any] = {"index": call.index}
+        if call.id is not None:
+            item["id"] = call.id
+            item["type"] = "function"
+        if call.name is not None:
+            function["name"] = call.name
+        item["function"] = function
+        out.append(item)
+    return out
+
+
+class ToolCalls:
+    """One choice's tool calls put together from their deltas, for a whole response."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, dict[str, Any]] = {}
+
+    def add(self, deltas: list[ToolCallDelta]) -> None:
+        for delta in deltas:
+            call = self.calls.setdefault(
+                delta.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            if delta.id is not None:
+                call["id"] = delta.id
+            if delta.name is not None:
+                call["function"]["name"] = delta.name
+            call["function"]["arguments"] += delta.arguments
+
+    def message(self) -> list[dict[str, Any]]:
+        return [self.calls[i] for i in sorted(self.calls)]
+
+
 class StreamFormatter:
     """Turns wire Pieces into OpenAI streaming chunks for one response."""
 
@@ -103,7 +140,9 @@ class StreamFormatter:
                 delta: dict[str, Any] = {"content": piece.text} if piece.text else {}
                 if piece.index not in self._started:
                     self._started.add(piece.index)
-                    delta = {"role": "assistant", "content": piece.text}
+                    delta = {"role": "assistant", "content": piece.text or (None if piece.tool_calls else "")}
+                if piece.tool_calls:
+                    delta["tool_calls"] = tool_call_deltas(piece.tool_calls)
                 logprobs = chat_logprobs(piece.logprobs) if piece.logprobs is not None else None
                 choices.append(
                     {"index": piece.index, "delta": delta, "logprobs": logprobs, "finish_reason": piece.finish_reason}
@@ -145,6 +184,7 @@ def whole_response(
     finish: dict[int, str | None],
     usage: Usage,
     logprobs: dict[int, list[TokenLogprob]] | None = None,
+    tool_calls: dict[int, ToolCalls] | None = None,
 ) -> bytes:
     """A non-streamed response from the pieces collected for each choice (and their logprobs, if
     the request asked for them)."""
@@ -153,10 +193,15 @@ def whole_response(
         text = "".join(texts.get(index, []))
         entries = logprobs.get(index, []) if logprobs is not None else None
         if kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            calls = tool_calls.get(index) if tool_calls else None
+            if calls is not None:
+                message["content"] = text or None
+                message["tool_calls"] = calls.message()
             choices.append(
                 {
                     "index": index,
-                    "message": {"role": "assistant", "content": text},
+                    "message": message,
                     "logprobs": chat_logprobs(entries) if entries is not None else None,
                     "finish_reason": finish.get(index) or "stop",
                 }

@@ -19,7 +19,7 @@ from litestar.params import FromPath
 from api.auth import principal_of
 from api.errors import AppError
 from api.state import AppState
-from api.token.format import StreamFormatter, whole_response
+from api.token.format import StreamFormatter, ToolCalls, whole_response
 from api.token.schemas import decode_chat, decode_completion
 from api.token.service import ClientGone, Run, TokenService
 from api.token.sse import RelayStream
@@ -123,6 +123,7 @@ async def _whole(
     texts: dict[int, list[str]] = {}
     finish: dict[int, str | None] = {}
     logprobs: dict[int, list[TokenLogprob]] | None = {} if run.job.body.get("logprobs") is not None else None
+    tool_calls: dict[int, ToolCalls] = {}
 
     async def collect() -> None:
         async for batch in run.batches():
@@ -133,6 +134,8 @@ async def _whole(
                         finish[piece.index] = piece.finish_reason
                     if logprobs is not None and piece.logprobs:
                         logprobs.setdefault(piece.index, []).extend(piece.logprobs)
+                    if piece.tool_calls:
+                        tool_calls.setdefault(piece.index, ToolCalls()).add(piece.tool_calls)
 
     disconnect = asyncio.create_task(_wait_disconnect(request))
     work = asyncio.create_task(collect())
@@ -159,7 +162,7 @@ async def _whole(
     usage = run.engine_usage or Usage(0, run.relayed_tokens)
     await run.finish("completed")
     return Response(
-        whole_response(kind, run.job.id, run.model, created, texts, finish, usage, logprobs),
+        whole_response(kind, run.job.id, run.model, created, texts, finish, usage, logprobs, tool_calls),
         media_type="application/json",
         headers=headers,
     )

@@ -3,7 +3,7 @@
 Unknown fields are ignored rather than refused, as the OpenAI SDK grows fields faster than any
 server; every known field is checked for type and range, so a wrong value gets a 400 that names it.
 The exceptions are the fields that would change what comes back and that the relay cannot carry
-yet (tool calls, a completion's suffix, audio): ignoring them would answer something
+(the legacy function calling, a completion's suffix, audio): ignoring them would answer something
 other than what was asked, so they are a 400 ``unsupported_parameter`` naming the field.
 """
 
@@ -58,11 +58,46 @@ ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
 """Structured output: the engine constrains its sampling to the format (vLLM's guided decoding),
 so the answer parses, whatever the model."""
 
+FunctionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionDef(msgspec.Struct, omit_defaults=True):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, tag_field="type", tag="function"):
+    function: FunctionDef
+
+
+class NamedFunction(msgspec.Struct):
+    name: FunctionName
+
+
+class NamedToolChoice(msgspec.Struct, tag_field="type", tag="function"):
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class CalledFunction(msgspec.Struct):
+    name: str
+    arguments: str
+
+
+class ToolCall(msgspec.Struct, tag_field="type", tag="function"):
+    """A call the assistant made, sent back in a later request's history."""
+
+    id: Annotated[str, msgspec.Meta(max_length=256)]
+    function: CalledFunction
+
+
 _UNSUPPORTED: dict[str, str] = {
-    "tools": "tool calling is not supported yet",
-    "tool_choice": "tool calling is not supported yet",
-    "functions": "function calling is not supported yet",
-    "function_call": "function calling is not supported yet",
+    "functions": "the legacy function calling is not supported; use tools",
+    "function_call": "the legacy function calling is not supported; use tool_choice",
     "suffix": "a completion's suffix is not supported",
     "audio": "audio output is not supported",
 }
@@ -81,6 +116,7 @@ class ChatMessage(msgspec.Struct):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -107,8 +143,6 @@ class _Sampling(msgspec.Struct, kw_only=True):
     logit_bias: LogitBias | None = None
     # Fields we refuse when they ask for something (see the module's docstring); null, false, an
     # empty list or ``"none"`` ask for nothing, as the SDKs and frameworks often send.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     suffix: str | None = None
@@ -155,11 +189,25 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true - at `$.top_logprobs`")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools - at `$.tool_choice`")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools:
+            wanted = self.tool_choice.function.name
+            if wanted not in {t.function.name for t in self.tools}:
+                raise ValueError(f"tool_choice names '{wanted}', which is not among the tools - at `$.tool_choice`")
+
+    @property
+    def calls_tools(self) -> bool:
+        """The model is offered tools (it may, or must, call one): a node that parses calls is needed."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()
@@ -169,13 +217,25 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             out["logprobs"] = True
             if self.top_logprobs:
                 out["top_logprobs"] = self.top_logprobs
+        if self.calls_tools:
+            out["tools"] = msgspec.to_builtins(self.tools)
+            if self.tool_choice is not None:
+                out["tool_choice"] = msgspec.to_builtins(self.tool_choice)
+            if self.parallel_tool_calls is not None:
+                out["parallel_tool_calls"] = self.parallel_tool_calls
         return out
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
     def prompt_text(self) -> str:
-        return "\n".join(f"{m.role}: {m.text()}" for m in self.messages)
+        """What the prompt holds, for the token estimate: the messages, calls made, and the tools
+        offered (a chat template writes their definitions into the prompt)."""
+        parts = [f"{m.role}: {m.text()}" for m in self.messages]
+        parts += [c.function.name + c.function.arguments for m in self.messages for c in m.tool_calls or ()]
+        if self.calls_tools:
+            parts.append(msgspec.json.encode(self.tools).decode())
+        return "\n".join(parts)
 
 
 class CompletionRequest(_Sampling, kw_only=True):

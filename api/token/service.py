@@ -879,6 +879,7 @@ class TokenService:
             max_price_minor_per_million=principal.max_price_minor_per_million,
             keepalive_s=KEEPALIVE_S,
             admission_class=getattr(admission, "admission_class", None) or "on_demand",
+            tools=isinstance(request, ChatCompletionRequest) and request.calls_tools,
         )
         return Run(
             service=self,
@@ -973,4 +974,6 @@ def _message(message: Any) -> dict[str, Any]:
         out["name"] = message.name
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        out["tool_calls"] = msgspec.to_builtins(message.tool_calls)
     return out

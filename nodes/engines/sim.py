@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from market.wire import Job, Piece, ServingMode, TokenLogprob, TopLogprob, Usage
+from market.wire import Job, Piece, ServingMode, TokenLogprob, ToolCallDelta, TopLogprob, Usage
 from nodes.engines.base import Emission, EngineError, EngineLoad, EngineStatus
 
 SIM_MODEL_NAME = "sim-llama-3-8b"
@@ -125,10 +126,24 @@ class _Seq:
     aborted: bool = False
     alternatives: int | None = None
     """Log probabilities asked for, with this many alternatives per token; None: not asked for."""
+    tool: tuple[str, str] | None = None
+    """(finish reason, function name) when the request makes the model call a tool."""
 
     @property
     def context(self) -> int:
         return self.prompt_tokens + self.generated
+
+
+def _forced_tool(body: dict[str, Any]) -> tuple[str, str] | None:
+    """A tool the request makes the model call: a named ``tool_choice`` (which ends as ``stop``, as
+    OpenAI's) or ``required`` (``tool_calls``); ``auto`` gets text from the simulator."""
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        return "stop", str((choice.get("function") or {}).get("name") or "")
+    if choice == "required" and tools:
+        return "tool_calls", str((tools[0].get("function") or {}).get("name") or "")
+    return None
 
 
 def estimate_prompt_tokens(job: Job) -> int:
@@ -252,6 +267,7 @@ class SimEngine:
             )
         seed = int.from_bytes(hashlib.blake2b(job.id.encode(), digest_size=4).digest(), "big")
         seq = _Seq(job.id, prompt, max_tokens, seed)
+        seq.tool = _forced_tool(body) if job.kind == "chat" else None
         if job.kind == "chat" and body.get("logprobs"):
             seq.alternatives = int(body.get("top_logprobs") or 0)
         elif job.kind != "chat" and body.get("logprobs") is not None:
@@ -275,6 +291,20 @@ class SimEngine:
 
     def _text(self, seq: _Seq, position: int) -> str:
         return " " + _WORDS[(seq.seed + position * 7) % len(_WORDS)]
+
+    def _tool_piece(self, seq: _Seq, text: str, done: bool) -> Piece:
+        """The forced tool call, one token at a time: ``{"input": "<words>"}``, closed at the last
+        token (made-up arguments, but always JSON)."""
+        assert seq.tool is not None
+        finish, name = seq.tool
+        word = json.dumps(text)[1:-1]
+        if seq.generated == 1:
+            call = ToolCallDelta(0, f"call_{seq.job_id[-12:]}", name, '{"input": "' + word)
+        else:
+            call = ToolCallDelta(0, None, None, word)
+        if done:
+            call = ToolCallDelta(call.index, call.id, call.name, call.arguments + '"}')
+        return Piece(0, "", 1, finish if done else None, None, [call])
 
     def _logprobs(self, seq: _Seq, text: str) -> list[TokenLogprob] | None:
         """Made-up but well-formed log probabilities: the chosen token the likeliest."""
@@ -376,7 +406,10 @@ class SimEngine:
         seq.generated += 1
         done = seq.generated >= seq.max_tokens
         text = self._text(seq, seq.generated)
-        piece = Piece(0, text, 1, "length" if done else None, self._logprobs(seq, text))
+        if seq.tool is not None:
+            piece = self._tool_piece(seq, text, done)
+        else:
+            piece = Piece(0, text, 1, "length" if done else None, self._logprobs(seq, text))
         seq.out.put_nowait(Emission([piece], Usage(seq.prompt_tokens, seq.generated)))
         if done:
             seq.out.put_nowait(None)

@@ -37,7 +37,7 @@ import aiohttp
 import msgspec
 from aiohttp.http_exceptions import HttpProcessingError
 
-from market.wire import MAX_REPORTED_COUNT, Job, Piece, TokenLogprob, TopLogprob, Usage
+from market.wire import MAX_REPORTED_COUNT, Job, Piece, TokenLogprob, ToolCallDelta, TopLogprob, Usage
 from nodes.engines.base import Emission, EngineError, EngineLoad, EngineStatus, ErrorCode
 from nodes.profiles import LaunchPlan, ProcessSpec
 
@@ -55,8 +55,20 @@ _NO_REMOTE = {
 """What vLLM's disaggregated proxy sends the prefill instance (NixlConnector)."""
 
 
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _Function | None = None
+
+
 class _Delta(msgspec.Struct):
     content: str | None = None
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _Top(msgspec.Struct):
@@ -87,6 +99,16 @@ class _Choice(msgspec.Struct):
     delta: _Delta | None = None
     finish_reason: str | None = None
     logprobs: _Logprobs | None = None
+
+
+def _tool_calls(raw: list[_ToolCall] | None) -> list[ToolCallDelta] | None:
+    if not raw:
+        return None
+    out = []
+    for call in raw:
+        function = call.function or _Function()
+        out.append(ToolCallDelta(call.index, call.id, function.name, function.arguments or ""))
+    return out
 
 
 def _token_logprobs(raw: _Logprobs) -> list[TokenLogprob]:
@@ -600,12 +622,19 @@ class VllmEngine:
                     for choice in event.choices or ():
                         text = ((choice.delta.content if choice.delta else None) if chat else choice.text) or ""
                         finish = choice.finish_reason
-                        if not text and finish is None and not delta and choice.logprobs is None:
+                        if (
+                            not text
+                            and finish is None
+                            and not delta
+                            and choice.logprobs is None
+                            and not (choice.delta and choice.delta.tool_calls)
+                        ):
                             continue
                         tokens = delta if delta is not None else (1 if text else 0)
                         delta = 0  # one choice carries the step's tokens
                         logprobs = _token_logprobs(choice.logprobs) if choice.logprobs is not None else None
-                        pieces.append(Piece(choice.index, text, tokens, finish, logprobs))
+                        calls = _tool_calls(choice.delta.tool_calls) if chat and choice.delta else None
+                        pieces.append(Piece(choice.index, text, tokens, finish, logprobs, calls))
                     if pieces or usage is not None:
                         yielded = True
                         yield Emission(pieces, usage)

@@ -47,7 +47,7 @@ def attached_agent(settings: Settings, server: VllmServer, node_id: str) -> Node
         provider_id="prov_test",
         settings=settings,
         models=[MODEL],
-        profile=ProfileInfo(max_num_seqs=server.max_num_seqs, max_model_len=server.max_model_len),
+        profile=ProfileInfo(max_num_seqs=server.max_num_seqs, max_model_len=server.max_model_len, tools=True),
         hardware=Hardware(accelerator="cpu"),
     )
     return NodeAgent(config, engine)
@@ -198,6 +198,69 @@ async def test_structured_output_and_logit_bias_reach_vllm(
             await client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5, response_format=nonsense
             )
+    finally:
+        await agent.stop(drain=False)
+
+
+async def test_tool_calls_from_vllm_streamed_and_whole(
+    api: RunningApi, scheduler: SchedulerService, settings: Settings, vllm_server: VllmServer, tenant: TenantKey
+) -> None:
+    """The model must call a tool (named, or ``required``): vLLM's guided decoding writes the call,
+    the relay carries its deltas, and the SDK gets a call whose arguments fit the tool's schema."""
+    agent = attached_agent(settings, vllm_server, "node_e2e_tools")
+    await agent.start()
+    try:
+        await wait_healthy(scheduler, ["node_e2e_tools"])
+        client = sdk(api, tenant.secret)
+        tools: Any = [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "The weather in a city",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                        "required": ["city"],
+                        "additionalProperties": False,
+                    },
+                },
+            }
+        ]
+        messages: Any = [{"role": "user", "content": "weather?"}]
+        named: Any = {"type": "function", "function": {"name": "get_weather"}}
+        whole = await client.chat.completions.create(
+            model=MODEL, messages=messages, tools=tools, tool_choice=named, max_tokens=80
+        )
+        [call] = whole.choices[0].message.tool_calls or []
+        assert call.function.name == "get_weather"  # type: ignore[union-attr]
+        assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")  # type: ignore[union-attr]
+        assert call.id
+
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=messages, tools=tools, tool_choice="required", max_tokens=80, stream=True
+        )
+        names, arguments, finish = [], "", None
+        async for part in stream:
+            for choice in part.choices:
+                for delta in choice.delta.tool_calls or []:
+                    if delta.function and delta.function.name:
+                        names.append(delta.function.name)
+                    arguments += (delta.function and delta.function.arguments) or ""
+                finish = choice.finish_reason or finish
+        assert names == ["get_weather"]
+        assert json.loads(arguments)["city"] in ("Paris", "Rome"), arguments
+        assert finish is not None  # (a random model may pad the call with whitespace up to max_tokens)
+
+        # the call and its result go back in the history; the model answers in text
+        history: Any = [
+            *messages,
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'},
+        ]
+        answer = await client.chat.completions.create(model=MODEL, messages=history, tools=tools, max_tokens=5)
+        assert answer.usage is not None
+        assert answer.usage.prompt_tokens > whole.usage.prompt_tokens  # type: ignore[union-attr]
     finally:
         await agent.stop(drain=False)
 

@@ -128,6 +128,17 @@ def test_stream_interval_reaches_vllm_only_when_set(model_dir: Path) -> None:
     assert argv[argv.index("--stream-interval") + 1] == "4"
 
 
+def test_a_tool_call_parser_enables_tools_in_vllm_and_in_heartbeats(model_dir: Path) -> None:
+    plain = parse_profile(yaml_profile(model_dir))
+    assert "--tool-call-parser" not in launch_plan(plain).processes[0].argv
+    assert not plain.info().tools
+    hermes = parse_profile(yaml_profile(model_dir, tool_call_parser="hermes"))
+    argv = launch_plan(hermes).processes[0].argv
+    assert option(argv, "--tool-call-parser") == "hermes"
+    assert "--enable-auto-tool-choice" in argv
+    assert hermes.info().tools
+
+
 def test_port_zero_picks_free_ports(model_dir: Path) -> None:
     plan = launch_plan(parse_profile(yaml_profile(model_dir, port=0)))
     assert plan.processes[0].port not in (None, 0)

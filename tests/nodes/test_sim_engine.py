@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 
 import pytest
@@ -232,5 +233,30 @@ async def test_log_probabilities_are_simulated_when_asked_for() -> None:
         none_top.body["logprobs"] = 0
         bare = [p async for e in engine.generate(none_top) for p in e.pieces]
         assert all(p.logprobs and not p.logprobs[0].top for p in bare)  # logprobs=0: no alternatives
+    finally:
+        await engine.stop()
+
+
+async def test_a_forced_tool_call_is_simulated_as_json_arguments() -> None:
+    engine = SimEngine(SimConfig(speedup=50.0))
+    await engine.start()
+    try:
+        tools = [{"type": "function", "function": {"name": "lookup"}}, {"type": "function", "function": {"name": "x"}}]
+        for choice, finish, name in (
+            ({"type": "function", "function": {"name": "x"}}, "stop", "x"),
+            ("required", "tool_calls", "lookup"),
+        ):
+            forced = job(max_tokens=5, kind="chat")
+            forced.body.update(tools=tools, tool_choice=choice)
+            pieces = [p async for e in engine.generate(forced) for p in e.pieces]
+            calls = [c for p in pieces for c in p.tool_calls or []]
+            assert [c.name for c in calls if c.name] == [name]
+            assert json.loads("".join(c.arguments for c in calls))["input"]
+            assert pieces[-1].finish_reason == finish
+            assert sum(p.tokens for p in pieces) == 5
+        auto = job(max_tokens=2, kind="chat")
+        auto.body.update(tools=tools, tool_choice="auto")
+        texts = [p async for e in engine.generate(auto) for p in e.pieces]
+        assert all(p.tool_calls is None and p.text for p in texts)  # auto: the simulator answers in text
     finally:
         await engine.stop()

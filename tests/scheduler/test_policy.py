@@ -144,6 +144,16 @@ def test_prompt_longer_than_the_node_context_goes_elsewhere() -> None:
     assert placed_on(fleet, job(prompt_tokens=2000)) == "node_big"
 
 
+def test_a_request_with_tools_goes_only_to_a_node_that_parses_tool_calls() -> None:
+    fleet = fleet_of(
+        heartbeat("node_plain"),
+        heartbeat("node_tools", running=6, slots=2, profile=ProfileInfo(tools=True)),
+    )
+    assert placed_on(fleet, job()) == "node_plain"  # the emptier node, for a plain request
+    assert placed_on(fleet, job(tools=True)) == "node_tools"
+    assert placed_on(fleet_of(heartbeat("node_plain")), job(tools=True)) is None
+
+
 def test_tenant_price_limit_and_allowed_providers() -> None:
     fleet = fleet_of(
         heartbeat("node_cheap", provider_id="prov_cheap", running=4),

@@ -615,13 +615,6 @@ async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
             "stream_options",
         ),
         (
-            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}],'
-            b' "tools": [{"type": "function", "function": {"name": "f"}}]}',
-            400,
-            "unsupported_parameter",
-            "tools",
-        ),
-        (
             b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "function_call": "auto"}',
             400,
             "unsupported_parameter",
@@ -790,6 +783,90 @@ async def test_log_probabilities_in_both_apis_streamed_or_not(api: RunningApi, t
     with pytest.raises(openai.BadRequestError) as refused:
         await client.chat.completions.create(model="fake-model", messages=messages, top_logprobs=2)
     assert refused.value.body["param"] == "top_logprobs"  # type: ignore[index]
+
+
+def tool_node(node_id: str) -> NodeBehaviour:
+    """Calls ``get_weather`` in three deltas, as vLLM streams a call."""
+
+    async def behave(job: wire.Job, reply: str, nc: Client) -> None:
+        await nc.publish(reply, chunk(job, node_id, 0, "accepted"))
+        deltas = [
+            wire.ToolCallDelta(0, "call_1", "get_weather", '{"city": '),
+            wire.ToolCallDelta(0, None, None, '"Par'),
+            wire.ToolCallDelta(0, None, None, 'is"}'),
+        ]
+        for seq, delta in enumerate(deltas, start=1):
+            finish = "tool_calls" if seq == 3 else None
+            piece = wire.Piece(0, "", 1, finish, None, [delta])
+            await nc.publish(reply, chunk(job, node_id, seq, "data", pieces=[piece]))
+        await nc.publish(reply, chunk(job, node_id, 4, "end", usage=wire.Usage(9, 3)))
+
+    return behave
+
+
+TOOLS: Any = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+async def test_tool_calls_streamed_or_whole_and_the_history_that_follows(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet
+) -> None:
+    f = await fleet({"node_a": tool_node("node_a")})
+    client = sdk(api, tenant.secret)
+    messages: Any = [{"role": "user", "content": "weather in Paris?"}]
+    whole = await client.chat.completions.create(model="fake-model", messages=messages, tools=TOOLS)
+    job = f.jobs[-1]
+    assert job.tools  # placed only on a node that parses tool calls
+    assert job.body["tools"] == TOOLS
+    assert "tool_choice" not in job.body
+    choice = whole.choices[0]
+    assert (choice.finish_reason, choice.message.content) == ("tool_calls", None)
+    [call] = choice.message.tool_calls or []
+    assert (call.id, call.function.name, call.function.arguments) == ("call_1", "get_weather", '{"city": "Paris"}')  # type: ignore[union-attr]
+
+    stream = await client.chat.completions.create(
+        model="fake-model", messages=messages, tools=TOOLS, tool_choice="required", stream=True
+    )
+    deltas = [d async for part in stream for c in part.choices for d in c.delta.tool_calls or []]
+    assert f.jobs[-1].body["tool_choice"] == "required"
+    assert [(d.index, d.id, d.function and d.function.name) for d in deltas] == [
+        (0, "call_1", "get_weather"),
+        (0, None, None),
+        (0, None, None),
+    ]
+    assert "".join((d.function and d.function.arguments) or "" for d in deltas) == '{"city": "Paris"}'
+
+    history: Any = [
+        *messages,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
+    ]
+    await client.chat.completions.create(model="fake-model", messages=history, tools=TOOLS, tool_choice="none")
+    job = f.jobs[-1]
+    assert not job.tools  # "none": any node will do, and the engine is not offered the tools
+    assert "tools" not in job.body
+    assert job.body["messages"][1]["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    ]
+    assert job.body["messages"][2] == {"role": "tool", "content": "21 C", "tool_call_id": "call_1"}
+
+    named: Any = {"type": "function", "function": {"name": "get_time"}}
+    for bad, param in (
+        ({"tools": TOOLS, "tool_choice": named}, "tool_choice"),  # not among the tools
+        ({"tool_choice": "required"}, "tool_choice"),  # no tools
+        ({"tools": [{"type": "function", "function": {"name": "has spaces"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(model="fake-model", messages=messages, **bad)
+        assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
 
 
 async def test_several_choices_may_each_run_to_the_end_of_the_context(
