@@ -150,6 +150,10 @@ class FleetView:
         """Whether any known node (healthy or not) lists ``model``: else the model is unknown."""
         return bool(self._by_model.get(model))
 
+    def serves_tools(self, model: str) -> bool:
+        """Whether any known node of ``model`` (healthy or not) parses tool calls."""
+        return any(node.profile.tools for node in self.candidates(model))
+
     def observe(self, hb: Heartbeat, now: float, wall: float = 0.0) -> NodeState:
         """Take in a heartbeat. Its counts now include what we placed before it, so ``in_flight``
         restarts at zero; a node that comes back after being lost can be lost (and announced) again."""

@@ -96,8 +96,8 @@ class SchedulerService:
         self.placements: Counter[str] = Counter()
         """Jobs this replica placed, by node id."""
         self.counters: Counter[str] = Counter()
-        """``placed``, ``unknown_model``, ``no_capacity``, ``expired``, ``invalid``, ``heartbeats``,
-        ``queued`` (jobs that waited for a slot), ``withdrawn`` (given up by the api while waiting),
+        """``placed``, ``unknown_model``, ``tools_unsupported``, ``no_capacity``, ``expired``, ``invalid``,
+        ``heartbeats``, ``queued`` (jobs that waited for a slot), ``withdrawn`` (given up by the api while waiting),
         ``node_lost``/``node_draining``/``node_revoked`` (events sent), ``db_flushes``, ``db_errors``."""
         self.waiting = WaitQueue()
         """Jobs waiting here for a free slot."""
@@ -211,6 +211,10 @@ class SchedulerService:
             if not self.fleet.serves(job.model):
                 self.counters["unknown_model"] += 1
                 return wire.Placement(job_id=job.id, error="unknown_model")
+            if job.tools and not self.fleet.serves_tools(job.model):
+                # No node of the model parses tool calls, busy or not: waiting would not help.
+                self.counters["tools_unsupported"] += 1
+                return wire.Placement(job_id=job.id, error="tools_unsupported", retry_after_s=0.0)
             wait = min(job.wait_s, job.deadline - time.time())
             if wait > 0 and msg.reply:
                 self._park(job, msg, wait)

@@ -315,6 +315,13 @@ class Run:
             self.job.relay_to = self.service.inboxes.relay_id
             try:
                 placement = await self._place(client_left)
+                if placement.error == "tools_unsupported":
+                    self._release_attempt()
+                    raise InvalidRequest(
+                        f"the model '{self.model}' is not served with tool calling here; send it without tools",
+                        code="tools_not_supported",
+                        param="tools",
+                    )
                 if placement.error:
                     self._release_attempt()
                     raise Unavailable(

@@ -314,6 +314,24 @@ async def test_unknown_model_and_no_capacity_are_told_apart(
     assert service.counters["placed"] == 0
 
 
+async def test_tools_on_a_model_no_node_serves_with_them_are_refused_at_once(
+    nc: Client, settings: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    await start_node(nodes, nc, settings, "node_plain", models=["llama-8b"])
+    service = await start_replica(replicas, settings)
+    waiting = make_job("req_tools", tools=True)
+    waiting.wait_s = 5.0  # even a job that may wait is answered at once: no node will ever fit
+    assert await submit(nc, waiting) == wire.Placement(job_id="req_tools", error="tools_unsupported", retry_after_s=0.0)
+    await start_node(nodes, nc, settings, "node_tools", models=["llama-8b"], profile=wire.ProfileInfo(tools=True))
+    for _ in range(100):
+        if service.fleet.get("node_tools") is not None:
+            break
+        await asyncio.sleep(0.02)
+    placed = await submit(nc, make_job("req_tools_2", tools=True))
+    assert placed.node_id == "node_tools"
+    assert service.counters["tools_unsupported"] == 1
+
+
 async def test_node_rows_follow_heartbeats_and_loss(
     nc: Client,
     fast: Settings,

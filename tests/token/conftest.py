@@ -77,6 +77,9 @@ class FakeFleet:
     unanswered: int = 0
     """Take this many submissions first and never answer them (a replica that died with them)."""
     submissions: int = 0
+    without_tools: bool = False
+    """No node parses tool calls: a job with tools is answered ``tools_unsupported``, as a real
+    scheduler answers it."""
     jobs: list[wire.Job] = field(default_factory=list)
     """Every submission, as the schedulers got it."""
 
@@ -87,6 +90,9 @@ class FakeFleet:
             self.jobs.append(job)
             if self.unanswered > 0:
                 self.unanswered -= 1
+                return
+            if job.tools and self.without_tools:
+                await msg.respond(wire.encode(wire.Placement(job_id=job.id, error="tools_unsupported")))
                 return
             candidates = [n for n in self.order if n not in job.exclude_nodes]
             if self.busy_answers > 0:

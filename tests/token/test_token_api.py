@@ -857,6 +857,12 @@ async def test_tool_calls_streamed_or_whole_and_the_history_that_follows(
     ]
     assert job.body["messages"][2] == {"role": "tool", "content": "21 C", "tool_call_id": "call_1"}
 
+    f.without_tools = True  # as if no node of the model had a tool-call parser
+    with pytest.raises(openai.BadRequestError) as unserved:
+        await client.chat.completions.create(model="fake-model", messages=messages, tools=TOOLS)
+    assert (unserved.value.code, unserved.value.param) == ("tools_not_supported", "tools")
+    f.without_tools = False
+
     named: Any = {"type": "function", "function": {"name": "get_time"}}
     for bad, param in (
         ({"tools": TOOLS, "tool_choice": named}, "tool_choice"),  # not among the tools
