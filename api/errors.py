@@ -231,8 +231,9 @@ _SQLALCHEMY_AWAY = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.Timeo
 
 def database_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     """What the database refused because of the request's values is the client's to fix (400); a
-    concurrent request that took the same unique name first is a 409; a database (or another
-    service) out of reach is a 503 to retry. Anything else stays an internal error."""
+    concurrent request that took the same unique name first is a 409; a deadlock or serialization
+    failure, or a database (or another service) out of reach, is a 503 to retry. Anything else
+    stays an internal error."""
     chain = _chain(exc)
     error: AppError | None = None
     if data := next((e for e in chain if isinstance(e, asyncpg.DataError)), None):
@@ -241,6 +242,11 @@ def database_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
         error = InvalidRequest("a number or date in the request is out of range", code="invalid_value")
     elif any(isinstance(e, asyncpg.UniqueViolationError) for e in chain):
         error = Conflict("a record with the same name or key was created at the same time", code="conflict")
+    elif any(isinstance(e, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)) for e in chain):
+        # Lock orders are kept so that this should not happen; if it does, the change was rolled
+        # back whole and trying again is right.
+        error = Unavailable("a concurrent change got in the way; retry", code="conflict_retry")
+        error.headers["Retry-After"] = "1"
     elif any(isinstance(e, DATABASE_AWAY + _SQLALCHEMY_AWAY) for e in chain):
         error = Unavailable("a service this request needs is unavailable; retry shortly", code="unavailable")
         error.headers["Retry-After"] = "1"

@@ -20,7 +20,9 @@ another in a cycle; two replicas cannot both hand out the last slots.
 Capacity nobody may use is neither held nor charged: suspending a tenant ends its reservations, and
 retiring a model ends every reservation of it (``end_all``, in the same transaction). Sizing takes
 the tenant's row in share mode between the model's and the reservation's, so a suspension (tenant,
-then its reservations) and a reservation made or grown beside it cannot both commit or deadlock.
+then its quota rows, then its reservations) and a reservation made or grown beside it cannot both
+commit or deadlock; the model's row is taken ``FOR NO KEY UPDATE``, which lets a tenant's allowed
+models be set (tenant row, then a key-share lock on the model by the foreign key) meanwhile.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from market.models import (
     ReservationHold,
     Tenant,
     TenantModel,
+    TenantQuota,
 )
 from market.models.billing import price_book_in_force
 
@@ -129,8 +132,11 @@ async def _check_capacity(session: AsyncSession, state: AppState, model: str, mo
 
 
 async def _lock_model(session: AsyncSession, name: str) -> Model | None:
-    """Lock the model's row: it serialises reservation sizing for the model."""
-    return (await session.execute(select(Model).where(Model.name == name).with_for_update())).scalar_one_or_none()
+    """Lock the model's row: it serialises reservation sizing for the model. ``FOR NO KEY UPDATE``:
+    rows that refer to the model (a tenant's allowed models, inserted under the tenant's lock) may
+    still be written meanwhile, or that and our wait for the tenant's row would be a cycle."""
+    query = select(Model).where(Model.name == name).with_for_update(key_share=True)
+    return (await session.execute(query)).scalar_one_or_none()
 
 
 async def _lock_tenant(session: AsyncSession, tenant_id: str) -> str | None:
@@ -293,13 +299,24 @@ async def end_all(
 ) -> int:
     """End every active reservation of ``tenant_id`` (being suspended) or of ``model`` (being
     retired), in the caller's transaction; returns how many. The hour they end in is still charged,
-    as when a tenant ends one; reinstating restores none."""
+    as when a tenant ends one; reinstating restores none.
+
+    Locks as admission does, which in one statement locks each tenant's quota row and then its
+    reservation's, tenants in id order: a tenant's quota rows first, or a model's reservations in
+    tenant order, so that neither can wait on a batch of admissions that waits on it."""
     query = select(Reservation).where(Reservation.status == "active")
     if tenant_id is not None:
+        await session.execute(
+            select(TenantQuota.period)
+            .where(TenantQuota.tenant_id == tenant_id)
+            .order_by(TenantQuota.period)
+            .with_for_update()
+        )
         query = query.where(Reservation.tenant_id == tenant_id)
     if model is not None:
         query = query.where(Reservation.model == model)
-    active = (await session.scalars(query.order_by(Reservation.id).with_for_update())).all()
+    query = query.order_by(Reservation.tenant_id, Reservation.model).with_for_update()
+    active = (await session.scalars(query)).all()
     for reservation in active:
         reservation.status = "ended"
         reservation.ended_at = func.now()

@@ -55,7 +55,9 @@ async def visible_tenant(
     if not is_platform(principal):
         query = query.where(Tenant.incubator_id == principal.incubator_id)
     if for_update:
-        query = query.with_for_update()
+        # FOR NO KEY UPDATE, as an update of its columns takes: the foreign-key checks of rows
+        # referring to the tenant (admission's quota updates among them) do not wait on it.
+        query = query.with_for_update(key_share=True)
     tenant = (await session.execute(query)).scalar_one_or_none()
     if tenant is None:
         raise NotFound("tenant not found", code="tenant_not_found")

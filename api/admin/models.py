@@ -59,7 +59,7 @@ class ModelController(Controller):
 
         Retiring ends every reservation of the model: nobody can call it any more."""
         async with app_state.sessions.begin() as session:
-            model = await session.get(Model, name.lstrip("/"), with_for_update=True)
+            model = await session.get(Model, name.lstrip("/"), with_for_update={"key_share": True})
             if model is None:
                 raise NotFound("model not found", code="model_not_found")
             if data.active is False and model.active:

@@ -142,7 +142,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     frequency_penalty: Penalty | None = None
     logit_bias: LogitBias | None = None
     # Fields we refuse when they ask for something (see the module's docstring); null, false, an
-    # empty list or ``"none"`` ask for nothing, as the SDKs and frameworks often send.
+    # empty list or string, or ``"none"`` ask for nothing, as the SDKs and frameworks often send.
     functions: list[Any] | None = None
     function_call: Any = None
     suffix: str | None = None
@@ -168,7 +168,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     def refuse_unsupported(self) -> None:
         for name, why in _UNSUPPORTED.items():
             value = getattr(self, name)
-            if value is None or value is False or value == [] or value == "none":
+            if value is None or value is False or value in ([], "", "none"):
                 continue
             raise InvalidRequest(
                 f"Unsupported parameter: '{name}': {why} on this marketplace", code="unsupported_parameter", param=name

@@ -72,7 +72,9 @@ async def test_requests_over_capacity_wait_and_start_in_arrival_order(
     first_token_at: dict[int, float] = {}
 
     async def ask(i: int) -> str:
-        stream = await client.completions.create(model=MODEL, prompt=f"request {i}", max_tokens=64, stream=True)
+        # 192 tokens hold the slot well over a second: all four arrive while the first runs, however
+        # slowly a loaded machine sends them
+        stream = await client.completions.create(model=MODEL, prompt=f"request {i}", max_tokens=192, stream=True)
         text = []
         async for event in stream:
             if event.choices and event.choices[0].text:

@@ -336,8 +336,9 @@ async def test_sizing_suspending_retiring_and_requests_interleaved_keep_the_book
     api: RunningApi, tenant: TenantKey, fleet: Fleet, live_node: str, priced: None, settings: Settings
 ) -> None:
     """Everything that locks a reservation, at once and over and over: a tenant sizing its
-    reservation and sending requests, an admin suspending and reinstating it, the platform retiring
-    and restoring the model. No deadlock (a 500), and the invariants hold at the end."""
+    reservation and sending requests, an admin suspending and reinstating it and setting its allowed
+    models, the platform retiring and restoring the model. No deadlock (a 500, or a 503 retry), and
+    the invariants hold at the end."""
     await fleet({"node_echo": echo_node("node_echo", words=2, delay=0.01)})
     admin_key = await create_platform_admin_key(settings)
     statuses: list[tuple[str, int, str]] = []
@@ -387,9 +388,15 @@ async def test_sizing_suspending_retiring_and_requests_interleaved_keep_the_book
             while time.monotonic() < until:
                 saw("chat", await chat(api, tenant.secret))
 
-        await asyncio.gather(sizing(), suspending(), retiring(), requests(), requests())
+        async def allowing() -> None:  # the tenant's allowed models: tenant row, then the model's key
+            models = f"/api/admin/tenants/{tenant.tenant_id}/models"
+            while time.monotonic() < until:
+                saw("allow", await admin.put(models, json={"models": [MODEL]}))
+                saw("allow", await admin.put(models, json={"models": []}))
 
-    assert not [s for s in statuses if s[1] >= 500], statuses
+        await asyncio.gather(sizing(), suspending(), retiring(), requests(), requests(), allowing())
+
+    assert not [s for s in statuses if s[1] >= 500], statuses  # a deadlock is a 503 conflict_retry
     suspended = {(403, "tenant_suspended")}  # the tenant's own key, while suspended
     sizing_refused = suspended | {(409, "tenant_suspended"), (404, "model_not_found")}
     expected = {
@@ -399,6 +406,7 @@ async def test_sizing_suspending_retiring_and_requests_interleaved_keep_the_book
         "end": {(200, "")} | suspended,
         "suspend": {(200, "")},
         "retire": {(200, "")},
+        "allow": {(200, "")},
         "chat": {(200, ""), (404, "model_not_found"), (429, "reservation_full")} | suspended,
     }
     assert {s for s in statuses if (s[1], s[2]) not in expected[s[0]]} == set()
