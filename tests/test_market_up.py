@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -184,6 +186,18 @@ def test_market_up_with_a_sim_node_serves_a_tenant_through_the_admin_api(tmp_pat
                 break
             assert time.monotonic() < deadline, balance
             time.sleep(0.3)
+        # The walkthrough's tool call: the local sim node says it parses calls, and makes one up.
+        weather: Any = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+        call = sdk.chat.completions.create(
+            model="sim-llama-3-8b",
+            messages=[{"role": "user", "content": "the weather in Paris?"}],
+            tools=[weather],
+            tool_choice="required",
+            max_tokens=4,
+        )
+        [made_up] = call.choices[0].message.tool_calls or []
+        assert made_up.function.name == "get_weather"  # type: ignore[union-attr]
+        assert json.loads(made_up.function.arguments)  # type: ignore[union-attr]
         # The walkthrough's reservation: made, doubled, listed with its price, ended.
         with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {secret}"}) as own:
             made = own.post("/api/tenant/reservations", json={"model": "sim-llama-3-8b", "slots": 2, "burst_slots": 4})
