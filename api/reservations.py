@@ -14,8 +14,8 @@ What the marketplace can promise is bounded by its live fleet: reservations for 
 hold at most ``reservable_share`` of the sequence slots of the healthy nodes serving it now, so a
 new or larger reservation beyond that is a 409. Sizing is serialised per model by the model row's
 lock, taken before the reservation's; admission locks a tenant's quota row and then its
-reservation's, never a model's, and nothing here locks a quota row, so none of them can wait on
-another in a cycle; two replicas cannot both hand out the last slots.
+reservation's, never a model's, and sizing locks no quota row, so none of them can wait on another
+in a cycle; two replicas cannot both hand out the last slots.
 
 Capacity nobody may use is neither held nor charged: suspending a tenant ends its reservations, and
 retiring a model ends every reservation of it (``end_all``, in the same transaction). Sizing takes
