@@ -170,9 +170,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
             value = getattr(self, name)
             if value is None or value is False or value in ([], "", "none"):
                 continue
-            raise InvalidRequest(
-                f"Unsupported parameter: '{name}': {why} on this marketplace", code="unsupported_parameter", param=name
-            )
+            raise InvalidRequest(f"Unsupported parameter '{name}': {why}.", code="unsupported_parameter", param=name)
 
     @property
     def choices(self) -> int:
