@@ -213,6 +213,13 @@ class Inboxes:
                     await sub.unsubscribe()
 
 
+_WITHDRAWN = object()
+
+
+class Withdrawn(Exception):
+    """Its asker stopped waiting for the answer (``Question.withdraw``)."""
+
+
 class Question:
     """A request's answers on an api replica's inbox (``Inboxes.ask``); ``close`` when done."""
 
@@ -225,13 +232,20 @@ class Question:
 
     async def answer(self, timeout: float) -> Msg:
         """The next answer; ``nats.errors.TimeoutError`` after ``timeout`` seconds without one,
-        ``nats.errors.NoRespondersError`` when nobody received the request."""
+        ``nats.errors.NoRespondersError`` when nobody received the request, ``Withdrawn`` once
+        ``withdraw`` was called."""
         msg = await self.answers.get_within(timeout)
         if msg is TIMED_OUT:
             raise nats.errors.TimeoutError
+        if msg is _WITHDRAWN:
+            raise Withdrawn
         if not msg.data and (msg.headers or {}).get("Status") == "503":
             raise nats.errors.NoRespondersError
         return msg  # type: ignore[no-any-return]
+
+    def withdraw(self) -> None:
+        """End the wait for an answer now: ``answer`` raises ``Withdrawn``."""
+        self.answers.put_nowait(_WITHDRAWN)
 
     def close(self) -> None:
         self.inboxes._answers.pop(self.reply, None)

@@ -46,6 +46,7 @@ from api.token.relay import (
     Question,
     SchedulerWatch,
     UsagePublisher,
+    Withdrawn,
 )
 from api.token.schemas import ChatCompletionRequest, CompletionRequest, estimate_tokens
 from market import subjects, wire
@@ -198,6 +199,8 @@ class Run:
     """A checkpoint of this stream was (or is being) written: its final event tombstones it."""
     admitting: asyncio.Task[Any] | None = None
     """The admission, while it runs beside placement; ``admission`` or ``refusal`` once it ends."""
+    question: Question | None = None
+    """The submission waiting for a scheduler's answer: a refusal meanwhile withdraws it."""
     refusal: BaseException | None = None
     """Why the admission that ran beside placement refused the request (what the client gets)."""
 
@@ -282,10 +285,14 @@ class Run:
             await self.service.usage.submit(event)
 
     def _admission_done(self, task: asyncio.Task[Any]) -> None:
-        """A refusal stops the wait for a slot or for the first token (placing a refused job on
-        and on, or waiting out its prefill, only takes capacity from admitted work)."""
-        if _refused(task) and self.queue is not None:
-            self.queue.put_nowait(_REFUSED)
+        """A refusal stops the wait for a scheduler's answer, for a slot or for the first token
+        (placing a refused job on and on, or waiting out its prefill, only takes capacity from
+        admitted work; and a scheduler that does not answer would hold the refusal back)."""
+        if _refused(task):
+            if self.queue is not None:
+                self.queue.put_nowait(_REFUSED)
+            if self.question is not None:
+                self.question.withdraw()
 
     def _refused(self) -> bool:
         return self.refusal is not None or (self.admitting is not None and _refused(self.admitting))
@@ -406,6 +413,9 @@ class Run:
             self.placing = True
             try:
                 question = await self.service.inboxes.ask(subjects.JOBS_SUBMIT, wire.encode(self.job))
+                self.question = question
+                if self._refused():  # refused before there was a question to withdraw
+                    question.withdraw()
                 try:
                     try:
                         answer = await question.answer(first_timeout)
@@ -419,9 +429,12 @@ class Run:
                     if placement.error == "queued" and placement.scheduler:
                         placement = await self._held(question, placement.scheduler, first_timeout + self.job.wait_s)
                 finally:
+                    self.question = None
                     question.close()
                 self.placing = False
                 return placement
+            except Withdrawn:
+                raise _NotAdmitted from None  # still ``placing``: the cancel withdraws it at the schedulers
             except nats.errors.NoRespondersError:
                 # Nobody received it, so sending it again cannot place it twice.
                 self.placing = False

@@ -215,6 +215,30 @@ async def test_a_submission_no_scheduler_answers_is_sent_once_more(
     assert f.submissions == 4
 
 
+async def test_a_refusal_while_no_scheduler_answers_is_told_at_once(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, engine: AsyncEngine
+) -> None:
+    """The admission (running beside placement) refuses while the submission waits for a scheduler
+    that never answers: the client gets the refusal now, not after the submission's timeouts
+    (twice the accept timeout, 1 s in tests, then as long again for the one resend)."""
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(update(ApiKey).where(ApiKey.id == tenant.key_id).values(requests_per_minute=100))
+    f = await fleet({"good": echo_node("good")})
+    client = sdk(api, tenant.secret)
+    await client.completions.create(model="fake-model", prompt="x", max_tokens=5)  # the key has room
+    async with session_factory(engine)() as session, session.begin():  # the grant is used up meanwhile
+        await session.execute(
+            text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
+        )
+    f.unanswered = 2
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.completions.create(model="fake-model", prompt="x", max_tokens=5)
+    assert refused.value.code == "insufficient_quota"
+    assert time.monotonic() - started < 1.0
+    assert f.submissions == 2  # sent beside its admission, and not again
+
+
 async def test_a_scheduler_replica_is_taken_for_dead_only_while_the_others_are_heard(nc: Client) -> None:
     """A replica whose beats stop while the others' go on is gone (its waiting jobs are submitted
     again); when this api heard nobody for a while (its own connection or loop stalled), nobody
