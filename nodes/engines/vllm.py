@@ -630,10 +630,10 @@ class VllmEngine:
                             and not (choice.delta and choice.delta.tool_calls)
                         ):
                             continue
-                        tokens = delta if delta is not None else (1 if text else 0)
+                        calls = _tool_calls(choice.delta.tool_calls) if chat and choice.delta else None
+                        tokens = delta if delta is not None else (1 if text or calls else 0)
                         delta = 0  # one choice carries the step's tokens
                         logprobs = _token_logprobs(choice.logprobs) if choice.logprobs is not None else None
-                        calls = _tool_calls(choice.delta.tool_calls) if chat and choice.delta else None
                         pieces.append(Piece(choice.index, text, tokens, finish, logprobs, calls))
                     if pieces or usage is not None:
                         yielded = True
