@@ -89,6 +89,10 @@ class ReservationOut(Struct, kw_only=True):
     created_at: datetime
     updated_at: datetime
     ended_at: datetime | None = None
+    backed: bool | None = None
+    """Whether the live fleet backs the model's reservations now: their slots together within the
+    reservable share of the healthy nodes serving it (capacity is checked when a reservation is
+    made or grown; nodes that leave later shrink it). None for an ended reservation."""
 
 
 async def _prices(session: AsyncSession, model: str, currency: str) -> dict[str, PriceBookEntry]:
@@ -166,6 +170,18 @@ async def _out(session: AsyncSession, state: AppState, reservations: list[Reserv
         .group_by(ReservationHold.reservation_id)
     )
     in_flight = {reservation_id: int(count or 0) for reservation_id, count in rows}
+    models = {r.model for r in reservations if r.status == "active"}
+    held: dict[str, int] = {}
+    if models:
+        totals = await session.execute(
+            select(Reservation.model, func.sum(Reservation.slots))
+            .where(Reservation.model.in_(models), Reservation.status == "active")
+            .group_by(Reservation.model)
+        )
+        held = {model: int(total or 0) for model, total in totals}
+    fleet = state.services["fleet"]
+    share = state.settings.reservable_share
+    backed = {m: math.floor(fleet.capacity(m) * share) >= held.get(m, 0) for m in models}
     currency = state.settings.currency
     out = []
     prices: dict[str, int] = {}
@@ -188,6 +204,7 @@ async def _out(session: AsyncSession, state: AppState, reservations: list[Reserv
                 created_at=r.created_at,
                 updated_at=r.updated_at,
                 ended_at=r.ended_at,
+                backed=backed.get(r.model) if r.status == "active" else None,
             )
         )
     return out

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 from nats.aio.client import Client
 from sqlalchemy import update
@@ -195,6 +196,43 @@ async def test_reservations_fit_the_live_fleet_and_resize_within_it(
         await conn.close()
     # the history the hourly charge reads: created, grown, shrunk, ended
     assert [tuple(s) for s in sizes] == [(3, 0), (4, 6), (1, 6), (0, 0)]
+
+
+async def test_a_reservation_says_whether_the_live_fleet_backs_it(
+    api: RunningApi, tenant: TenantKey, priced: None, nc: Client, settings: Settings
+) -> None:
+    """Capacity is checked when a reservation is made; a node that leaves later does not cancel it,
+    but the tenant (and its admins) can see that it is no longer backed."""
+    beat = wire.Heartbeat(
+        node_id="node_backing",
+        provider_id="prov_fake",
+        status="healthy",
+        models=[MODEL],
+        profile=wire.ProfileInfo(max_num_seqs=8),
+        slots=8,
+    )
+    await nc.publish(subjects.heartbeat(beat.node_id), wire.encode(beat))
+    await nc.flush()
+    async with client(api, tenant.secret) as http:
+        for _ in range(50):  # the api's fleet view has the node
+            made = await http.post("/api/tenant/reservations", json={"model": MODEL, "slots": 3})
+            if made.status_code == 201:
+                break
+            await asyncio.sleep(0.05)
+        assert made.status_code == 201, made.text
+        rid = made.json()["id"]
+        assert made.json()["backed"] is True  # 3 of 8 x 0.5 = 4 reservable slots
+        draining = msgspec.structs.replace(beat, status="draining")
+        await nc.publish(subjects.heartbeat(beat.node_id), wire.encode(draining))
+        await nc.flush()
+        for _ in range(50):
+            shown = (await http.get(f"/api/tenant/reservations/{rid}")).json()
+            if shown["backed"] is False:
+                break
+            await asyncio.sleep(0.05)
+        assert (shown["status"], shown["backed"]) == ("active", False)  # still held, and charged
+        ended = (await http.delete(f"/api/tenant/reservations/{rid}")).json()
+        assert (ended["status"], ended["backed"]) == ("ended", None)
 
 
 async def test_an_admin_reserves_on_a_tenants_behalf(
