@@ -88,7 +88,7 @@ def run(fleet_size: int, jobs: int, job_rate: float, seed: int, scan_limit: int)
         t0 = clock()
         node = place(job, fleet, now)
         if node is not None:
-            fleet.commit(node)
+            fleet.commit(node, now)
             placed += 1
         samples.append(clock() - t0)
     elapsed_s = (clock() - started) / 1e9

@@ -258,6 +258,16 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     agent_version: str = ""
     sent_at: float = 0.0
     seq: int = 0
+    placements: dict[str, int] | None = None
+    """Per scheduler replica, the ``PLACEMENT_HEADER`` sequence number of the last job from it this
+    node had received when it counted ``slots``: a replica still counts its later placements
+    against the node. ``None`` from agents before this field (a replica then takes the report to
+    cover all it placed before it arrived, and may overcommit a node for one report)."""
+
+
+PLACEMENT_HEADER = "Market-Placement"
+"""NATS header on a job a scheduler forwards to a node: ``"<replica> <sequence number>"``, the
+number rising with each of the replica's placements (on any node); echoed in ``Heartbeat.placements``."""
 
 
 class FleetEvent(msgspec.Struct, kw_only=True):

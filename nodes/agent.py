@@ -56,6 +56,9 @@ FOREIGN_SCRAPES = 3
 other clients' load (a single scrape's excess is usually a wave that just ended)."""
 MAX_BATCH = 256
 """Chunks per ChunkBatch message at most (well under NATS's 1 MB payload even for long pieces)."""
+MAX_REPLICAS_ACKNOWLEDGED = 32
+"""Scheduler replicas a heartbeat acknowledges placements of (those heard from last): far more
+than run at once; one restarted long ago has nothing left to be told."""
 
 
 @dataclass(slots=True)
@@ -203,6 +206,9 @@ class NodeAgent:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._hb_seq = 0
+        self._placements: dict[str, int] = {}
+        """Per scheduler replica, the sequence number of the last job received from it
+        (``wire.PLACEMENT_HEADER``), the replica heard from last at the end; echoed in heartbeats."""
         self._killed = False
         self._outbox: dict[str, list[wire.RelayedChunk]] = {}
         """Chunks waiting for the outbox task, by api relay id."""
@@ -365,6 +371,7 @@ class NodeAgent:
             agent_version=AGENT_VERSION,
             sent_at=time.time(),
             seq=self._hb_seq,
+            placements=dict(self._placements),  # taken with ``slots``: the jobs that count in it
         )
 
     async def _engine_load(self) -> tuple[EngineLoad, int | None]:
@@ -499,6 +506,8 @@ class NodeAgent:
     # --- jobs ----------------------------------------------------------------------------------
 
     async def _on_job(self, msg: Msg) -> None:
+        if msg.headers:
+            self._acknowledge(msg.headers.get(wire.PLACEMENT_HEADER))
         try:
             job = self._job_decoder.decode(msg.data)
         except msgspec.DecodeError:
@@ -515,6 +524,24 @@ class NodeAgent:
         if self._quick_at is not None:
             self._load_changed()  # a report due later may have to come sooner now
         running.task = asyncio.create_task(self._run(running), name=f"job {job.id}")
+
+    def _acknowledge(self, placement: str | None) -> None:
+        """Note a placement's ``"<replica> <sequence number>"`` for the next heartbeat; a bounded
+        number of replicas is kept (each restart of a scheduler is a new one)."""
+        if not placement:
+            return
+        replica, _, number = placement.rpartition(" ")
+        try:
+            seq = int(number)
+        except ValueError:
+            return
+        if not replica:
+            return
+        placements = self._placements
+        last = placements.pop(replica, None)
+        if last is None and len(placements) >= MAX_REPLICAS_ACKNOWLEDGED:
+            del placements[next(iter(placements))]
+        placements[replica] = seq if last is None else max(last, seq)
 
     async def _publish(self, running: _Running, chunk: Chunk) -> None:
         if self._killed or self.nc is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -78,7 +79,9 @@ class NodeState:
     seen_at: float = 0.0
     """Wall-clock time of the same arrival, for ``nodes.last_seen_at``."""
     in_flight: int = 0
-    """Jobs this replica placed here since the node's last heartbeat (not yet in its counts)."""
+    """Jobs this replica placed here that the node's last heartbeat did not count yet."""
+    unacked: deque[tuple[int, float]] = field(default_factory=deque)
+    """Those jobs' placement sequence numbers and monotonic times, oldest first."""
     offers: dict[str, int] = field(default_factory=dict)
     """Offer price in minor units per million tokens, by model (``ANY_MODEL`` for the default)."""
     lost: bool = False
@@ -117,9 +120,14 @@ class FleetView:
         heartbeat_timeout_s: float,
         config: PolicyConfig = DEFAULT_POLICY,
         rng: random.Random | None = None,
+        replica: str = "",
     ) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.config = config
+        self.replica = replica
+        """The replica's name in ``Heartbeat.placements``."""
+        self.placement_seq = 0
+        """The sequence number of this replica's last placement (``commit``)."""
         self.rng = rng or random.Random()  # noqa: S311 - tie-breaking, not security
         self.nodes: dict[str, NodeState] = {}
         self._by_model: dict[str, dict[str, NodeState]] = {}
@@ -155,8 +163,15 @@ class FleetView:
         return any(node.profile.tools for node in self.candidates(model))
 
     def observe(self, hb: Heartbeat, now: float, wall: float = 0.0) -> NodeState:
-        """Take in a heartbeat. Its counts now include what we placed before it, so ``in_flight``
-        restarts at zero; a node that comes back after being lost can be lost (and announced) again."""
+        """Take in a heartbeat; a node that comes back after being lost can be lost (and announced)
+        again.
+
+        Its counts include the placements it acknowledges (``Heartbeat.placements``), not those
+        sent after it was counted: a report in flight while a job was on its way must not free the
+        job's slot, or a full node gets a second job (an engine queue bypassing the scheduler's
+        order, reserved first). A placement never acknowledged within the heartbeat timeout was
+        lost with the message or the node's restart. An agent that acknowledges nothing (older
+        than the field) is taken to count all placed before its report arrived."""
         node = self.nodes.get(hb.node_id)
         if node is None:
             node = NodeState(hb.node_id, hb.provider_id, offers=self._offers.setdefault(hb.node_id, {}))
@@ -184,7 +199,15 @@ class FleetView:
         node.kv_cache_usage = min(max(kv, 0.0), 1.0) if math.isfinite(kv) else 1.0
         node.last_seen = now
         node.seen_at = wall
-        node.in_flight = 0
+        unacked = node.unacked
+        if hb.placements is None:
+            unacked.clear()
+        elif unacked:
+            last = hb.placements.get(self.replica, 0)
+            stale = now - self.heartbeat_timeout_s
+            while unacked and (unacked[0][0] <= last or unacked[0][1] < stale):
+                unacked.popleft()
+        node.in_flight = len(unacked)
         node.lost = False
         if hb.status not in ("draining", "revoked"):
             node.announced = None
@@ -220,9 +243,13 @@ class FleetView:
                 return True
         return False
 
-    def commit(self, node: NodeState) -> None:
-        """Count a placement against the node until its next heartbeat reports it."""
+    def commit(self, node: NodeState, now: float) -> int:
+        """Count a placement against the node until a heartbeat acknowledges it; its sequence
+        number (what the job carries to the node in ``PLACEMENT_HEADER``)."""
+        self.placement_seq += 1
+        node.unacked.append((self.placement_seq, now))
         node.in_flight += 1
+        return self.placement_seq
 
     def expire(self, now: float) -> list[NodeState]:
         """Nodes that just went silent past the timeout (each returned once per silence), and

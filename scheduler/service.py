@@ -90,7 +90,7 @@ class SchedulerService:
         self.name = name
         self.replica = f"{name}-{ulid()[-10:].lower()}"
         """This replica's id in its ``SchedulerAlive`` beats and its ``queued`` answers."""
-        self.fleet = FleetView(settings.heartbeat_timeout_s, policy)
+        self.fleet = FleetView(settings.heartbeat_timeout_s, policy, replica=self.replica)
         self.warmup_s = settings.heartbeat_interval_s * 1.5 if warmup_s is None else warmup_s
         self.persist_interval_s = persist_interval_s
         self.placements: Counter[str] = Counter()
@@ -206,7 +206,8 @@ class SchedulerService:
             return wire.Placement(job_id=job.id, error="expired")
         if self._withdrawn and self._withdrawn.get(job.id, 0.0) > time.monotonic():
             return None  # its api gave up on it before it got here: nobody listens for an answer
-        node = place(job, self.fleet, time.monotonic())
+        now = time.monotonic()
+        node = place(job, self.fleet, now)
         if node is None:
             if not self.fleet.serves(job.model):
                 self.counters["unknown_model"] += 1
@@ -224,14 +225,20 @@ class SchedulerService:
             self.counters["no_capacity"] += 1
             # Capacity news arrives with heartbeats: asking again before the next one is pointless.
             return self._no_capacity(job)
-        self.fleet.commit(node)
-        return await self._forward(node, job, msg.data)
+        seq = self.fleet.commit(node, now)
+        return await self._forward(node, job, msg.data, seq)
 
-    async def _forward(self, node: NodeState, job: wire.Job, data: bytes) -> wire.Placement:
-        """Send a placed job to its node: the bytes as they came; the node answers straight to the
-        api's inbox."""
+    async def _forward(self, node: NodeState, job: wire.Job, data: bytes, seq: int) -> wire.Placement:
+        """Send a placed job to its node: the bytes as they came, with the placement's sequence
+        number (which the node's heartbeats acknowledge); the node answers straight to the api's
+        inbox."""
         assert self.nc is not None
-        await self.nc.publish(subjects.node_jobs(node.node_id), data, reply=job.reply)
+        await self.nc.publish(
+            subjects.node_jobs(node.node_id),
+            data,
+            reply=job.reply,
+            headers={wire.PLACEMENT_HEADER: f"{self.replica} {seq}"},
+        )
         self.placements[node.node_id] += 1
         self.counters["placed"] += 1
         return wire.Placement(job_id=job.id, node_id=node.node_id, provider_id=node.provider_id)
@@ -291,7 +298,7 @@ class SchedulerService:
         The choice is made without awaiting (so no job is added or placed twice meanwhile); the
         sends and answers follow."""
         now = time.monotonic()
-        chosen: list[tuple[Waiting, NodeState]] = []
+        chosen: list[tuple[Waiting, NodeState, int]] = []
         for model in models:
             if not self.waiting.has(model):
                 continue
@@ -299,20 +306,19 @@ class SchedulerService:
             for entry in self.waiting.ordered(model):
                 node = place(entry.job, self.fleet, now)
                 if node is not None:
-                    self.fleet.commit(node)
-                    chosen.append((entry, node))
+                    chosen.append((entry, node, self.fleet.commit(node, now)))
                     continue
                 if not self.fleet.has_free_slot(model, now, entry.job.admission_class == "reserved"):
                     break  # no slot for this class, nor for the classes after it
                 misses += 1  # the job's own limits rule the free slots out: the next may fit
                 if misses >= MAX_MISSES:
                     break
-        for entry, _node in chosen:
+        for entry, _node, _seq in chosen:
             self.waiting.remove(entry.job.id)
             entry.timer.cancel()
-        for entry, node in chosen:
+        for entry, node, seq in chosen:
             try:
-                placement = await self._forward(node, entry.job, entry.data)
+                placement = await self._forward(node, entry.job, entry.data, seq)
             except Exception:
                 log.exception("sending a waiting job to its node failed", extra={"job": entry.job.id})
                 placement = wire.Placement(job_id=entry.job.id, error="scheduler_error")

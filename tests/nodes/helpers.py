@@ -56,13 +56,15 @@ class JobWatch:
         self.finished = asyncio.Event()
         self._sub: Any = None
 
-    async def submit(self, node_id: str) -> JobWatch:
+    async def submit(self, node_id: str, headers: dict[str, str] | None = None) -> JobWatch:
         async def on_chunk(msg: Any) -> None:
             if not msg.data and (msg.headers or {}).get("Status") == "503":
                 # "No responders": the server had not yet seen the agent's subscription (rarely,
                 # right after start). The api fails over on this; here we simply send it again.
                 await asyncio.sleep(0.05)
-                await self.nc.publish(subjects.node_jobs(node_id), wire.encode(self.job), reply=self.job.reply)
+                await self.nc.publish(
+                    subjects.node_jobs(node_id), wire.encode(self.job), reply=self.job.reply, headers=headers
+                )
                 return
             chunk = CHUNKS.decode(msg.data)
             self.chunks.append(chunk)
@@ -73,7 +75,7 @@ class JobWatch:
 
         self._sub = await self.nc.subscribe(self.job.reply, cb=on_chunk)
         # As the scheduler forwards it: the job message's reply is the api's inbox.
-        await self.nc.publish(subjects.node_jobs(node_id), wire.encode(self.job), reply=self.job.reply)
+        await self.nc.publish(subjects.node_jobs(node_id), wire.encode(self.job), reply=self.job.reply, headers=headers)
         await self.nc.flush()
         return self
 

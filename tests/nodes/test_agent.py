@@ -353,6 +353,29 @@ async def test_free_slots_count_our_jobs_now_and_only_lasting_foreign_load(
     assert (await agent.heartbeat()).slots == 16
 
 
+async def test_heartbeats_acknowledge_each_schedulers_last_placement_with_the_slots_it_took(
+    nc: Client, make_agent: AgentFactory
+) -> None:
+    """A report tells each scheduler replica the last of its placements counted in its ``slots``:
+    the replica keeps counting the ones sent after against the node (``FleetView.observe``)."""
+    agent = await make_agent(speedup=1.0, max_num_seqs=8)
+    watch = await HeartbeatWatch(nc, agent.node_id).start()
+    await watch.wait_for("healthy")
+    before = await agent.heartbeat()
+    assert before.placements == {}
+    watches = []
+    for header in ("sched-a 3", "sched-b 7", "sched-a 9", "sched-a nine", " 4", "sched-c"):
+        job = make_job(MODEL, max_tokens=2000)
+        watches.append(await JobWatch(nc, job).submit(agent.node_id, headers={wire.PLACEMENT_HEADER: header}))
+    await asyncio.gather(*(asyncio.wait_for(w.first_data.wait(), 10) for w in watches))
+    beat = await agent.heartbeat()
+    assert beat.placements == {"sched-b": 7, "sched-a": 9}  # malformed ones acknowledge nothing
+    assert beat.slots == before.slots - len(watches)  # every job counts, acknowledged or not
+    for w in watches:
+        await w.cancel(agent.node_id)
+    await asyncio.gather(*(w.done() for w in watches))
+
+
 async def test_a_batch_window_never_holds_a_first_token_back(nc: Client, make_agent: AgentFactory) -> None:
     """Batched chunks wait ``relay_window_s`` for company, but not a job's first token."""
     agent = await make_agent(speedup=1.0, relay_window_s=0.5)

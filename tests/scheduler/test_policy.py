@@ -103,7 +103,7 @@ def test_burst_leaves_headroom_that_reserved_traffic_may_use() -> None:
     node = place(job(admission_class="reserved"), fleet, 100.0)
     assert node is not None
     for _ in range(4):
-        fleet.commit(node)
+        fleet.commit(node, 100.0)
     assert placed_on(fleet, job(admission_class="reserved")) is None  # full means full for everyone
 
 
@@ -111,7 +111,7 @@ def test_headroom_lets_burst_in_while_it_lasts() -> None:
     fleet = fleet_of(heartbeat("node_a", running=0, slots=10), config=PolicyConfig(reserved_headroom_share=0.2))
     placed = 0
     while (node := place(job(admission_class="burst"), fleet, 100.0)) is not None:
-        fleet.commit(node)
+        fleet.commit(node, 100.0)
         placed += 1
     assert placed == 8
 
@@ -184,7 +184,7 @@ def test_a_burst_within_one_heartbeat_spreads_over_the_fleet() -> None:
     for _ in range(40):
         node = place(job(), fleet, 100.0)
         assert node is not None
-        fleet.commit(node)
+        fleet.commit(node, 100.0)
         counts[node.node_id] += 1
     assert counts == {f"node_{i}": 10 for i in range(4)}
     # The next heartbeat reports those jobs itself, so local accounting starts over.
@@ -197,7 +197,7 @@ def test_in_flight_placements_use_up_reported_slots() -> None:
     for _ in range(3):
         node = place(job(admission_class="reserved"), fleet, 100.0)
         assert node is not None
-        fleet.commit(node)
+        fleet.commit(node, 100.0)
     assert place(job(admission_class="reserved"), fleet, 100.0) is None
 
 
@@ -220,7 +220,7 @@ def test_large_fleets_are_sampled_but_never_refused_while_a_node_fits() -> None:
     for _ in range(100):
         node = place(job(), fleet, 100.0)
         assert node is not None
-        fleet.commit(node)
+        fleet.commit(node, 100.0)
         chosen[node.node_id] += 1
     assert max(chosen.values()) <= 3
 
@@ -236,3 +236,45 @@ def test_a_node_reporting_nonsense_load_neither_blocks_placement_nor_wins_it() -
     fleet = fleet_of(heartbeat("negative", running=-50, waiting=-50, slots=-8, kv_cache_usage=-3.0))
     node = fleet.nodes["negative"]
     assert (node.running, node.waiting, node.slots, node.kv_cache_usage) == (0, 0, 0, 0.0)
+
+
+def test_a_report_counted_before_a_placement_arrived_does_not_free_its_slot() -> None:
+    """A one-slot node's report, counted before the job placed on it arrived, reaches the replica
+    after the placement: the slot stays taken until a report acknowledges the job, then the
+    report's own count rules."""
+    fleet = FleetView(TIMEOUT, PolicyConfig(reserved_headroom_share=0.0), replica="sched-a")
+    fleet.observe(heartbeat("node_a", slots=1, placements={}), 100.0)
+    node = place(job(), fleet, 100.0)
+    assert node is not None
+    seq = fleet.commit(node, 100.0)
+    fleet.observe(heartbeat("node_a", slots=1, placements={"sched-b": 99}), 100.1)  # not ours
+    assert placed_on(fleet, job(), 100.1) is None
+    fleet.observe(heartbeat("node_a", slots=0, placements={"sched-a": seq}), 100.2)
+    assert placed_on(fleet, job(), 100.2) is None
+    fleet.observe(heartbeat("node_a", slots=1, placements={"sched-a": seq}), 100.3)  # the job ended
+    assert placed_on(fleet, job(), 100.3) == "node_a"
+
+
+def test_a_placement_never_acknowledged_stops_counting_after_the_heartbeat_timeout() -> None:
+    """Lost on the way, or with the node's restart: it holds the slot no longer than a lost node."""
+    fleet = FleetView(TIMEOUT, PolicyConfig(reserved_headroom_share=0.0), replica="sched-a")
+    fleet.observe(heartbeat("node_a", slots=1, placements={}), 100.0)
+    node = place(job(), fleet, 100.0)
+    assert node is not None
+    fleet.commit(node, 100.0)
+    fleet.observe(heartbeat("node_a", slots=1, placements={}), 100.0 + TIMEOUT - 0.1)
+    assert placed_on(fleet, job(), 100.0 + TIMEOUT - 0.1) is None
+    fleet.observe(heartbeat("node_a", slots=1, placements={}), 100.0 + TIMEOUT + 0.1)
+    assert placed_on(fleet, job(), 100.0 + TIMEOUT + 0.1) == "node_a"
+
+
+def test_an_agent_that_acknowledges_nothing_is_taken_to_count_all_placed_before_its_report() -> None:
+    """Agents from before ``Heartbeat.placements``: the old rule, so they still get work."""
+    fleet = FleetView(TIMEOUT, PolicyConfig(reserved_headroom_share=0.0), replica="sched-a")
+    fleet.observe(heartbeat("node_a", slots=1), 100.0)
+    node = place(job(), fleet, 100.0)
+    assert node is not None
+    fleet.commit(node, 100.0)
+    assert placed_on(fleet, job(), 100.0) is None
+    fleet.observe(heartbeat("node_a", slots=1), 100.1)
+    assert placed_on(fleet, job(), 100.1) == "node_a"

@@ -52,12 +52,17 @@ class FakeNode:
     profile: wire.ProfileInfo = field(default_factory=wire.ProfileInfo)
     jobs: list[tuple[wire.Job, str]] = field(default_factory=list)
     """Each job received with the reply subject it came with."""
+    acknowledges: bool = False
+    """Report ``placements`` as an agent does (else as agents before that field)."""
+    placements: dict[str, int] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
 
     async def start(self) -> FakeNode:
         async def on_job(msg: Msg) -> None:
             job = _job_decoder.decode(msg.data)
             self.jobs.append((job, msg.reply))
+            replica, _, seq = (msg.headers or {})[wire.PLACEMENT_HEADER].rpartition(" ")
+            self.placements[replica] = int(seq)
             accepted = wire.Chunk(job_id=job.id, node_id=self.node_id, seq=0, kind="accepted")
             await self.nc.publish(msg.reply, wire.encode(accepted))
 
@@ -77,6 +82,7 @@ class FakeNode:
             slots=self.slots,
             running=self.running,
             sent_at=time.time(),
+            placements=dict(self.placements) if self.acknowledges else None,
         )
 
     async def heartbeat(self) -> None:
@@ -454,6 +460,41 @@ async def test_jobs_wait_for_a_free_slot_reserved_first_then_in_arrival_order(
         assert placement.error is None
     assert service.counters["placed"] == 3
     assert service.counters["no_capacity"] == 0
+
+
+async def test_a_report_counted_before_a_job_arrived_does_not_free_the_jobs_slot(
+    nc: Client, settings: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    """A one-slot node's report, counted before the job placed on it arrived but reaching the
+    replica after the placement, leaves the slot taken: the next job waits at the scheduler (in
+    its order) rather than in the node's engine queue, until a report acknowledges the first job
+    and shows the slot free."""
+    node = await start_node(nodes, nc, settings, "node_one", models=["llama-8b"], slots=1, acknowledges=True)
+    service = await start_replica(replicas, settings)
+    await eventually(lambda: service.fleet.get("node_one") is not None)
+    await node.go_silent()  # its reports are sent by hand from here on
+    await node.heartbeat()
+    first = await submit(nc, make_job("req_first"))
+    assert first.node_id == "node_one"
+    await eventually(lambda: len(node.jobs) == 1)
+    assert node.placements == {service.replica: 1}
+    beats = service.counters["heartbeats"]
+    stale = msgspec.structs.replace(node.heartbeat_message(), placements={})
+    await nc.publish(subjects.heartbeat("node_one"), wire.encode(stale))
+    await eventually(lambda: service.counters["heartbeats"] == beats + 1)
+
+    second = asyncio.create_task(request_placement(nc, make_job("req_second", wait_s=30.0)))
+    await eventually(lambda: service.counters["queued"] == 1)
+    node.slots = 0
+    await node.heartbeat()  # acknowledges the first job, which holds the slot
+    await asyncio.sleep(0.2)
+    assert not second.done()
+    node.slots = 1
+    await node.heartbeat()  # the first job ended
+    placement = await second
+    assert placement.node_id == "node_one"
+    assert node.job_ids() == ["req_first", "req_second"]
+    assert node.placements == {service.replica: 2}
 
 
 async def test_a_waiting_job_is_refused_when_its_wait_ends_or_its_replica_stops(
