@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -60,6 +59,19 @@ def _decode_slowdown(share: int) -> float:
 
 
 @dataclass(slots=True, eq=False)
+class Placed:
+    """One of this replica's placements on a node, counted against it until a heartbeat
+    acknowledges it (``FleetView.observe``)."""
+
+    at: float
+    """Monotonic time of the placement."""
+    seq: int = 0
+    """Its sequence number, given as it is sent (``FleetView.sent``): so one replica's jobs reach a
+    node in the order of their numbers, and acknowledging one acknowledges all before it. 0 until
+    then: no report can have counted it."""
+
+
+@dataclass(slots=True, eq=False)
 class NodeState:
     """What one scheduler replica knows about one node: its last heartbeat plus local accounting."""
 
@@ -80,8 +92,8 @@ class NodeState:
     """Wall-clock time of the same arrival, for ``nodes.last_seen_at``."""
     in_flight: int = 0
     """Jobs this replica placed here that the node's last heartbeat did not count yet."""
-    unacked: deque[tuple[int, float]] = field(default_factory=deque)
-    """Those jobs' placement sequence numbers and monotonic times, oldest first."""
+    unacked: list[Placed] = field(default_factory=list)
+    """Those jobs, oldest first."""
     offers: dict[str, int] = field(default_factory=dict)
     """Offer price in minor units per million tokens, by model (``ANY_MODEL`` for the default)."""
     lost: bool = False
@@ -127,7 +139,7 @@ class FleetView:
         self.replica = replica
         """The replica's name in ``Heartbeat.placements``."""
         self.placement_seq = 0
-        """The sequence number of this replica's last placement (``commit``)."""
+        """The sequence number of this replica's last placement sent (``sent``)."""
         self.rng = rng or random.Random()  # noqa: S311 - tie-breaking, not security
         self.nodes: dict[str, NodeState] = {}
         self._by_model: dict[str, dict[str, NodeState]] = {}
@@ -199,15 +211,13 @@ class FleetView:
         node.kv_cache_usage = min(max(kv, 0.0), 1.0) if math.isfinite(kv) else 1.0
         node.last_seen = now
         node.seen_at = wall
-        unacked = node.unacked
         if hb.placements is None:
-            unacked.clear()
-        elif unacked:
+            node.unacked.clear()
+        elif node.unacked:
             last = hb.placements.get(self.replica, 0)
             stale = now - self.heartbeat_timeout_s
-            while unacked and (unacked[0][0] <= last or unacked[0][1] < stale):
-                unacked.popleft()
-        node.in_flight = len(unacked)
+            node.unacked = [p for p in node.unacked if (p.seq == 0 or p.seq > last) and p.at >= stale]
+        node.in_flight = len(node.unacked)
         node.lost = False
         if hb.status not in ("draining", "revoked"):
             node.announced = None
@@ -243,13 +253,25 @@ class FleetView:
                 return True
         return False
 
-    def commit(self, node: NodeState, now: float) -> int:
-        """Count a placement against the node until a heartbeat acknowledges it; its sequence
-        number (what the job carries to the node in ``PLACEMENT_HEADER``)."""
-        self.placement_seq += 1
-        node.unacked.append((self.placement_seq, now))
+    def commit(self, node: NodeState, now: float) -> Placed:
+        """Count a placement against the node until a heartbeat acknowledges it."""
+        placed = Placed(now)
+        node.unacked.append(placed)
         node.in_flight += 1
-        return self.placement_seq
+        return placed
+
+    def sent(self, placed: Placed) -> int:
+        """Number a placement as its job is sent (what it carries in ``PLACEMENT_HEADER``); the
+        caller sends it before anything else is numbered."""
+        self.placement_seq += 1
+        placed.seq = self.placement_seq
+        return placed.seq
+
+    def release(self, node: NodeState, placed: Placed) -> None:
+        """A placement whose job could not be sent no longer counts against its node."""
+        if placed in node.unacked:
+            node.unacked.remove(placed)
+            node.in_flight = len(node.unacked)
 
     def expire(self, now: float) -> list[NodeState]:
         """Nodes that just went silent past the timeout (each returned once per silence), and

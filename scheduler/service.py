@@ -25,7 +25,7 @@ from sqlalchemy import text
 
 from market import bus, db, subjects, wire
 from market.ids import ulid
-from scheduler.policy import DEFAULT_POLICY, FleetView, NodeState, PolicyConfig, place
+from scheduler.policy import DEFAULT_POLICY, FleetView, NodeState, Placed, PolicyConfig, place
 from scheduler.waiting import Waiting, WaitQueue
 
 if TYPE_CHECKING:
@@ -225,20 +225,27 @@ class SchedulerService:
             self.counters["no_capacity"] += 1
             # Capacity news arrives with heartbeats: asking again before the next one is pointless.
             return self._no_capacity(job)
-        seq = self.fleet.commit(node, now)
-        return await self._forward(node, job, msg.data, seq)
+        placed = self.fleet.commit(node, now)
+        return await self._forward(node, job, msg.data, placed)
 
-    async def _forward(self, node: NodeState, job: wire.Job, data: bytes, seq: int) -> wire.Placement:
+    async def _forward(self, node: NodeState, job: wire.Job, data: bytes, placed: Placed) -> wire.Placement:
         """Send a placed job to its node: the bytes as they came, with the placement's sequence
         number (which the node's heartbeats acknowledge); the node answers straight to the api's
         inbox."""
         assert self.nc is not None
-        await self.nc.publish(
-            subjects.node_jobs(node.node_id),
-            data,
-            reply=job.reply,
-            headers={wire.PLACEMENT_HEADER: f"{self.replica} {seq}"},
-        )
+        # Numbered here, not when placed: nats-py buffers a message before it can yield, so the
+        # numbers reach the node in order even when another placement's send waits meanwhile.
+        seq = self.fleet.sent(placed)
+        try:
+            await self.nc.publish(
+                subjects.node_jobs(node.node_id),
+                data,
+                reply=job.reply,
+                headers={wire.PLACEMENT_HEADER: f"{self.replica} {seq}"},
+            )
+        except Exception:
+            self.fleet.release(node, placed)
+            raise
         self.placements[node.node_id] += 1
         self.counters["placed"] += 1
         return wire.Placement(job_id=job.id, node_id=node.node_id, provider_id=node.provider_id)
@@ -298,7 +305,7 @@ class SchedulerService:
         The choice is made without awaiting (so no job is added or placed twice meanwhile); the
         sends and answers follow."""
         now = time.monotonic()
-        chosen: list[tuple[Waiting, NodeState, int]] = []
+        chosen: list[tuple[Waiting, NodeState, Placed]] = []
         for model in models:
             if not self.waiting.has(model):
                 continue
@@ -313,12 +320,12 @@ class SchedulerService:
                 misses += 1  # the job's own limits rule the free slots out: the next may fit
                 if misses >= MAX_MISSES:
                     break
-        for entry, _node, _seq in chosen:
+        for entry, _node, _placed in chosen:
             self.waiting.remove(entry.job.id)
             entry.timer.cancel()
-        for entry, node, seq in chosen:
+        for entry, node, placed in chosen:
             try:
-                placement = await self._forward(node, entry.job, entry.data, seq)
+                placement = await self._forward(node, entry.job, entry.data, placed)
             except Exception:
                 log.exception("sending a waiting job to its node failed", extra={"job": entry.job.id})
                 placement = wire.Placement(job_id=entry.job.id, error="scheduler_error")

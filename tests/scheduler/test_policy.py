@@ -246,7 +246,7 @@ def test_a_report_counted_before_a_placement_arrived_does_not_free_its_slot() ->
     fleet.observe(heartbeat("node_a", slots=1, placements={}), 100.0)
     node = place(job(), fleet, 100.0)
     assert node is not None
-    seq = fleet.commit(node, 100.0)
+    seq = fleet.sent(fleet.commit(node, 100.0))
     fleet.observe(heartbeat("node_a", slots=1, placements={"sched-b": 99}), 100.1)  # not ours
     assert placed_on(fleet, job(), 100.1) is None
     fleet.observe(heartbeat("node_a", slots=0, placements={"sched-a": seq}), 100.2)
@@ -261,7 +261,7 @@ def test_a_placement_never_acknowledged_stops_counting_after_the_heartbeat_timeo
     fleet.observe(heartbeat("node_a", slots=1, placements={}), 100.0)
     node = place(job(), fleet, 100.0)
     assert node is not None
-    fleet.commit(node, 100.0)
+    fleet.sent(fleet.commit(node, 100.0))
     fleet.observe(heartbeat("node_a", slots=1, placements={}), 100.0 + TIMEOUT - 0.1)
     assert placed_on(fleet, job(), 100.0 + TIMEOUT - 0.1) is None
     fleet.observe(heartbeat("node_a", slots=1, placements={}), 100.0 + TIMEOUT + 0.1)
@@ -278,3 +278,30 @@ def test_an_agent_that_acknowledges_nothing_is_taken_to_count_all_placed_before_
     assert placed_on(fleet, job(), 100.0) is None
     fleet.observe(heartbeat("node_a", slots=1), 100.1)
     assert placed_on(fleet, job(), 100.1) == "node_a"
+
+
+def test_a_placement_not_yet_sent_stays_counted_when_a_later_one_is_acknowledged() -> None:
+    """Placements are numbered as they are sent: one placed earlier but still waiting to be sent
+    when a later one went out is not in a report that acknowledges the later one."""
+    fleet = FleetView(TIMEOUT, PolicyConfig(reserved_headroom_share=0.0), replica="sched-a")
+    fleet.observe(heartbeat("node_a", slots=2, placements={}), 100.0)
+    node = fleet.get("node_a")
+    assert node is not None
+    waiting_to_be_sent = fleet.commit(node, 100.0)
+    later = fleet.sent(fleet.commit(node, 100.0))
+    fleet.observe(heartbeat("node_a", slots=1, placements={"sched-a": later}), 100.1)
+    assert node.in_flight == 1
+    assert placed_on(fleet, job(), 100.1) is None
+    assert fleet.sent(waiting_to_be_sent) > later
+
+
+def test_a_placement_that_could_not_be_sent_frees_its_slot_at_once() -> None:
+    fleet = FleetView(TIMEOUT, PolicyConfig(reserved_headroom_share=0.0), replica="sched-a")
+    fleet.observe(heartbeat("node_a", slots=1, placements={}), 100.0)
+    node = fleet.get("node_a")
+    assert node is not None
+    placed = fleet.commit(node, 100.0)
+    fleet.sent(placed)
+    assert placed_on(fleet, job(), 100.0) is None
+    fleet.release(node, placed)
+    assert placed_on(fleet, job(), 100.0) == "node_a"

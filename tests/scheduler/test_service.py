@@ -61,8 +61,8 @@ class FakeNode:
         async def on_job(msg: Msg) -> None:
             job = _job_decoder.decode(msg.data)
             self.jobs.append((job, msg.reply))
-            replica, _, seq = (msg.headers or {})[wire.PLACEMENT_HEADER].rpartition(" ")
-            self.placements[replica] = int(seq)
+            replica, _, seq = (msg.headers or {}).get(wire.PLACEMENT_HEADER, "missing -1").rpartition(" ")
+            self.placements[replica] = int(seq)  # a job sent without one shows as {"missing": -1}
             accepted = wire.Chunk(job_id=job.id, node_id=self.node_id, seq=0, kind="accepted")
             await self.nc.publish(msg.reply, wire.encode(accepted))
 
