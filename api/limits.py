@@ -492,7 +492,8 @@ class Limiter:
         what = _LIMIT_NAMES.get(limit_name, limit_name)
         if kind == "too_large":
             return RateLimited(
-                f"request too large: it needs {wanted} tokens, more than the limit of {row['detail']} {what}",
+                f"request too large: it needs {wanted} tokens (prompt plus max_tokens, which defaults to the"
+                f" context left after the prompt), more than the limit of {row['detail']} {what}",
                 code="request_too_large",
                 headers=headers,
             )

@@ -41,9 +41,9 @@ class TokenController(Controller):
 
     @get("/models")
     async def list_models(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
-        """The models this marketplace sells."""
-        await principal_of(request)
-        models = await token_service(request).catalog.all()
+        """The models this marketplace sells that the caller's organisation may use."""
+        principal = await principal_of(request)
+        models = await token_service(request).catalog.usable(principal.tenant_id)
         return {
             "object": "list",
             "data": [
@@ -60,8 +60,8 @@ class TokenController(Controller):
 
     @get("/models/{model_id:path}")
     async def get_model(self, request: Request[Any, Any, Any], model_id: FromPath[str]) -> dict[str, Any]:
-        await principal_of(request)
-        m = await token_service(request).catalog.get(model_id.lstrip("/"))
+        principal = await principal_of(request)
+        m = await token_service(request).catalog.get(model_id.lstrip("/"), principal.tenant_id)
         return {
             "id": m.name,
             "object": "model",

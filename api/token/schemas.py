@@ -3,8 +3,11 @@
 Unknown fields are ignored rather than refused, as the OpenAI SDK grows fields faster than any
 server; every known field is checked for type and range, so a wrong value gets a 400 that names it.
 The exceptions are the fields that would change what comes back and that the relay cannot carry
-(the legacy function calling, a completion's suffix, audio): ignoring them would answer something
-other than what was asked, so they are a 400 ``unsupported_parameter`` naming the field.
+(the legacy function calling, a completion's suffix, audio, images, vLLM's own guided decoding and
+chat template arguments, a reasoning effort): ignoring them would answer something other than what
+was asked, so they are a 400 ``unsupported_parameter`` naming the field. vLLM's sampling extensions
+that tenants coming from vLLM send (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
+``stop_token_ids``) are validated and passed on.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
 """Alternatives per token: OpenAI allows 20 for chat (5 for completions); vLLM's default cap is 20."""
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)] | None
+TopK = Annotated[int, msgspec.Meta(ge=-1)]
+"""vLLM's: sample from the k likeliest tokens; -1 or 0 means all."""
+MinP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=2.0)]
+StopTokenIds = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=64)]
 
 
 TokenBias = Annotated[int, msgspec.Meta(ge=-100, le=100)]
@@ -95,11 +103,19 @@ class ToolCall(msgspec.Struct, tag_field="type", tag="function"):
     function: CalledFunction
 
 
+_GUIDED = "vLLM's own guided decoding is not offered; use response_format (json_schema or json_object)"
 _UNSUPPORTED: dict[str, str] = {
     "functions": "the legacy function calling is not supported; use tools",
     "function_call": "the legacy function calling is not supported; use tool_choice",
     "suffix": "a completion's suffix is not supported",
     "audio": "audio output is not supported",
+    "guided_json": _GUIDED,
+    "guided_regex": _GUIDED,
+    "guided_choice": _GUIDED,
+    "guided_grammar": _GUIDED,
+    "structured_outputs": _GUIDED,
+    "chat_template_kwargs": "chat template arguments are not supported",
+    "reasoning_effort": "the models served here take no reasoning effort",
 }
 
 
@@ -111,9 +127,30 @@ class TextPart(msgspec.Struct, tag_field="type", tag="text"):
     text: str
 
 
+class ImagePart(msgspec.Struct, tag_field="type", tag="image_url"):
+    image_url: Any = None
+
+
+class AudioPart(msgspec.Struct, tag_field="type", tag="input_audio"):
+    input_audio: Any = None
+
+
+class FilePart(msgspec.Struct, tag_field="type", tag="file"):
+    file: Any = None
+
+
+class VideoPart(msgspec.Struct, tag_field="type", tag="video_url"):
+    video_url: Any = None
+
+
+ContentPart = TextPart | ImagePart | AudioPart | FilePart | VideoPart
+"""Parts other than text are decoded only to be refused by name (``ChatCompletionRequest``):
+the models served here read text."""
+
+
 class ChatMessage(msgspec.Struct):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[ToolCall] | None = None
@@ -123,7 +160,24 @@ class ChatMessage(msgspec.Struct):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        # as vLLM joins a message's text parts
+        return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
+
+
+_PASSED_ON = (
+    "stop",
+    "temperature",
+    "top_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "user",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+)
+"""The sampling fields the engine gets as they came (when set)."""
 
 
 class _Sampling(msgspec.Struct, kw_only=True):
@@ -141,22 +195,36 @@ class _Sampling(msgspec.Struct, kw_only=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: LogitBias | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    min_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    stop_token_ids: StopTokenIds | None = None
     # Fields we refuse when they ask for something (see the module's docstring); null, false, an
     # empty list or string, or ``"none"`` ask for nothing, as the SDKs and frameworks often send.
     functions: list[Any] | None = None
     function_call: Any = None
     suffix: str | None = None
     audio: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    chat_template_kwargs: Any = None
+    reasoning_effort: Any = None
 
     def sampling(self) -> dict[str, Any]:
         """The sampling fields the engine gets, without Nones."""
         out: dict[str, Any] = {}
-        for name in ("stop", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "user"):
+        for name in _PASSED_ON:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
         if self.logit_bias:
             out["logit_bias"] = self.logit_bias
+        if self.stop_token_ids:
+            out["stop_token_ids"] = self.stop_token_ids
         if self.choices != 1:
             out["n"] = self.choices
         return out
@@ -164,6 +232,12 @@ class _Sampling(msgspec.Struct, kw_only=True):
     def __post_init__(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true - at `$.stream_options`")
+        wanted = self.requested_max_tokens()
+        if self.min_tokens and wanted is not None and self.min_tokens > wanted:
+            raise ValueError(f"min_tokens must not exceed the maximum of {wanted} tokens - at `$.min_tokens`")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
 
     def refuse_unsupported(self) -> None:
         for name, why in _UNSUPPORTED.items():
@@ -201,6 +275,19 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             wanted = self.tool_choice.function.name
             if wanted not in {t.function.name for t in self.tools}:
                 raise ValueError(f"tool_choice names '{wanted}', which is not among the tools - at `$.tool_choice`")
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        for i, message in enumerate(self.messages):
+            if isinstance(message.content, list):
+                for j, part in enumerate(message.content):
+                    if not isinstance(part, TextPart):
+                        raise InvalidRequest(
+                            f"Unsupported content part '{part.__struct_config__.tag}': the models served"
+                            " here read text parts only.",
+                            code="unsupported_parameter",
+                            param=f"messages[{i}].content[{j}]",
+                        )
 
     @property
     def calls_tools(self) -> bool:
@@ -241,6 +328,16 @@ class CompletionRequest(_Sampling, kw_only=True):
     echo: bool | None = False
     logprobs: TopLogprobs | None = None
     """The completions API's: log probabilities of each token and of this many alternatives."""
+    response_format: Any = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.response_format not in (None, {}, {"type": "text"}):
+            raise InvalidRequest(
+                "Unsupported parameter 'response_format': structured output is offered on /v1/chat/completions.",
+                code="unsupported_parameter",
+                param="response_format",
+            )
 
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()

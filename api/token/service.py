@@ -52,7 +52,7 @@ from api.token.schemas import ChatCompletionRequest, CompletionRequest, estimate
 from market import subjects, wire
 from market.db import plain_url
 from market.ids import new_id
-from market.models import Model
+from market.models import Model, TenantModel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -152,8 +152,21 @@ class Catalog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresh
 
-    async def get(self, name: str) -> Model:
-        model = (await self.all()).get(name)
+    async def usable(self, tenant_id: str | None) -> dict[str, Model]:
+        """The active models a tenant may use (all of them without an allow-list); what
+        ``/v1/models`` lists. Read at each call: listing models is not the hot path."""
+        models = await self.all()
+        if tenant_id is None:
+            return models
+        async with self.state.sessions() as session:
+            allowed = set(
+                (await session.scalars(select(TenantModel.model_name).where(TenantModel.tenant_id == tenant_id))).all()
+            )
+        return {name: m for name, m in models.items() if name in allowed} if allowed else models
+
+    async def get(self, name: str, tenant_id: str | None = None) -> Model:
+        """An active model; with ``tenant_id``, only one the tenant may use (the same 404 else)."""
+        model = (await self.all() if tenant_id is None else await self.usable(tenant_id)).get(name)
         if model is None:
             raise NotFound(
                 f"The model '{name}' does not exist or you do not have access to it.",
@@ -416,6 +429,7 @@ class Run:
                 self.question = question
                 if self._refused():  # refused before there was a question to withdraw
                     question.withdraw()
+                handed_on = False
                 try:
                     try:
                         answer = await question.answer(first_timeout)
@@ -428,9 +442,16 @@ class Run:
                     placement = _placement_decoder.decode(answer.data)
                     if placement.error == "queued" and placement.scheduler:
                         placement = await self._held(question, placement.scheduler, first_timeout + self.job.wait_s)
+                except (Withdrawn, asyncio.CancelledError):
+                    # Refused, or the client left: a scheduler may be placing the job this instant,
+                    # and its answer names the node to stop.
+                    handed_on = True
+                    self.service.spawn(self.service.cancel_late_placement(question, self.job.id))
+                    raise
                 finally:
                     self.question = None
-                    question.close()
+                    if not handed_on:
+                        question.close()
                 self.placing = False
                 return placement
             except Withdrawn:
@@ -825,6 +846,29 @@ class TokenService:
                 raise
             except Exception as exc:  # the next one may succeed; the final events do not depend on it
                 log.warning("checkpointing streams in flight failed: %r", exc)
+
+    async def cancel_late_placement(self, question: Question, job_id: str) -> None:
+        """A job given up while its submission waited for an answer (refused, or its client left): if
+        the answer still comes within twice the accept timeout and places it, the job is cancelled on
+        that node. The withdrawal stops a scheduler that still holds it; this one a scheduler that
+        placed it just before (a node whose output comes in batches would be told by ``orphan``
+        too; one that answers an inbox directly only by this)."""
+        deadline = time.monotonic() + self.settings.accept_timeout_s * 2  # as long as a submission waits
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    placement = _placement_decoder.decode((await question.answer(left)).data)
+                except Withdrawn:
+                    continue  # the marker of a second withdrawal
+                if placement.node_id is not None:
+                    cancel = wire.Cancel(job_id=job_id, reason="refused")
+                    await self.state.nc.publish(subjects.node_cancel(placement.node_id), wire.encode(cancel))
+                if placement.error != "queued":
+                    return
+        except (nats.errors.Error, msgspec.DecodeError):
+            return  # no answer in time, or none that places it
+        finally:
+            question.close()
 
     def spawn(self, coro: Any) -> None:
         """Run cleanup that must outlive a cancelled request (anyio re-cancels awaits in its scope)."""

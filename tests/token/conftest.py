@@ -82,6 +82,9 @@ class FakeFleet:
     scheduler answers it."""
     jobs: list[wire.Job] = field(default_factory=list)
     """Every submission, as the schedulers got it."""
+    answer_delay: float = 0.0
+    """Send a placed job to its node at once but answer the api this much later (a scheduler
+    placing it in the instant the api withdraws it)."""
 
     async def start(self) -> None:
         async def on_submit(msg: Any) -> None:
@@ -106,6 +109,8 @@ class FakeFleet:
             await self.nc.publish(subjects.node_jobs(node), msg.data, reply=job.reply)
             if self.also_to is not None and self.also_to != node:
                 await self.nc.publish(subjects.node_jobs(self.also_to), msg.data, reply=job.reply)
+            if self.answer_delay:
+                await asyncio.sleep(self.answer_delay)
             await msg.respond(wire.encode(wire.Placement(job_id=job.id, node_id=node, provider_id="prov_fake")))
 
         self.subs.append(await self.nc.subscribe(subjects.JOBS_SUBMIT, queue=subjects.SCHEDULERS_QUEUE, cb=on_submit))

@@ -24,7 +24,7 @@ from api.token.outbox import StoredEvent, UsageOutbox
 from api.token.relay import Inboxes, SchedulerWatch, UsagePublisher
 from market import bus, subjects, wire
 from market.db import plain_url, session_factory
-from market.models import ApiKey
+from market.models import ApiKey, TenantModel
 from market.settings import Settings
 from tests.billing.conftest import usage_event as make_usage_event
 from tests.conftest import RunningApi
@@ -489,10 +489,27 @@ async def test_an_admission_beside_placement_refuses_before_any_output(
             text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
         )
     tenant_sdk = sdk(api, tenant.secret)
-    with pytest.raises(openai.RateLimitError) as refused:
-        await tenant_sdk.chat.completions.create(
-            model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True
+    # The key's rate-limit row locked: the admission waits until the job is placed and running.
+    blocker = await asyncpg.connect(plain_url(engine.url.render_as_string(hide_password=False)))
+    try:
+        lock = blocker.transaction()
+        await lock.start()
+        await blocker.execute("SELECT 1 FROM rate_limit_buckets WHERE scope = $1 FOR UPDATE", tenant.key_id)
+        asking = asyncio.create_task(
+            tenant_sdk.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True
+            )
         )
+        for _ in range(250):
+            if len(f.placed) == 3:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # the placement answered, the node's output coming
+        await lock.rollback()
+        with pytest.raises(openai.RateLimitError) as refused:
+            await asking
+    finally:
+        await blocker.close()
     assert refused.value.code == "insufficient_quota"
     assert len(f.placed) == 3  # placed while its admission ran...
     refused_job = f.placed[-1][0]
@@ -576,6 +593,36 @@ async def test_admissions_beside_placement_go_only_as_far_as_the_room_left_for_t
     assert placed_while_admitting == 2  # the two the room let through; the rest wait for their admission
     assert codes == ["insufficient_quota"] * 5
     assert len(f.placed) == 3
+
+
+async def test_a_job_placed_as_its_refused_admission_withdraws_it_is_cancelled_on_its_node(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet, engine: AsyncEngine
+) -> None:
+    """The admission refuses while the scheduler's answer is on its way: the client gets the 429
+    at once, and when the answer comes, placing the job after all, the job is cancelled on the
+    node it names (a node answering the api's inbox directly has no other way to learn it)."""
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(update(ApiKey).where(ApiKey.id == tenant.key_id).values(requests_per_minute=100))
+    f = await fleet({"node_a": echo_node("node_a", words=50, delay=0.05)})
+    tenant_sdk = sdk(api, tenant.secret)
+    await tenant_sdk.completions.create(model="fake-model", prompt="x", max_tokens=2)  # admitted, with room
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(
+            text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
+        )
+    f.answer_delay = 0.8
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as refused:
+        await tenant_sdk.completions.create(model="fake-model", prompt="x", max_tokens=5)
+    assert refused.value.code == "insufficient_quota"
+    assert time.monotonic() - started < 0.8  # not held back until the answer came
+    assert len(f.placed) == 2
+    refused_job = f.placed[-1][0]
+    for _ in range(150):
+        if refused_job in f.cancels:
+            break
+        await asyncio.sleep(0.02)
+    assert f.cancelled_on == [("node_a", refused_job)]
 
 
 async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
@@ -678,6 +725,57 @@ async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
             "logit_bias",
         ),
         (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"},'
+            b' {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}',
+            400,
+            "unsupported_parameter",
+            "messages[0].content[1]",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "guided_json": {}}',
+            400,
+            "unsupported_parameter",
+            "guided_json",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}],'
+            b' "chat_template_kwargs": {"enable_thinking": false}}',
+            400,
+            "unsupported_parameter",
+            "chat_template_kwargs",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low"}',
+            400,
+            "unsupported_parameter",
+            "reasoning_effort",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 3,'
+            b' "min_tokens": 4}',
+            400,
+            "invalid_request",
+            "min_tokens",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "top_k": -2}',
+            400,
+            "invalid_request",
+            "top_k",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}',
+            400,
+            "invalid_request",
+            "repetition_penalty",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stop_token_ids": [-1]}',
+            400,
+            "invalid_request",
+            "stop_token_ids[0]",
+        ),
+        (
             b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "x": '
             + b"[" * 5000
             + b"]" * 5000
@@ -750,6 +848,46 @@ async def test_structured_output_and_logit_bias_go_to_the_engine_and_empty_tool_
     with pytest.raises(openai.BadRequestError) as refused:
         await client.completions.create(model="fake-model", prompt="x", suffix="y")
     assert refused.value.body["param"] == "suffix"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.completions.create(model="fake-model", prompt="x", extra_body={"response_format": fmt})
+    assert refused.value.body["param"] == "response_format"  # type: ignore[index]
+
+
+async def test_vllm_sampling_extensions_reach_the_engine_and_text_parts_join_as_vllm_joins_them(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet
+) -> None:
+    """Tenants coming from vLLM send its sampling extensions: each reaches the engine as sent
+    (ignoring one would change the answer without a word); a message's text parts join with a
+    newline, as vLLM's own server joins them."""
+    f = await fleet({"node_a": echo_node("node_a")})
+    client = sdk(api, tenant.secret)
+    extras = {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 2, "stop_token_ids": [7, 9]}
+    parts: Any = [{"type": "text", "text": "Summarize:"}, {"type": "text", "text": "the report"}]
+    await client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": parts}], max_tokens=5, extra_body=extras
+    )
+    body = f.jobs[-1].body
+    assert {name: body[name] for name in extras} == extras
+    assert body["messages"] == [{"role": "user", "content": "Summarize:\nthe report"}]
+    await client.completions.create(model="fake-model", prompt="x", max_tokens=5, extra_body={"top_k": -1})
+    assert f.jobs[-1].body["top_k"] == -1
+    await client.completions.create(model="fake-model", prompt="x", max_tokens=5)
+    assert not set(extras) & f.jobs[-1].body.keys()
+
+
+async def test_models_list_only_what_the_tenant_may_use(api: RunningApi, engine: AsyncEngine) -> None:
+    """An organisation limited to some models sees only those, and the others are 404 to it, as
+    OpenAI answers for a model one has no access to; without a list it sees every active model."""
+    limited = await make_tenant(engine, "limited", models=(("fake-model", 2048), ("other-model", 2048)))
+    everyone = await make_tenant(engine, "everyone")
+    async with session_factory(engine)() as session, session.begin():
+        session.add(TenantModel(tenant_id=limited.tenant_id, model_name="other-model"))
+    assert [m.id for m in (await sdk(api, limited.secret).models.list()).data] == ["other-model"]
+    assert (await sdk(api, limited.secret).models.retrieve("other-model")).id == "other-model"
+    with pytest.raises(openai.NotFoundError) as hidden:
+        await sdk(api, limited.secret).models.retrieve("fake-model")
+    assert hidden.value.body["code"] == "model_not_found"  # type: ignore[index]
+    assert sorted(m.id for m in (await sdk(api, everyone.secret).models.list()).data) == ["fake-model", "other-model"]
 
 
 def logprob_node(node_id: str) -> NodeBehaviour:
