@@ -34,7 +34,7 @@ import nats.errors
 from sqlalchemy import select
 
 from api.auth import Principal
-from api.errors import AppError, InvalidRequest, NotFound, Unavailable, UpstreamError
+from api.errors import AppError, Forbidden, InvalidRequest, NotFound, Unavailable, UpstreamError
 from api.state import AppState
 from api.token.outbox import StoredEvent, UsageOutbox
 from api.token.relay import (
@@ -888,7 +888,7 @@ class TokenService:
         ``arrived`` (unix time) starts the request's clock for its TTFT and duration, so both
         include authentication and admission; by default, now."""
         if principal.tenant_id is None:
-            raise AppError("the token API needs a tenant key (sk-...)", code="invalid_api_key", status=403)
+            raise Forbidden("the token API needs a tenant key (sk-...)", code="invalid_api_key")
         model = await self.catalog.get(request.model)
         prompt_text = request.prompt_text()
         prompt_tokens = estimate_tokens(prompt_text)

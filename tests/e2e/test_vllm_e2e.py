@@ -190,6 +190,35 @@ async def test_structured_output_and_logit_bias_reach_vllm(
         text = biased.choices[0].text
         assert text == text[: len(text) // 6] * 6  # one token, six times over
         assert text != unbiased.choices[0].text
+        # vLLM's sampling extensions reach it. Token 50 forced and a stop token: the answer ends at
+        # once, unless min_tokens holds it back (vLLM masks stop tokens until then); top_k=1 is greedy.
+        stopped = await client.completions.create(
+            model=MODEL, prompt="hi", max_tokens=12, logit_bias={"50": 100}, extra_body={"stop_token_ids": [50]}
+        )
+        held = await client.completions.create(
+            model=MODEL,
+            prompt="hi",
+            max_tokens=12,
+            logit_bias={"50": 100},
+            extra_body={"stop_token_ids": [50], "min_tokens": 4},
+        )
+        assert stopped.choices[0].finish_reason == held.choices[0].finish_reason == "stop"
+        assert stopped.usage is not None
+        assert held.usage is not None
+        assert stopped.usage.completion_tokens == 1
+        assert held.usage.completion_tokens == 5
+        greedy = [
+            (
+                await client.completions.create(
+                    model=MODEL, prompt="once upon", max_tokens=8, temperature=1.0, extra_body={"top_k": 1}
+                )
+            )
+            .choices[0]
+            .text
+            for _ in range(2)
+        ]
+        plain = await client.completions.create(model=MODEL, prompt="once upon", max_tokens=8, temperature=0)
+        assert greedy == [plain.choices[0].text] * 2
         with pytest.raises(openai.BadRequestError) as refused:  # vLLM's own refusal, relayed as a 400
             await client.completions.create(model=MODEL, prompt="hi", max_tokens=6, logit_bias={"99999999": 5})
         assert "logit_bias" in str(refused.value)

@@ -86,6 +86,10 @@ async def test_roles_are_checked_on_every_area(api: RunningApi, admin: httpx.Asy
     async with client(api, inc_key["key"]) as inc:
         assert (await inc.get("/api/tenant/quota")).status_code == 403
         assert (await inc.post("/api/admin/models", json={"name": "x", "context_length": 1})).status_code == 403
+        # the token API is a tenant's: another role's key is refused in OpenAI's format
+        r = await inc.post("/v1/completions", json={"model": "x", "prompt": "x"})
+        assert r.status_code == 403
+        assert r.json()["error"]["type"] == "permission_error"
     async with httpx.AsyncClient(base_url=api.url) as anonymous:
         r = await anonymous.get("/api/admin/tenants")
         assert r.status_code == 401
