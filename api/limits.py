@@ -84,6 +84,11 @@ _LIMIT_NAMES = {
 }
 
 
+TokenRates = tuple[tuple[int, str, int], ...]
+"""Rate-limit buckets a request's tokens were charged to: (0 for a key's, 1 for a tenant's, the
+order admission locks them in; scope; tokens a minute)."""
+
+
 @dataclass(slots=True)
 class Admission:
     """An admitted request: what it holds against the quota, and the rate-limit headers to return."""
@@ -101,6 +106,9 @@ class Admission:
     """The reservation whose in-flight count this request takes (given back at settle)."""
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    token_rates: TokenRates = ()
+    """The tokens-per-minute limits the hold was charged to: at settle, what the request did not
+    use is credited back to them."""
     room: tuple[int | None, int | None, int] = (None, None, 0)
     """What was left when this was admitted: requests and tokens before a rate limit (None: no
     limit), and quota tokens. The token path reads it to judge whether the next admission of
@@ -137,6 +145,8 @@ class _PendingSettle:
     """The class whose count under ``reservation_id`` the settle gives back."""
     done: asyncio.Future[None] | None
     """Resolved when written; None when nobody waits (an orphaned admit's release)."""
+    token_rates: TokenRates = ()
+    """``Admission.token_rates``: credited ``hold - used`` once the settle is written."""
 
 
 async def _keep_session(_: asyncpg.Connection) -> None:
@@ -394,7 +404,8 @@ class Limiter:
             if pending.done.done() and not pending.done.cancelled() and pending.done.exception() is None:
                 answered = pending.done.result()
                 if answered["status"] == "ok":
-                    self._release_orphan(tenant_id, prompt_tokens + max_tokens, answered)
+                    rates = _token_rates(principal.key_id, principal.key_tpm, tenant_id, principal.tenant_tpm)
+                    self._release_orphan(tenant_id, prompt_tokens + max_tokens, answered, rates)
             raise
         status: str = row["status"]
         if status == "ok":
@@ -408,6 +419,7 @@ class Limiter:
                 admission_class=row["admission_class"] or "on_demand",
                 reservation_id=row["reservation"],
                 headers=_headers(row),
+                token_rates=_token_rates(principal.key_id, principal.key_tpm, tenant_id, principal.tenant_tpm),
                 room=(row["remaining_requests"], row["remaining_tokens"], row["granted"] - row["held"] - row["used"]),
             )
         raise self._refusal(status, row, model, prompt_tokens + max_tokens)
@@ -452,13 +464,17 @@ class Limiter:
                 if not item.done.cancelled():
                     item.done.set_result(row)
                 elif row["status"] == "ok":
-                    tenant_id, hold = item.args[0], item.args[3] + item.args[4]
-                    self._release_orphan(tenant_id, hold, row)
+                    tenant_id, key_id, hold = item.args[0], item.args[1], item.args[3] + item.args[4]
+                    rates = _token_rates(key_id, item.args[6], tenant_id, item.args[8])
+                    self._release_orphan(tenant_id, hold, row, rates)
 
-    def _release_orphan(self, tenant_id: str, hold: int, row: asyncpg.Record) -> None:
-        """Give back what an admission whose caller left holds (quota, and its reservation slot)."""
+    def _release_orphan(self, tenant_id: str, hold: int, row: asyncpg.Record, token_rates: TokenRates) -> None:
+        """Give back what an admission whose caller left holds (quota, its reservation slot, and
+        what it took of tokens-per-minute limits)."""
         reservation, klass = row["reservation"], row["admission_class"]
-        self._queue(_PendingSettle(self.holder, tenant_id, row["period"], hold, 0, reservation, klass, None))
+        self._queue(
+            _PendingSettle(self.holder, tenant_id, row["period"], hold, 0, reservation, klass, None, token_rates)
+        )
 
     def _refusal(self, status: str, row: asyncpg.Record, model: str, wanted: int) -> Exception:
         headers = _headers(row)
@@ -492,8 +508,8 @@ class Limiter:
         what = _LIMIT_NAMES.get(limit_name, limit_name)
         if kind == "too_large":
             return RateLimited(
-                f"request too large: it needs {wanted} tokens (prompt plus max_tokens, which defaults to the"
-                f" context left after the prompt), more than the limit of {row['detail']} {what}",
+                f"request too large: it needs {wanted} tokens (prompt plus max_tokens), more than the limit of"
+                f" {row['detail']} {what}",
                 code="request_too_large",
                 headers=headers,
             )
@@ -517,6 +533,7 @@ class Limiter:
                 admission.reservation_id,
                 admission.admission_class,
                 done,
+                admission.token_rates,
             )
         )
         with contextlib.suppress(asyncio.CancelledError):
@@ -569,11 +586,33 @@ class Limiter:
         except Exception:  # the database is away: keep the settles, retry from the heartbeat
             log.exception("settling %d admissions failed; will retry", len(batch))
             self._retry.extend(batch)
+        else:
+            await self._credit(batch)
         for item in batch:
             if item.done is not None and not item.done.done():
                 item.done.set_result(None)
         for tenant_id, period, granted, used in crossed:
             await self._soft_threshold_reached(tenant_id, period, granted, used)
+
+    async def _credit(self, batch: list[_PendingSettle]) -> None:
+        """Credit tokens-per-minute limits with what settled requests held and did not use.
+
+        Admission charges a request's whole hold (prompt plus max_tokens) to the limits, as it may
+        use that much; charged alone, a limit would count what requests could have used, not what
+        they did. One statement for the batch, locking the buckets in the order admission takes
+        them (the keys' by scope, then the tenants' by scope), so it cannot deadlock with it.
+        Written after the settle and not retried: a lost credit leaves a limit briefly strict."""
+        seconds: dict[tuple[int, str], float] = {}
+        for item in batch:
+            for kind, scope, rate in item.token_rates:
+                seconds[kind, scope] = seconds.get((kind, scope), 0.0) + (item.hold - item.used) * 60.0 / rate
+        if not seconds:
+            return
+        order = sorted(seconds)
+        try:
+            await self.hot.fetch(_CREDIT_SQL, [scope for _, scope in order], [seconds[k] for k in order])
+        except Exception as exc:
+            log.warning("crediting tokens-per-minute limits failed: %r", exc)
 
     async def _soft_threshold_reached(self, tenant_id: str, period: date, granted: int, used: int) -> None:
         event = SoftThresholdReached(
@@ -611,6 +650,24 @@ class Limiter:
                     log.warning("released %d tokens held by api processes that stopped", released)
             except Exception:
                 log.exception("limiter heartbeat failed")
+
+
+def _token_rates(key_id: str, key_tpm: int | None, tenant_id: str, tenant_tpm: int | None) -> TokenRates:
+    charged = ((0, key_id, key_tpm), (1, tenant_id, tenant_tpm))
+    return tuple((kind, scope, rate) for kind, scope, rate in charged if rate)
+
+
+_CREDIT_SQL = """
+WITH c AS MATERIALIZED (
+    SELECT b.scope, x.secs
+      FROM rate_limit_buckets b JOIN unnest($1::text[], $2::float8[]) WITH ORDINALITY AS x(scope, secs, n)
+           ON x.scope = b.scope
+     ORDER BY x.n
+       FOR UPDATE OF b)
+UPDATE rate_limit_buckets b SET tokens_tat = b.tokens_tat - c.secs FROM c WHERE b.scope = c.scope
+"""
+"""Move the buckets' token clocks back by each scope's credit (GCRA: a cost of n tokens moved a
+limit of r a minute forward by n*60/r seconds; migration 0003)."""
 
 
 def _ord(row: asyncpg.Record) -> int:

@@ -912,6 +912,15 @@ class TokenService:
             )
         max_tokens = requested if requested is not None else max(1, model.context_length - prompt_tokens)
         max_tokens = min(max_tokens, model.context_length)
+        capped = False
+        if requested is None:
+            # Without max_tokens a request may generate what one minute of its tokens-per-minute
+            # limit allows (what it leaves unused is credited back when it ends), rather than be
+            # refused for good as larger than the limit when the context is.
+            rates = [rate for rate in (principal.key_tpm, principal.tenant_tpm) if rate]
+            fit = (min(rates) - prompt_tokens) // request.choices if rates else 0
+            if 1 <= fit < max_tokens:
+                max_tokens, capped = fit, True
         admission, admitting = None, None
         hold = prompt_tokens + max_tokens * request.choices
         if self.limiter is not None:
@@ -923,7 +932,7 @@ class TokenService:
         body: dict[str, Any] = {"model": model.name, **request.sampling()}
         if isinstance(request, ChatCompletionRequest):
             body["messages"] = [_message(m) for m in request.messages]
-            if request.requested_max_tokens() is not None:
+            if request.requested_max_tokens() is not None or capped:
                 body["max_tokens"] = max_tokens
         else:
             body["prompt"] = request.prompt_text()

@@ -126,6 +126,32 @@ async def test_tenant_tokens_per_minute_and_headers(api: RunningApi, admin: http
     assert too_large.value.code == "request_too_large"
 
 
+async def test_tokens_a_request_held_and_did_not_use_are_credited_back_to_the_limits(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start
+) -> None:
+    """A request is charged its whole hold (prompt plus max_tokens) at admission; once it settles
+    having used less, the limits count what it used: the next request gets in at once, on both
+    the key's limit and the tenant's."""
+    world = await make_world(admin, tenant_limits={"tokens_per_minute": 1000, "requests_per_minute": 100})
+    a = await replicas()
+    async with a.state.sessions.begin() as session:
+        await session.execute(text("UPDATE api_keys SET tokens_per_minute = 2000 WHERE id = :k"), {"k": world.key_id})
+    a.state.services["auth"].forget(world.key_id)
+    p = await a.principal(world.key)
+    first = await a.limiter.admit(p, world.model, 100, 800)
+    with pytest.raises(RateLimited):  # 900 of the tenant's 1,000 a minute are taken
+        await a.limiter.admit(p, world.model, 100, 800)
+    await a.limiter.settle(first, 150)  # it used 150 of the 900 it held
+    second = await a.limiter.admit(p, world.model, 100, 700)
+    # 1,000 - 150 - 800 (a few more as the clock runs: 1,000 a minute is 17 a second)
+    assert 50 <= int(second.headers["x-ratelimit-remaining-tokens"]) < 60
+    await a.limiter.settle(second, 800)
+    third = await a.limiter.admit(p, world.model, 0, 50)
+    assert int(third.headers["x-ratelimit-remaining-tokens"]) < 10
+    await a.limiter.settle(third, 0)  # nothing used: the 50 come back, or the next 50 would wait
+    assert int((await a.limiter.admit(p, world.model, 0, 50)).headers["x-ratelimit-remaining-tokens"]) < 10
+
+
 async def test_models_checked_at_admission(api: RunningApi, admin: httpx.AsyncClient, replicas: Start) -> None:
     world = await make_world(admin)
     await ok(admin.post("/api/admin/models", json={"name": "other", "context_length": 100}), 201)
