@@ -109,6 +109,9 @@ class Admission:
     token_rates: TokenRates = ()
     """The tokens-per-minute limits the hold was charged to: at settle, what the request did not
     use is credited back to them."""
+    admitted_at: float = field(default_factory=time.monotonic)
+    """When the hold was charged to them: a charge drains with time, and only what is left of it
+    may be credited."""
     room: tuple[int | None, int | None, int] = (None, None, 0)
     """What was left when this was admitted: requests and tokens before a rate limit (None: no
     limit), and quota tokens. The token path reads it to judge whether the next admission of
@@ -147,6 +150,8 @@ class _PendingSettle:
     """Resolved when written; None when nobody waits (an orphaned admit's release)."""
     token_rates: TokenRates = ()
     """``Admission.token_rates``: credited ``hold - used`` once the settle is written."""
+    admitted_at: float = 0.0
+    """``Admission.admitted_at``."""
 
 
 async def _keep_session(_: asyncpg.Connection) -> None:
@@ -429,8 +434,8 @@ class Limiter:
 
         The connection comes first and the batch after, so admits whose callers left while every
         connection was busy are dropped before anything is sent. Once sent, a statement runs to its
-        end: a caller that left by then gets its hold released here (its rate-limit cost stays
-        spent: the request did reach the limiter).
+        end: a caller that left by then gets its hold released here (and its tokens credited back to
+        tokens-per-minute limits; it still counts as a request, having reached the limiter).
         """
         while self._admits:
             try:
@@ -473,7 +478,9 @@ class Limiter:
         what it took of tokens-per-minute limits)."""
         reservation, klass = row["reservation"], row["admission_class"]
         self._queue(
-            _PendingSettle(self.holder, tenant_id, row["period"], hold, 0, reservation, klass, None, token_rates)
+            _PendingSettle(
+                self.holder, tenant_id, row["period"], hold, 0, reservation, klass, None, token_rates, time.monotonic()
+            )
         )
 
     def _refusal(self, status: str, row: asyncpg.Record, model: str, wanted: int) -> Exception:
@@ -534,6 +541,7 @@ class Limiter:
                 admission.admission_class,
                 done,
                 admission.token_rates,
+                admission.admitted_at,
             )
         )
         with contextlib.suppress(asyncio.CancelledError):
@@ -599,18 +607,25 @@ class Limiter:
 
         Admission charges a request's whole hold (prompt plus max_tokens) to the limits, as it may
         use that much; charged alone, a limit would count what requests could have used, not what
-        they did. One statement for the batch, locking the buckets in the order admission takes
-        them (the keys' by scope, then the tenants' by scope), so it cannot deadlock with it.
-        Written after the settle and not retried: a lost credit leaves a limit briefly strict."""
+        they did. A charge drains as time passes (GCRA: n tokens of a limit of r a minute are
+        n*60/r seconds of its clock), so only the part not yet drained is credited: crediting more
+        would take back other requests' charges made since. One statement for the batch, locking
+        the buckets in the order admission takes them (the keys', then the tenants', each by
+        scope), so it cannot deadlock with it. Written after the settle and not retried: a lost
+        credit leaves a limit briefly strict."""
+        now = time.monotonic()
         seconds: dict[tuple[int, str], float] = {}
         for item in batch:
             for kind, scope, rate in item.token_rates:
-                seconds[kind, scope] = seconds.get((kind, scope), 0.0) + (item.hold - item.used) * 60.0 / rate
-        if not seconds:
+                per_token = 60.0 / rate
+                unused = (item.hold - item.used) * per_token  # negative: it used more than it held
+                left = max(0.0, item.hold * per_token - (now - item.admitted_at))
+                seconds[kind, scope] = seconds.get((kind, scope), 0.0) + min(unused, left)
+        credits = [(kind, scope, secs) for (kind, scope), secs in seconds.items() if secs]
+        if not credits:
             return
-        order = sorted(seconds)
         try:
-            await self.hot.fetch(_CREDIT_SQL, [scope for _, scope in order], [seconds[k] for k in order])
+            await self.hot.fetch(_CREDIT_SQL, [c[0] for c in credits], [c[1] for c in credits], [c[2] for c in credits])
         except Exception as exc:
             log.warning("crediting tokens-per-minute limits failed: %r", exc)
 
@@ -660,9 +675,9 @@ def _token_rates(key_id: str, key_tpm: int | None, tenant_id: str, tenant_tpm: i
 _CREDIT_SQL = """
 WITH c AS MATERIALIZED (
     SELECT b.scope, x.secs
-      FROM rate_limit_buckets b JOIN unnest($1::text[], $2::float8[]) WITH ORDINALITY AS x(scope, secs, n)
+      FROM rate_limit_buckets b JOIN unnest($1::int[], $2::text[], $3::float8[]) AS x(kind, scope, secs)
            ON x.scope = b.scope
-     ORDER BY x.n
+     ORDER BY x.kind, b.scope
        FOR UPDATE OF b)
 UPDATE rate_limit_buckets b SET tokens_tat = b.tokens_tat - c.secs FROM c WHERE b.scope = c.scope
 """

@@ -126,30 +126,51 @@ async def test_tenant_tokens_per_minute_and_headers(api: RunningApi, admin: http
     assert too_large.value.code == "request_too_large"
 
 
+@pytest.mark.parametrize("binding", ["key", "tenant"])
 async def test_tokens_a_request_held_and_did_not_use_are_credited_back_to_the_limits(
-    api: RunningApi, admin: httpx.AsyncClient, replicas: Start
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start, binding: str
 ) -> None:
     """A request is charged its whole hold (prompt plus max_tokens) at admission; once it settles
-    having used less, the limits count what it used: the next request gets in at once, on both
-    the key's limit and the tenant's."""
-    world = await make_world(admin, tenant_limits={"tokens_per_minute": 1000, "requests_per_minute": 100})
+    having used less, the limit counts what it used, and the next request gets in at once (on the
+    key's limit and on the tenant's: each binds in turn, the other twice as large)."""
+    key_tpm, tenant_tpm = (60, 120) if binding == "key" else (120, 60)
+    world = await make_world(admin, tenant_limits={"tokens_per_minute": tenant_tpm, "requests_per_minute": 100})
     a = await replicas()
     async with a.state.sessions.begin() as session:
-        await session.execute(text("UPDATE api_keys SET tokens_per_minute = 2000 WHERE id = :k"), {"k": world.key_id})
-    a.state.services["auth"].forget(world.key_id)
+        await session.execute(
+            text("UPDATE api_keys SET tokens_per_minute = :r WHERE id = :k"), {"r": key_tpm, "k": world.key_id}
+        )
     p = await a.principal(world.key)
-    first = await a.limiter.admit(p, world.model, 100, 800)
-    with pytest.raises(RateLimited):  # 900 of the tenant's 1,000 a minute are taken
-        await a.limiter.admit(p, world.model, 100, 800)
-    await a.limiter.settle(first, 150)  # it used 150 of the 900 it held
-    second = await a.limiter.admit(p, world.model, 100, 700)
-    # 1,000 - 150 - 800 (a few more as the clock runs: 1,000 a minute is 17 a second)
-    assert 50 <= int(second.headers["x-ratelimit-remaining-tokens"]) < 60
-    await a.limiter.settle(second, 800)
-    third = await a.limiter.admit(p, world.model, 0, 50)
-    assert int(third.headers["x-ratelimit-remaining-tokens"]) < 10
-    await a.limiter.settle(third, 0)  # nothing used: the 50 come back, or the next 50 would wait
-    assert int((await a.limiter.admit(p, world.model, 0, 50)).headers["x-ratelimit-remaining-tokens"]) < 10
+    first = await a.limiter.admit(p, world.model, 10, 50)  # a minute of the binding limit
+    with pytest.raises(RateLimited):
+        await a.limiter.admit(p, world.model, 10, 5)
+    await a.limiter.settle(first, 15)  # it used 15 of the 60 it held
+    second = await a.limiter.admit(p, world.model, 10, 30)  # 40 of the 45 credited
+    # 60 - 15 - 40 = 5 left, and one more for each second the test took (60 a minute)
+    assert 5 <= int(second.headers["x-ratelimit-remaining-tokens"]) < 10
+
+
+async def test_a_credit_takes_back_only_what_is_left_of_its_own_charge(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start
+) -> None:
+    """A request that settles after its charge has drained (a long stream) has nothing left to
+    credit: crediting its unused tokens then would take back the charges of requests admitted
+    since, and let more than the limit through in a minute."""
+    world = await make_world(admin, tenant_limits={"tokens_per_minute": 120, "requests_per_minute": 100})
+    a = await replicas()
+    p = await a.principal(world.key)
+    long_ago = await a.limiter.admit(p, world.model, 0, 60)  # 30 s of the limit's clock
+    # As if its 30 s had passed: its charge drained, and the limit is free again.
+    async with a.state.sessions.begin() as session:
+        await session.execute(
+            text("UPDATE rate_limit_buckets SET tokens_tat = tokens_tat - 30 WHERE scope = :t"),
+            {"t": world.tenant_id},
+        )
+    long_ago.admitted_at -= 30
+    await a.limiter.admit(p, world.model, 0, 100)  # 100 of the 120
+    await a.limiter.settle(long_ago, 0)  # it used nothing, but nothing of its charge is left
+    with pytest.raises(RateLimited):
+        await a.limiter.admit(p, world.model, 0, 50)  # 150 in this minute: over the limit
 
 
 async def test_models_checked_at_admission(api: RunningApi, admin: httpx.AsyncClient, replicas: Start) -> None:

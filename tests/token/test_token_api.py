@@ -881,9 +881,9 @@ async def test_without_max_tokens_a_request_may_use_a_minute_of_its_token_limit(
     """A key allowed fewer tokens a minute than the model's context: a chat request without
     max_tokens is not refused as too large for good; it may generate what one minute of the limit
     allows. What it leaves unused is credited back at its end, so the next such request waits
-    only for the tokens actually used to drain (a second), not for the whole minute it held."""
+    only for the tokens actually used to drain (seconds), not for the whole minute it held."""
     async with session_factory(engine)() as session, session.begin():
-        await session.execute(update(ApiKey).where(ApiKey.id == tenant.key_id).values(tokens_per_minute=1000))
+        await session.execute(update(ApiKey).where(ApiKey.id == tenant.key_id).values(tokens_per_minute=200))
     f = await fleet({"node_a": echo_node("node_a")})
     client = sdk(api, tenant.secret)
     messages: Any = [{"role": "user", "content": "x"}]
@@ -891,12 +891,12 @@ async def test_without_max_tokens_a_request_may_use_a_minute_of_its_token_limit(
         answer = await client.chat.completions.create(model="fake-model", messages=messages)
         assert answer.choices[0].message.content == "w0 w1 w2 w3 w4 "
         job = f.jobs[-1]
-        assert job.body["max_tokens"] == job.max_tokens == 1000 - job.prompt_tokens
+        assert job.body["max_tokens"] == job.max_tokens == 200 - job.prompt_tokens
         if attempt == 0:
-            with pytest.raises(openai.RateLimitError) as wait:  # the 12 tokens used take 0.7 s to drain
+            with pytest.raises(openai.RateLimitError) as wait:  # the 12 tokens used take 3.6 s to drain
                 await client.chat.completions.create(model="fake-model", messages=messages)
             retry_after = int(wait.value.response.headers["retry-after"])
-            assert retry_after <= 2  # not the minute the whole hold would take
+            assert 1 <= retry_after <= 5  # not the minute the whole hold would take
             await asyncio.sleep(retry_after)
     with pytest.raises(openai.RateLimitError) as too_large:  # asked for, it is still too large
         await client.chat.completions.create(
