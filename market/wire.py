@@ -86,8 +86,9 @@ class Placement(msgspec.Struct, kw_only=True):
     node_id: str | None = None
     provider_id: str | None = None
     error: str | None = None
-    """Set when no node could take the job: ``no_capacity``, ``unknown_model`` or
-    ``tools_unsupported`` (a job with ``tools`` for a model no node serves with them); or ``queued``:
+    """Set when no node could take the job: ``no_capacity``, ``unknown_model``,
+    ``context_too_long`` (a prompt, by the api's estimate, no node of the model has the context for)
+    or ``tools_unsupported`` (a job with ``tools`` for a model no node serves with them); or ``queued``:
     the job waits at replica ``scheduler`` (for a ``Job.hold_notice`` job), which answers again
     on the same subject when it places the job or gives up on it."""
     retry_after_s: float = 1.0

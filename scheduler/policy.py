@@ -170,6 +170,10 @@ class FleetView:
         """Whether any known node (healthy or not) lists ``model``: else the model is unknown."""
         return bool(self._by_model.get(model))
 
+    def longest_context(self, model: str) -> int:
+        """The longest ``max_model_len`` among known nodes of ``model`` (healthy or not)."""
+        return max((node.profile.max_model_len for node in self.candidates(model)), default=0)
+
     def serves_tools(self, model: str) -> bool:
         """Whether any known node of ``model`` (healthy or not) parses tool calls."""
         return any(node.profile.tools for node in self.candidates(model))

@@ -96,9 +96,10 @@ class SchedulerService:
         self.placements: Counter[str] = Counter()
         """Jobs this replica placed, by node id."""
         self.counters: Counter[str] = Counter()
-        """``placed``, ``unknown_model``, ``tools_unsupported``, ``no_capacity``, ``expired``, ``invalid``,
-        ``heartbeats``, ``queued`` (jobs that waited for a slot), ``withdrawn`` (given up by the api while waiting),
-        ``node_lost``/``node_draining``/``node_revoked`` (events sent), ``db_flushes``, ``db_errors``."""
+        """``placed``, ``unknown_model``, ``context_too_long``, ``tools_unsupported``, ``no_capacity``,
+        ``expired``, ``invalid``, ``heartbeats``, ``queued`` (jobs that waited for a slot), ``withdrawn``
+        (given up by the api while waiting), ``node_lost``/``node_draining``/``node_revoked`` (events
+        sent), ``db_flushes``, ``db_errors``."""
         self.waiting = WaitQueue()
         """Jobs waiting here for a free slot."""
         self._withdrawn: dict[str, float] = {}
@@ -212,6 +213,10 @@ class SchedulerService:
             if not self.fleet.serves(job.model):
                 self.counters["unknown_model"] += 1
                 return wire.Placement(job_id=job.id, error="unknown_model")
+            if job.prompt_tokens >= self.fleet.longest_context(job.model):
+                # No node of the model, busy or not, takes a prompt this long: waiting would not help.
+                self.counters["context_too_long"] += 1
+                return wire.Placement(job_id=job.id, error="context_too_long", retry_after_s=0.0)
             if job.tools and not self.fleet.serves_tools(job.model):
                 # No node of the model parses tool calls, busy or not: waiting would not help.
                 self.counters["tools_unsupported"] += 1

@@ -335,6 +335,14 @@ class Run:
             self.job.relay_to = self.service.inboxes.relay_id
             try:
                 placement = await self._place(client_left)
+                if placement.error == "context_too_long":
+                    self._release_attempt()
+                    raise InvalidRequest(
+                        f"the prompt (about {self.job.prompt_tokens} tokens) is longer than the context any node"
+                        f" serves the model '{self.model}' with",
+                        code="context_length_exceeded",
+                        param="messages" if self.kind == "chat" else "prompt",
+                    )
                 if placement.error == "tools_unsupported":
                     self._release_attempt()
                     raise InvalidRequest(
@@ -527,9 +535,15 @@ class Run:
                 code = chunk.error_code or "engine_error"
                 if code == "invalid_request":
                     await self.finish("failed")
+                    message = chunk.error or "the engine refused the request"
+                    # vLLM says a request does not fit its max_model_len in words only; OpenAI's
+                    # code for it is what frameworks check before trimming a conversation.
+                    too_long = "maximum context length" in message
+                    prompt_param = "messages" if self.kind == "chat" else "prompt"
                     raise InvalidRequest(
-                        chunk.error or "the engine refused the request",
-                        code="invalid_request",
+                        message,
+                        code="context_length_exceeded" if too_long else "invalid_request",
+                        param=("max_tokens" if "max_tokens" in message else prompt_param) if too_long else None,
                         status=chunk.status if chunk.status and 400 <= chunk.status < 500 else 400,
                     )
                 if code in RETRYABLE:

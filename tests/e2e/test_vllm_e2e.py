@@ -21,9 +21,12 @@ import httpx
 import openai
 import pytest
 from nats.aio.client import Client
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from market import wire
+from market.db import session_factory
+from market.models import Model
 from market.settings import Settings
 from market.wire import Hardware, ProfileInfo
 from nodes.agent import AgentConfig, NodeAgent
@@ -144,7 +147,12 @@ async def test_tenant_gets_answers_from_a_real_vllm_with_usage(
 
 
 async def test_structured_output_and_logit_bias_reach_vllm(
-    api: RunningApi, scheduler: SchedulerService, settings: Settings, vllm_server: VllmServer, tenant: TenantKey
+    api: RunningApi,
+    scheduler: SchedulerService,
+    settings: Settings,
+    vllm_server: VllmServer,
+    tenant: TenantKey,
+    engine: AsyncEngine,
 ) -> None:
     """A random-weight model answers in the schema when asked to (vLLM's guided decoding), and a
     logit bias steers it: both prove the fields reached the engine, which nothing else could fake."""
@@ -222,6 +230,27 @@ async def test_structured_output_and_logit_bias_reach_vllm(
         with pytest.raises(openai.BadRequestError) as refused:  # vLLM's own refusal, relayed as a 400
             await client.completions.create(model=MODEL, prompt="hi", max_tokens=6, logit_bias={"99999999": 5})
         assert "logit_bias" in str(refused.value)
+        # Nodes serving a shorter context than the catalog's: a prompt none of them takes is refused
+        # at once by the scheduler, in OpenAI's terms, rather than left to wait for capacity.
+        async with session_factory(engine)() as session, session.begin():
+            await session.execute(
+                update(Model).where(Model.name == MODEL).values(context_length=vllm_server.max_model_len * 2)
+            )
+        catalog = api.app.state.app_state.services["token"].catalog
+        catalog._loaded_at = float("-inf")
+        try:
+            started = time.monotonic()
+            with pytest.raises(openai.BadRequestError) as too_long:
+                await client.completions.create(model=MODEL, prompt="word " * vllm_server.max_model_len, max_tokens=5)
+            assert too_long.value.code == "context_length_exceeded"
+            assert too_long.value.param == "prompt"
+            assert time.monotonic() - started < 5
+        finally:
+            async with session_factory(engine)() as session, session.begin():
+                await session.execute(
+                    update(Model).where(Model.name == MODEL).values(context_length=vllm_server.max_model_len)
+                )
+            catalog._loaded_at = float("-inf")
         nonsense: Any = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
         with pytest.raises(openai.BadRequestError):  # a schema vLLM cannot compile
             await client.chat.completions.create(

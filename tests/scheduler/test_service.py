@@ -338,6 +338,24 @@ async def test_tools_on_a_model_no_node_serves_with_them_are_refused_at_once(
     assert service.counters["tools_unsupported"] == 1
 
 
+async def test_a_prompt_longer_than_every_nodes_context_is_refused_at_once(
+    nc: Client, settings: Settings, nodes: list[FakeNode], replicas: list[SchedulerService]
+) -> None:
+    """Waiting for capacity would not help a prompt no node of its model has the context for,
+    busy or not: it is answered ``context_too_long`` at once, however long it may wait."""
+    for node_id, context in (("node_short", 2048), ("node_long", 8192)):
+        profile = wire.ProfileInfo(max_model_len=context)
+        await start_node(nodes, nc, settings, node_id, models=["llama-8b"], profile=profile, slots=0)
+    service = await start_replica(replicas, settings)
+    await eventually(lambda: service.fleet.longest_context("llama-8b") == 8192)
+    refused = await request_placement(nc, make_job("req_long", prompt_tokens=9000, wait_s=30.0))
+    assert refused.error == "context_too_long"
+    waits = asyncio.create_task(request_placement(nc, make_job("req_fits", prompt_tokens=5000, wait_s=30.0)))
+    await eventually(lambda: service.counters["queued"] == 1)  # the long node may free a slot
+    assert not waits.done()
+    waits.cancel()
+
+
 async def test_node_rows_follow_heartbeats_and_loss(
     nc: Client,
     fast: Settings,

@@ -625,6 +625,27 @@ async def test_a_job_placed_as_its_refused_admission_withdraws_it_is_cancelled_o
     assert f.cancelled_on == [("node_a", refused_job)]
 
 
+async def test_an_engine_that_finds_the_request_too_long_is_context_length_exceeded(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet
+) -> None:
+    """vLLM says in words only that a request does not fit its context: the client gets OpenAI's
+    code for it, which frameworks check before trimming a conversation."""
+
+    async def too_long(job: wire.Job, reply: str, nc: Client) -> None:
+        message = "This model's maximum context length is 2048 tokens. However, your request has 3000 input tokens."
+        await nc.publish(
+            reply, chunk(job, "node_a", 0, "error", error=message, error_code="invalid_request", status=400)
+        )
+
+    await fleet({"node_a": too_long})
+    with pytest.raises(openai.BadRequestError) as refused:
+        await sdk(api, tenant.secret).chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "x"}]
+        )
+    assert (refused.value.code, refused.value.param) == ("context_length_exceeded", "messages")
+    assert "maximum context length is 2048" in str(refused.value)
+
+
 async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
     with pytest.raises(openai.InternalServerError) as err:
         await sdk(api, tenant.secret).chat.completions.create(
