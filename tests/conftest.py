@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -214,3 +214,18 @@ async def wait_healthy(scheduler: Any, node_ids: list[str], timeout: float = 120
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"nodes {node_ids} did not become healthy")
+
+
+@contextlib.asynccontextmanager
+async def row_locked(engine: AsyncEngine, query: str, *args: Any) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Hold row locks (``query``: a ``SELECT ... FOR UPDATE``) from a connection of its own, so
+    that an admission needing the rows waits; yields ``release``, which lets them go (as does
+    leaving the block)."""
+    conn = await asyncpg.connect(db.plain_url(engine.url.render_as_string(hide_password=False)))
+    try:
+        lock = conn.transaction()
+        await lock.start()
+        await conn.execute(query, *args)
+        yield lock.rollback
+    finally:
+        await conn.close()

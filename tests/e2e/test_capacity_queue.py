@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
-import asyncpg
 import httpx
 import nats.js.errors
 import openai
@@ -25,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from api.admin.quota import quota_of
 from api.token import service as token_service
 from market import subjects, wire
-from market.db import plain_url, session_factory
+from market.db import session_factory
 from market.models import ApiKey
 from market.settings import Settings
 from market.wire import ProfileInfo
@@ -33,8 +32,8 @@ from nodes.agent import AgentConfig, NodeAgent
 from nodes.engines.sim import SimConfig, SimEngine
 from scheduler.service import SchedulerService
 from tests.billing.conftest import make_prices
-from tests.conftest import RunningApi, service_env, wait_healthy
-from tests.token.conftest import TenantKey, make_tenant
+from tests.conftest import RunningApi, row_locked, service_env, wait_healthy
+from tests.token.conftest import KEY_BUCKET, TenantKey, make_tenant, use_up_quota
 
 MODEL = "sim-llama-3-8b"
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,11 +181,8 @@ async def test_a_request_refused_beside_its_placement_is_aborted_on_its_node(
     # The tenant's quota row locked: the admission waits until the job is placed and running (were
     # it refused while the placement's answer was on its way, the job would be cancelled on its
     # node when the answer came, and that node's work would not be paid: the README's known gaps).
-    blocker = await asyncpg.connect(plain_url(engine.url.render_as_string(hide_password=False)))
-    try:
-        lock = blocker.transaction()
-        await lock.start()
-        await blocker.execute("SELECT 1 FROM tenant_quotas WHERE tenant_id = $1 FOR UPDATE", tenant.tenant_id)
+    quota_row = "SELECT 1 FROM tenant_quotas WHERE tenant_id = $1 FOR UPDATE"
+    async with row_locked(engine, quota_row, tenant.tenant_id) as release:
         asking = asyncio.create_task(
             client.completions.create(model=MODEL, prompt="refused", max_tokens=2000, stream=True)
         )
@@ -195,11 +191,9 @@ async def test_a_request_refused_beside_its_placement_is_aborted_on_its_node(
                 break
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.2)
-        await lock.rollback()
+        await release()
         with pytest.raises(openai.RateLimitError) as refused:
             await asking
-    finally:
-        await blocker.close()
     assert refused.value.code == "insufficient_quota"
     assert scheduler.counters["placed"] == 2  # the refused job was placed while its admission ran
     async with session_factory(engine)() as session, session.begin():
@@ -268,16 +262,9 @@ async def test_a_request_refused_while_it_waits_for_a_slot_is_withdrawn_at_once(
                 break
             await asyncio.sleep(0.02)
         assert busy_admitted(), "the busy request holds the one slot, admitted"
-        async with session_factory(engine)() as session, session.begin():
-            await session.execute(
-                text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
-            )
+        await use_up_quota(engine, tenant.tenant_id)
         # The key's rate-limit row locked: the next admission waits while its job queues for the slot.
-        blocker = await asyncpg.connect(plain_url(engine.url.render_as_string(hide_password=False)))
-        try:
-            lock = blocker.transaction()
-            await lock.start()
-            await blocker.execute("SELECT 1 FROM rate_limit_buckets WHERE scope = $1 FOR UPDATE", tenant.key_id)
+        async with row_locked(engine, KEY_BUCKET, tenant.key_id) as release:
             service = api.app.state.app_state.services["token"]
             assert (tenant.key_id, MODEL) in service.room, "the busy admission left room: the next runs beside"
             refused = asyncio.create_task(client.completions.create(model=MODEL, prompt="refused", max_tokens=5))
@@ -286,13 +273,11 @@ async def test_a_request_refused_while_it_waits_for_a_slot_is_withdrawn_at_once(
                     break
                 await asyncio.sleep(0.02)
             assert scheduler.counters["queued"] == 1
-            await lock.rollback()
+            await release()
             started = time.monotonic()
             with pytest.raises(openai.RateLimitError) as error:
                 await refused
             assert time.monotonic() - started < 5
-        finally:
-            await blocker.close()
         assert error.value.code == "insufficient_quota"
         for _ in range(100):
             if scheduler.counters["withdrawn"]:

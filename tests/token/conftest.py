@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from market import keys, subjects, wire
@@ -47,6 +48,16 @@ async def make_tenant(
             if await session.get(Model, model_name) is None:
                 session.add(Model(name=model_name, context_length=context))
     return TenantKey(tenant.id, key.id, secret)
+
+
+KEY_BUCKET = "SELECT 1 FROM rate_limit_buckets WHERE scope = $1 FOR UPDATE"
+"""Locks a key's rate-limit row (``tests.conftest.row_locked``): its admissions wait."""
+
+
+async def use_up_quota(engine: AsyncEngine, tenant_id: str) -> None:
+    """The tenant's grants all used: its next admission is refused ``insufficient_quota``."""
+    async with session_factory(engine)() as session, session.begin():
+        await session.execute(text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant_id})
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
 import httpx
 import openai
 import pytest
@@ -27,8 +26,17 @@ from market.db import plain_url, session_factory
 from market.models import ApiKey, TenantModel
 from market.settings import Settings
 from tests.billing.conftest import usage_event as make_usage_event
-from tests.conftest import RunningApi
-from tests.token.conftest import FakeFleet, NodeBehaviour, TenantKey, chunk, echo_node, make_tenant
+from tests.conftest import RunningApi, row_locked
+from tests.token.conftest import (
+    KEY_BUCKET,
+    FakeFleet,
+    NodeBehaviour,
+    TenantKey,
+    chunk,
+    echo_node,
+    make_tenant,
+    use_up_quota,
+)
 
 Fleet = Callable[..., Awaitable[FakeFleet]]
 
@@ -226,10 +234,7 @@ async def test_a_refusal_while_no_scheduler_answers_is_told_at_once(
     f = await fleet({"good": echo_node("good")})
     client = sdk(api, tenant.secret)
     await client.completions.create(model="fake-model", prompt="x", max_tokens=5)  # the key has room
-    async with session_factory(engine)() as session, session.begin():  # the grant is used up meanwhile
-        await session.execute(
-            text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
-        )
+    await use_up_quota(engine, tenant.tenant_id)  # the grant is used up meanwhile
     f.unanswered = 2
     started = time.monotonic()
     with pytest.raises(openai.RateLimitError) as refused:
@@ -484,17 +489,10 @@ async def test_an_admission_beside_placement_refuses_before_any_output(
     await usage_event(nc, tenant.tenant_id, request_id=response.headers["x-request-id"])  # the second: billed
     assert len(f.placed) == 2
 
-    async with session_factory(engine)() as session, session.begin():
-        await session.execute(
-            text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
-        )
+    await use_up_quota(engine, tenant.tenant_id)
     tenant_sdk = sdk(api, tenant.secret)
     # The key's rate-limit row locked: the admission waits until the job is placed and running.
-    blocker = await asyncpg.connect(plain_url(engine.url.render_as_string(hide_password=False)))
-    try:
-        lock = blocker.transaction()
-        await lock.start()
-        await blocker.execute("SELECT 1 FROM rate_limit_buckets WHERE scope = $1 FOR UPDATE", tenant.key_id)
+    async with row_locked(engine, KEY_BUCKET, tenant.key_id) as release:
         asking = asyncio.create_task(
             tenant_sdk.chat.completions.create(
                 model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True
@@ -505,11 +503,9 @@ async def test_an_admission_beside_placement_refuses_before_any_output(
                 break
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.2)  # the placement answered, the node's output coming
-        await lock.rollback()
+        await release()
         with pytest.raises(openai.RateLimitError) as refused:
             await asking
-    finally:
-        await blocker.close()
     assert refused.value.code == "insufficient_quota"
     assert len(f.placed) == 3  # placed while its admission ran...
     refused_job = f.placed[-1][0]
@@ -538,10 +534,7 @@ async def test_an_admission_beside_placement_refuses_before_any_output(
     async with session_factory(engine)() as session, session.begin():
         await session.execute(text("UPDATE tenant_quotas SET used = 0 WHERE tenant_id = :t"), {"t": tenant.tenant_id})
     await tenant_sdk.completions.create(model="fake-model", prompt="x", max_tokens=2)  # room again
-    async with session_factory(engine)() as session, session.begin():
-        await session.execute(
-            text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
-        )
+    await use_up_quota(engine, tenant.tenant_id)
     f.busy_answers = 1000
     with pytest.raises(openai.RateLimitError) as both:
         await tenant_sdk.completions.create(model="fake-model", prompt="x", max_tokens=2)
@@ -568,9 +561,7 @@ async def test_admissions_beside_placement_go_only_as_far_as_the_room_left_for_t
     with pytest.raises(openai.PermissionDeniedError):
         await tenant_sdk.completions.create(model="other-model", prompt="x", max_tokens=2)
     assert len(f.placed) == 1  # not placed: no room was ever left for that model
-    exhaust = text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t")
-    async with session_factory(engine)() as session, session.begin():
-        await session.execute(exhaust, {"t": tenant.tenant_id})
+    await use_up_quota(engine, tenant.tenant_id)
 
     async def refused() -> str:
         with pytest.raises(openai.RateLimitError) as error:
@@ -578,18 +569,12 @@ async def test_admissions_beside_placement_go_only_as_far_as_the_room_left_for_t
         return str(error.value.code)
 
     # The key's rate-limit row locked: every admission of the burst waits, so all five find the same room.
-    blocker = await asyncpg.connect(plain_url(engine.url.render_as_string(hide_password=False)))
-    try:
-        lock = blocker.transaction()
-        await lock.start()
-        await blocker.execute("SELECT 1 FROM rate_limit_buckets WHERE scope = $1 FOR UPDATE", tenant.key_id)
+    async with row_locked(engine, KEY_BUCKET, tenant.key_id) as release:
         burst = asyncio.gather(*(refused() for _ in range(5)))
         await asyncio.sleep(0.5)
         placed_while_admitting = len(f.placed) - 1
-        await lock.rollback()
+        await release()
         codes = await burst
-    finally:
-        await blocker.close()
     assert placed_while_admitting == 2  # the two the room let through; the rest wait for their admission
     assert codes == ["insufficient_quota"] * 5
     assert len(f.placed) == 3
@@ -606,10 +591,7 @@ async def test_a_job_placed_as_its_refused_admission_withdraws_it_is_cancelled_o
     f = await fleet({"node_a": echo_node("node_a", words=50, delay=0.05)})
     tenant_sdk = sdk(api, tenant.secret)
     await tenant_sdk.completions.create(model="fake-model", prompt="x", max_tokens=2)  # admitted, with room
-    async with session_factory(engine)() as session, session.begin():
-        await session.execute(
-            text("UPDATE tenant_quotas SET used = granted WHERE tenant_id = :t"), {"t": tenant.tenant_id}
-        )
+    await use_up_quota(engine, tenant.tenant_id)
     f.answer_delay = 0.8
     started = time.monotonic()
     with pytest.raises(openai.RateLimitError) as refused:
