@@ -179,7 +179,14 @@ class Inboxes:
             except msgspec.DecodeError:
                 log.warning("undecodable chunk batch from node %s", node_id)
                 return
-            for item in batch.items:
+            items = batch.items
+            # A batch carries a step's tokens for every stream on the node; the jobs whose first
+            # output is in it are woken first, so a new request's first token leaves before the
+            # running streams' next ones rather than behind them (each job's chunks keep their order).
+            starting = {i.chunk.job_id for i in items if i.chunk.engine_ttft_ms is not None}
+            if starting and len(starting) < len(items):
+                items = sorted(items, key=lambda i: i.chunk.job_id not in starting)  # stable
+            for item in items:
                 chunk = item.chunk
                 if chunk.node_id != node_id:
                     log.warning("node %s sent a chunk in another node's name (%s)", node_id, chunk.node_id)

@@ -1214,6 +1214,45 @@ async def test_output_nobody_waits_for_is_cancelled_on_its_node_once(
     assert reasons == [(strays[0], "orphaned")]
 
 
+async def test_a_batch_wakes_the_requests_it_starts_before_the_running_streams(nc: Client) -> None:
+    """A node's batch carries a token for each of its running streams and, somewhere among them, a
+    new request's first token: that request is woken first, so its first token does not wait
+    for the api to relay every other stream's next one (the others keep their order, and each
+    job its chunks' order)."""
+    inboxes = Inboxes(nc)
+    await inboxes.start()
+    woke: list[tuple[str, int]] = []
+
+    async def reader(name: str, queue: Any, wanted: int) -> None:
+        for _ in range(wanted):
+            woke.append((name, (await queue.get()).seq))
+
+    def data(job: str, seq: int, ttft: float | None = None) -> wire.Chunk:
+        return wire.Chunk(
+            job_id=job, node_id="node_batch", seq=seq, kind="data", pieces=[wire.Piece(0, "x")], engine_ttft_ms=ttft
+        )
+
+    try:
+        boxes = {job: inboxes.open(job, 1) for job in ("req_a", "req_b", "req_new", "req_c")}
+        readers = [asyncio.create_task(reader(job, box[1], 2 if job == "req_new" else 1)) for job, box in boxes.items()]
+        await asyncio.sleep(0.05)  # every reader waits on its mailbox
+        items = [
+            wire.RelayedChunk(boxes[job][0], chunk)
+            for job, chunk in (
+                ("req_a", data("req_a", 7)),
+                ("req_b", data("req_b", 3)),
+                ("req_new", data("req_new", 0, ttft=12.5)),
+                ("req_c", data("req_c", 9)),
+                ("req_new", data("req_new", 1)),
+            )
+        ]
+        await nc.publish(subjects.node_relay("node_batch", inboxes.relay_id), wire.encode(wire.ChunkBatch(items)))
+        await asyncio.wait_for(asyncio.gather(*readers), 5)
+        assert woke == [("req_new", 0), ("req_new", 1), ("req_a", 7), ("req_b", 3), ("req_c", 9)]
+    finally:
+        await inboxes.stop()
+
+
 async def _outbox_ids(engine: AsyncEngine) -> list[str]:
     async with engine.connect() as conn:
         return list((await conn.execute(text("SELECT request_id FROM usage_outbox ORDER BY 1"))).scalars())
