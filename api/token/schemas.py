@@ -308,6 +308,11 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
                 out["tool_choice"] = msgspec.to_builtins(self.tool_choice)
             if self.parallel_tool_calls is not None:
                 out["parallel_tool_calls"] = self.parallel_tool_calls
+        elif self.tools:
+            # "none", as OpenAI means it: the model still reads the tools (its chat template writes
+            # them into the prompt; vLLM needs no tool-call parser for that) but answers in text.
+            out["tools"] = msgspec.to_builtins(self.tools)
+            out["tool_choice"] = "none"
         return out
 
     def requested_max_tokens(self) -> int | None:
@@ -318,7 +323,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
         offered (a chat template writes their definitions into the prompt)."""
         parts = [f"{m.role}: {m.text()}" for m in self.messages]
         parts += [c.function.name + c.function.arguments for m in self.messages for c in m.tool_calls or ()]
-        if self.calls_tools:
+        if self.tools:
             parts.append(msgspec.json.encode(self.tools).decode())
         return "\n".join(parts)
 

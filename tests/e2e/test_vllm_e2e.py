@@ -319,6 +319,13 @@ async def test_tool_calls_from_vllm_streamed_and_whole(
         answer = await client.chat.completions.create(model=MODEL, messages=history, tools=tools, max_tokens=5)
         assert answer.usage is not None
         assert answer.usage.prompt_tokens > whole.usage.prompt_tokens  # type: ignore[union-attr]
+
+        # "none": vLLM takes the tools (for the template) and the model answers in text
+        quiet = await client.chat.completions.create(
+            model=MODEL, messages=messages, tools=tools, tool_choice="none", max_tokens=5
+        )
+        assert not quiet.choices[0].message.tool_calls
+        assert quiet.choices[0].finish_reason in ("stop", "length")
     finally:
         await agent.stop(drain=False)
 

@@ -1045,8 +1045,9 @@ async def test_tool_calls_streamed_or_whole_and_the_history_that_follows(
     ]
     await client.chat.completions.create(model="fake-model", messages=history, tools=TOOLS, tool_choice="none")
     job = f.jobs[-1]
-    assert not job.tools  # "none": any node will do, and the engine is not offered the tools
-    assert "tools" not in job.body
+    assert not job.tools  # "none": any node will do; the model still reads the tools, and calls none
+    assert [t["function"]["name"] for t in job.body["tools"]] == ["get_weather"]
+    assert job.body["tool_choice"] == "none"
     assert job.body["messages"][1]["tool_calls"] == [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     ]
