@@ -30,6 +30,7 @@ async def main() -> None:
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--speedup", type=float, default=1.0)
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--busy-stream-interval", type=int, default=4)
     parser.add_argument(
         "--queue-share", type=float, default=1.0, help="of max_num_seqs the engine may queue (AgentConfig)"
     )
@@ -40,7 +41,12 @@ async def main() -> None:
     for i in range(args.count):
         engine: Engine
         if args.engine == "vllm":
-            engine = VllmEngine(url=args.url, served_model_name=args.model, max_num_seqs=args.max_num_seqs)
+            engine = VllmEngine(
+                url=args.url,
+                served_model_name=args.model,
+                max_num_seqs=args.max_num_seqs,
+                busy_stream_interval=args.busy_stream_interval,
+            )
             profile = ProfileInfo(max_num_seqs=args.max_num_seqs, max_model_len=2048)
         else:
             engine = SimEngine(SimConfig(speedup=args.speedup, max_num_seqs=args.max_num_seqs))

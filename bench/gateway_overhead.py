@@ -9,8 +9,9 @@
    waves too; ``--spread`` varies the lengths, the same requests on both paths). The marketplace's
    own part of each request's TTFT is also measured per request, from the usage events (the api's
    TTFT minus the engine's, as its agent timed it). A third side sends vLLM directly what
-   the agent sends it (usage on every chunk), to tell the engine's part of the cost from the
-   relay's; and each process's CPU share is printed for the direct and the marketplace rounds.
+   the agent sends it (usage on every chunk, and at this concurrency ``--busy-stream-interval``
+   tokens a chunk), to tell the engine's part of the cost from the relay's; and each process's
+   CPU share is printed for the direct and the marketplace rounds.
 2. The control plane alone: the api process in front of simulated nodes (``SimEngine``, a
    simulator, made near-instant with a large speedup) so only the api, NATS and the scheduler
    are measured: requests/s and relayed tokens/s for one api process.
@@ -192,6 +193,7 @@ async def run_load(
     max_tokens: int,
     *,
     usage_every_chunk: bool = False,
+    stream_interval: int = 1,
     spread: float = 0.0,
 ) -> Result:
     """``total`` streams, ``concurrency`` at a time. With ``spread`` > 0 request ``i`` asks for a
@@ -213,6 +215,8 @@ async def run_load(
         "stream_options": stream_options,
         "temperature": 0,
     }
+    if stream_interval > 1:  # vLLM's per-request field, as a busy node's agent asks for it
+        body["stream_interval"] = stream_interval
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait(i)
@@ -471,6 +475,12 @@ async def main() -> None:
         help="vLLM's --stream-interval, the same engine for both paths (tokens per streamed chunk)",
     )
     parser.add_argument(
+        "--busy-stream-interval",
+        type=int,
+        default=4,
+        help="tokens a chunk the agent asks vLLM for when busy (its profile's busy_stream_interval; 1: off)",
+    )
+    parser.add_argument(
         "--no-pin",
         action="store_true",
         help="let vLLM and the control plane share every core (default: vLLM alone on the last core, "
@@ -529,6 +539,8 @@ async def main() -> None:
                     MODEL_NAME,
                     "--max-num-seqs",
                     str(args.concurrency),
+                    "--busy-stream-interval",
+                    str(args.busy_stream_interval),
                 ],
                 stack.env(settings, "admin"),
                 "agents-vllm",
@@ -541,6 +553,13 @@ async def main() -> None:
             warm = min(args.concurrency, per_round)
             await run_load(plan.engine_url + "/v1/completions", MODEL_NAME, {}, warm, warm, args.max_tokens)
             await run_load(api + "/v1/completions", MODEL_NAME, headers, warm, warm, args.max_tokens)
+            # The agent asks for usage on every chunk, and a few tokens a chunk once a quarter of the
+            # engine's batch streams (at least 8): at this concurrency, for nearly every job.
+            busy = args.concurrency > max(8, args.concurrency // 4)
+            as_agent_interval = args.busy_stream_interval if busy else 1
+            as_agent = "usage on every chunk" + (
+                f", {as_agent_interval} tokens a chunk" if as_agent_interval > 1 else ""
+            )
             names = {api_proc.pid: "api", scheduler_proc.pid: "scheduler", agents.pid: "agent", vllm_proc.pid: "vllm"}
             for _ in range(args.rounds):
                 before = cpu_by_process(stack, names)
@@ -554,6 +573,7 @@ async def main() -> None:
                             per_round,
                             args.max_tokens,
                             usage_every_chunk=usage_every_chunk,
+                            stream_interval=as_agent_interval if usage_every_chunk else 1,
                             spread=args.spread,
                         )
                     )
@@ -576,7 +596,7 @@ async def main() -> None:
                 )
                 market_cpu = _add(market_cpu, middle, cpu_by_process(stack, names))
             rows.append(row("vLLM direct", direct_total))
-            rows.append(row("vLLM direct, usage on every chunk (as the agent asks)", counted_total))
+            rows.append(row(f"vLLM direct, as the agent asks ({as_agent})", counted_total))
             rows.append(row("through the marketplace", market_total))
             stack.stop(agents)
             stack.stop(vllm_proc)
@@ -632,7 +652,7 @@ async def main() -> None:
         print(
             f"\nconcurrency {args.concurrency} streams, {args.max_tokens} tokens each"
             f"{f' (+-{args.spread:.0%})' if args.spread else ''}, "
-            f"vLLM stream interval {args.stream_interval}; "
+            f"vLLM stream interval {args.stream_interval}, {args.busy_stream_interval} when busy; "
             f"control plane: {args.cp_concurrency} streams; one api process; {placement}\n"
         )
         print(
@@ -654,8 +674,8 @@ async def main() -> None:
                 f"{market_total.pct(0.5, 'ramp') - direct_total.pct(0.5, 'ramp'):+.1f} ms, "
                 f"p99: {market_total.pct(0.99, 'ramp') - direct_total.pct(0.99, 'ramp'):+.1f} ms; "
                 f"throughput through the marketplace: {market_total.tokens_per_s / direct_total.tokens_per_s:.0%} "
-                f"of direct ({market_total.tokens_per_s / counted_total.tokens_per_s:.0%} of direct with usage on "
-                "every chunk)"
+                f"of direct ({market_total.tokens_per_s / counted_total.tokens_per_s:.0%} of direct as the agent "
+                "asks)"
             )
             print(
                 "the marketplace's own part of each request's TTFT (api arrival to first token out, minus the "

@@ -62,7 +62,12 @@ def sim_engine_for(profile: Profile | None, speedup: float) -> SimEngine:
 
 
 def vllm_engine_for(profile: Profile, log_dir: Path) -> VllmEngine:
-    return VllmEngine(launch_plan(profile), max_num_seqs=profile.max_num_seqs, log_dir=log_dir)
+    return VllmEngine(
+        launch_plan(profile),
+        max_num_seqs=profile.max_num_seqs,
+        busy_stream_interval=profile.busy_stream_interval,
+        log_dir=log_dir,
+    )
 
 
 def hardware_for(profile: Profile | None, engine: Engine) -> Hardware:

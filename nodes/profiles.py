@@ -88,6 +88,10 @@ class Profile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stream_interval: int = 1
     """Tokens the engine gathers before streaming them (``--stream-interval``): 1 sends each token
     at once; a few cut the per-token work of the engine, the agent and the api under load."""
+    busy_stream_interval: int = 4
+    """Tokens a chunk for the jobs that start while the node is busy (a quarter of
+    ``max_num_seqs`` streaming, at least 8): the agent asks vLLM for it per request, so a quiet
+    node streams every token alone and a busy one spends less on streaming. 1 turns it off."""
     prefill_share: int = 100
     """Percent of SMs for the prefill worker (semi-pd; 1-100; the pair may sum past 100)."""
     decode_share: int = 100
@@ -214,8 +218,9 @@ def validate(profile: Profile) -> None:
             raise ProfileError(f"{name} must be between 1 and 100 (percent of the GPU's SMs), got {value}")
     if not 0.0 < profile.gpu_memory_utilization <= 1.0:
         raise ProfileError(f"gpu_memory_utilization must be in (0, 1.0], got {profile.gpu_memory_utilization}")
-    if not 1 <= profile.stream_interval <= 64:
-        raise ProfileError(f"stream_interval must be between 1 and 64 tokens, got {profile.stream_interval}")
+    for name in ("stream_interval", "busy_stream_interval"):
+        if not 1 <= getattr(profile, name) <= 64:
+            raise ProfileError(f"{name} must be between 1 and 64 tokens, got {getattr(profile, name)}")
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(profile, name) < 1:
             raise ProfileError(f"{name} must be at least 1, got {getattr(profile, name)}")

@@ -294,6 +294,8 @@ class VllmEngine:
         url: str | None = None,
         served_model_name: str | None = None,
         max_num_seqs: int = 256,
+        busy_stream_interval: int = 4,
+        busy_streams: int | None = None,
         log_dir: Path | None = None,
         check_interval_s: float = 1.0,
         restart_backoff_s: tuple[float, float] = (1.0, 30.0),
@@ -307,6 +309,13 @@ class VllmEngine:
             raise ValueError("served_model_name is required when attaching to a url")
         self.served_model_name = name
         self.max_num_seqs = max_num_seqs
+        self.busy_stream_interval = busy_stream_interval
+        """Tokens vLLM gathers per streamed chunk (its per-request ``stream_interval``) for a job
+        that starts while the node is busy; 1 streams every token alone, whatever the load."""
+        self.busy_streams = max(8, max_num_seqs // 4) if busy_streams is None else busy_streams
+        """Streams open on this engine from which the node counts as busy (default: a quarter of
+        its batch, at least 8)."""
+        self._open_streams = 0
         self.plan = plan
         self.check_interval_s = check_interval_s
         self.restart_backoff_s = restart_backoff_s
@@ -531,6 +540,16 @@ class VllmEngine:
         # Continuous usage gives prompt tokens with the first chunk and an exact token count per
         # chunk, so a cancelled job's usage is the engine's own count, not an estimate.
         body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+        if (
+            self.busy_stream_interval > 1
+            and self._open_streams >= self.busy_streams
+            and int(body.get("n") or 1) == 1  # several choices share one usage count: one token a piece
+        ):
+            # Every streamed chunk costs vLLM's server, this agent, the api and the client a
+            # message each; a busy node streams a few tokens a chunk (the first still at once),
+            # which vLLM offers for this (``--stream-interval``) and the marketplace measured
+            # (bench/gateway_overhead.py, README): a quiet node still streams every token alone.
+            body["stream_interval"] = self.busy_stream_interval
         return body
 
     async def _generate(self, job: Job) -> AsyncIterator[Emission]:
@@ -596,6 +615,7 @@ class VllmEngine:
         exact = int(body.get("n") or 1) == 1  # usage deltas are per-request, so exact only for n=1
         counted = 0
         yielded = False
+        self._open_streams += 1
         try:
             resp = await self._client.post(url, data=msgspec.json.encode(body), headers=_JSON)
             ending = False
@@ -647,3 +667,5 @@ class VllmEngine:
             raise EngineError(code, f"engine connection failed: {exc!r}") from exc
         except (msgspec.DecodeError, ValueError, HttpProcessingError) as exc:  # e.g. aiohttp's LineTooLong
             raise EngineError("engine_error", f"unreadable engine stream: {exc}") from exc
+        finally:
+            self._open_streams -= 1

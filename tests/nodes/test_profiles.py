@@ -156,6 +156,7 @@ def test_port_zero_picks_free_ports(model_dir: Path) -> None:
         ({"mode": "disaggregated", "decode_device": "0"}, "prefill_device and decode_device to differ"),
         ({"max_num_sequences": 8}, "max_num_sequences"),
         ({"stream_interval": 0}, "stream_interval must be between 1 and 64 tokens"),
+        ({"busy_stream_interval": 100}, "busy_stream_interval must be between 1 and 64 tokens"),
         ({"max_num_seqs": 256, "max_num_batched_tokens": 128}, "must be at least max_num_seqs"),
         ({"max_model_len": 1024, "long_prefill_token_threshold": 4096}, "long_prefill_token_threshold must be"),
         ({"long_prefill_token_threshold": -5}, "long_prefill_token_threshold must be"),

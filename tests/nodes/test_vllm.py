@@ -23,6 +23,7 @@ from market.ids import new_id
 from market.settings import Settings
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.engines import VllmEngine
+from nodes.engines.base import Emission
 from nodes.profiles import cpu_profile, launch_plan
 from nodes.tiny_model import MODEL_NAME
 from tests.fixtures_vllm import VllmServer
@@ -154,6 +155,34 @@ async def test_attach_to_the_session_vllm_server(vllm_server: VllmServer) -> Non
     finally:
         await engine.stop()
     assert httpx.get(vllm_server.url + "/health").status_code == 200  # attach mode never stops the server
+
+
+async def test_a_busy_node_streams_a_few_tokens_a_chunk(vllm_server: VllmServer) -> None:
+    """With ``busy_streams`` streams open, the next job asks vLLM for ``busy_stream_interval``
+    tokens a chunk: its first token comes alone, the rest four at a time, and every token is
+    counted; the job that was alone streams each token by itself."""
+    engine = VllmEngine(
+        url=vllm_server.url, served_model_name=vllm_server.model, busy_stream_interval=4, busy_streams=1
+    )
+    await engine.start()
+
+    def tokens(emissions: list[Emission]) -> list[int]:
+        """Tokens per streamed chunk (the usage-only chunks carry none)."""
+        return [n for n in (sum(p.tokens for p in e.pieces) for e in emissions) if n]
+
+    try:
+        await engine.wait_ready(60)
+        alone = engine.generate(make_job("any", prompt="hi", max_tokens=13))
+        first = [await anext(alone)]  # its stream stays open while the next job starts
+        busy = [e async for e in engine.generate(make_job("any", prompt="hi", max_tokens=13))]
+        first += [e async for e in alone]
+        assert tokens(busy) == [1, 4, 4, 4]
+        assert tokens(first) == [1] * 13
+        assert busy[-1].usage is not None
+        assert busy[-1].usage.completion_tokens == 13
+        assert "".join(p.text for e in busy for p in e.pieces)
+    finally:
+        await engine.stop()
 
 
 async def test_vllm_crash_is_reported_and_restarted(nc: Client, launched: NodeAgent) -> None:
