@@ -5,6 +5,7 @@ Each area adds its controllers to ``route_handlers()`` and its services to ``sta
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from litestar import Litestar
@@ -29,14 +30,23 @@ async def _start_auth(state: AppState) -> None:
     state.closers.append(auth.close)
 
 
+async def _host_scheduler(state: AppState) -> None:
+    """``MARKET_API_SCHEDULER``: run a scheduler replica in this process, by module name (the api
+    never calls it: its submissions on ``jobs.submit`` are delivered to it in-process)."""
+    if state.settings.api_scheduler:
+        service = await importlib.import_module("scheduler.hosted").start(state.settings, state.nc)
+        state.services["scheduler"] = service
+        state.closers.append(service.stop)
+
+
 def route_handlers() -> list[Any]:
     return [TokenController, *FLEET_ROUTES, admin_router(), tenant_router(), *BILLING_ROUTES]
 
 
 def startup_hooks() -> list[Startup]:
     # Closers run in reverse: the token service (finishing requests, flushing usage) stops before
-    # the limiter whose settles it still needs.
-    return [_start_auth, start_limiter, start_token_service, start_fleet_service]
+    # the limiter whose settles it still needs, and before the scheduler replica hosted here.
+    return [_start_auth, start_limiter, _host_scheduler, start_token_service, start_fleet_service]
 
 
 def build_app(settings: Settings) -> Litestar:

@@ -487,6 +487,13 @@ async def main() -> None:
         "as it would be alone on its GPU, everything else on the others)",
     )
     parser.add_argument(
+        "--scheduler",
+        choices=("hosted", "process"),
+        default="hosted",
+        help="hosted: the api process runs the scheduler replica (MARKET_API_SCHEDULER=1), its "
+        "submissions delivered in-process; process: a scheduler process of its own",
+    )
+    parser.add_argument(
         "--layout",
         choices=("shared", "node", "apart"),
         default="shared",
@@ -509,8 +516,14 @@ async def main() -> None:
         api_port = free_port()
         api = f"http://127.0.0.1:{api_port}"
         py = sys.executable
-        api_proc = stack.spawn([py, "-m", "api", "--port", str(api_port)], stack.env(settings, "api"), "api")
-        scheduler_proc = stack.spawn([py, "-m", "scheduler"], stack.env(settings, "scheduler"), "scheduler")
+        api_env = stack.env(settings, "api")
+        if args.scheduler == "hosted":
+            api_env["MARKET_API_SCHEDULER"] = "1"
+        api_proc = stack.spawn([py, "-m", "api", "--port", str(api_port)], api_env, "api")
+        names = {api_proc.pid: "api"}
+        if args.scheduler == "process":
+            scheduler_proc = stack.spawn([py, "-m", "scheduler"], stack.env(settings, "scheduler"), "scheduler")
+            names[scheduler_proc.pid] = "scheduler"
         await wait_http(api + "/readyz")
         rows: list[str] = []
         direct_total, counted_total, market_total = Result(), Result(), Result()
@@ -560,7 +573,7 @@ async def main() -> None:
             as_agent = "usage on every chunk" + (
                 f", {as_agent_interval} tokens a chunk" if as_agent_interval > 1 else ""
             )
-            names = {api_proc.pid: "api", scheduler_proc.pid: "scheduler", agents.pid: "agent", vllm_proc.pid: "vllm"}
+            names.update({agents.pid: "agent", vllm_proc.pid: "vllm"})
             for _ in range(args.rounds):
                 before = cpu_by_process(stack, names)
                 for total, usage_every_chunk in ((direct_total, False), (counted_total, True)):
@@ -653,7 +666,9 @@ async def main() -> None:
             f"\nconcurrency {args.concurrency} streams, {args.max_tokens} tokens each"
             f"{f' (+-{args.spread:.0%})' if args.spread else ''}, "
             f"vLLM stream interval {args.stream_interval}, {args.busy_stream_interval} when busy; "
-            f"control plane: {args.cp_concurrency} streams; one api process; {placement}\n"
+            f"control plane: {args.cp_concurrency} streams; one api process"
+            f"{' hosting the scheduler replica' if args.scheduler == 'hosted' else ', one scheduler process'}; "
+            f"{placement}\n"
         )
         print(
             "| path | requests | errors | TTFT p50 ms | TTFT p99 ms | ramp TTFT p50 ms | ramp TTFT p99 ms "

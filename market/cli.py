@@ -158,10 +158,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         new_key = asyncio.run(bootstrap_admin_key(settings, data_dir / "admin-key"))
 
         sup = Supervisor(_settings_env(settings), log_dir)
+        # On one machine the api hosts the scheduler replica (a process and a NATS hop fewer on the
+        # way to a first token) unless MARKET_API_SCHEDULER=0 asks for a scheduler process of its own.
+        hosted = "MARKET_API_SCHEDULER" not in os.environ or settings.api_scheduler
         for service in SERVICES:
-            env: dict[str, str] = {}
+            if service == "scheduler" and hosted:
+                continue
+            env: dict[str, str] = {"MARKET_API_SCHEDULER": "1"} if service == "api" and hosted else {}
             if passwords:  # embedded NATS: each service logs in as itself
-                env = {"MARKET_NATS_USER": service, "MARKET_NATS_PASSWORD": passwords[service]}
+                env |= {"MARKET_NATS_USER": service, "MARKET_NATS_PASSWORD": passwords[service]}
                 if service == "api":
                     env["MARKET_NATS_AUTH_DIR"] = str(data_dir / "nats")
             sup.spawn(service, [sys.executable, "-m", service], env)

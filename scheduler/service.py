@@ -84,10 +84,14 @@ class SchedulerService:
         warmup_s: float | None = None,
         persist_interval_s: float = 2.0,
         name: str = "scheduler",
+        local: bool = False,
     ) -> None:
         self.settings = settings
         self.nc = nc
         self.name = name
+        self.local = local
+        """Hosted in a process that submits jobs through ``nc`` (an api replica): its submissions
+        come in-process (``bus.serve_locally``), everyone else's through the queue group."""
         self.replica = f"{name}-{ulid()[-10:].lower()}"
         """This replica's id in its ``SchedulerAlive`` beats and its ``queued`` answers."""
         self.fleet = FleetView(settings.heartbeat_timeout_s, policy, replica=self.replica)
@@ -137,6 +141,8 @@ class SchedulerService:
             await asyncio.sleep(self.warmup_s)
         self._subs.append(await nc.subscribe(subjects.JOBS_SUBMIT, queue=subjects.SCHEDULERS_QUEUE, cb=self._on_job))
         await nc.flush()
+        if self.local:
+            bus.serve_locally(nc, subjects.JOBS_SUBMIT, self._on_job)
         self._tasks.append(asyncio.create_task(self._watch(), name=f"{self.name}-watch"))
         self._tasks.append(asyncio.create_task(self._beat(), name=f"{self.name}-beat"))
         if self._engine is not None:
@@ -147,6 +153,8 @@ class SchedulerService:
         """Stop taking jobs (finishing the ones already delivered), send the jobs waiting here back
         (``no_capacity`` with no pause: the api submits them again, to another replica), then write
         the fleet one last time."""
+        if self.local and self.nc is not None:
+            bus.stop_serving_locally(self.nc, subjects.JOBS_SUBMIT, self._on_job)
         for sub in reversed(self._subs):
             with contextlib.suppress(Exception):
                 await sub.drain()  # type: ignore[no-untyped-call]
@@ -183,7 +191,7 @@ class SchedulerService:
 
     # --- jobs -------------------------------------------------------------------------------
 
-    async def _on_job(self, msg: Msg) -> None:
+    async def _on_job(self, msg: Msg | bus.LocalMsg) -> None:
         try:
             placement = await self._handle_job(msg)
         except Exception:
@@ -192,7 +200,7 @@ class SchedulerService:
         if msg.reply and placement is not None:
             await msg.respond(wire.encode(placement))
 
-    async def _handle_job(self, msg: Msg) -> wire.Placement | None:
+    async def _handle_job(self, msg: Msg | bus.LocalMsg) -> wire.Placement | None:
         """The job's placement; when it waits here for a slot (answered later), ``queued`` if it
         asked for a notice, else None."""
         try:
@@ -248,7 +256,7 @@ class SchedulerService:
                 reply=job.reply,
                 headers={wire.PLACEMENT_HEADER: f"{self.replica} {seq}"},
             )
-        except Exception:
+        except BaseException:  # also cancelled: a local submission runs in its asker's task
             self.fleet.release(node, placed)
             raise
         self.placements[node.node_id] += 1
@@ -262,7 +270,7 @@ class SchedulerService:
 
     # --- jobs waiting for a slot -----------------------------------------------------------------
 
-    def _park(self, job: wire.Job, msg: Msg, wait: float) -> None:
+    def _park(self, job: wire.Job, msg: Msg | bus.LocalMsg, wait: float) -> None:
         old = self.waiting.remove(job.id)
         if old is not None:
             old.timer.cancel()  # its requester sent it again, so nobody waits for the old answer

@@ -179,6 +179,21 @@ async def api(settings: Settings) -> AsyncIterator[RunningApi]:
 
 
 @pytest.fixture
+async def hosting_api(settings: Settings) -> AsyncIterator[RunningApi]:
+    """The full api hosting a scheduler replica (``MARKET_API_SCHEDULER``): see ``hosted``."""
+    from api.main import build_app
+
+    running = await RunningApi(build_app(replace(settings, api_scheduler=True)), free_port()).start()
+    yield running
+    await running.stop()
+
+
+def hosted(api: RunningApi) -> Any:
+    """The scheduler replica an api hosts (a ``SchedulerService``)."""
+    return api.app.state.app_state.services["scheduler"]
+
+
+@pytest.fixture
 async def scheduler(settings: Settings) -> AsyncIterator[Any]:
     """One real scheduler replica on the session's NATS and PostgreSQL."""
     from scheduler.service import SchedulerService

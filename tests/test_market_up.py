@@ -177,6 +177,8 @@ def test_market_up_with_a_sim_node_serves_a_tenant_through_the_admin_api(tmp_pat
         assert answer.usage is not None
         assert answer.usage.completion_tokens == 4
         assert [m.id for m in sdk.models.list().data] == ["sim-llama-3-8b"]
+        # Placed by the scheduler replica the api hosts: no scheduler process of its own.
+        assert not (data_dir / "logs" / "scheduler.log").exists()
         # The billing worker rates it at the demo prices: (prompt * 15 + 4 * 60) micros.
         expected = answer.usage.prompt_tokens * 15 + 4 * 60
         deadline = time.monotonic() + 30

@@ -132,6 +132,10 @@ class Inboxes:
         question = Question(self, reply)
         self._answers[reply] = question.answers
         try:
+            local = bus.local_handler(self.nc, subject)
+            if local is not None:  # a replica hosted here: its answers come straight to the question
+                await local(bus.LocalMsg(subject, payload, reply, headers, question.answers.put_nowait))
+                return question
             await self.nc.publish(subject, payload, reply=reply, headers=headers)
         except BaseException:
             question.close()

@@ -33,7 +33,7 @@ from nodes.agent import AgentConfig, NodeAgent
 from nodes.engines.vllm import VllmEngine, parse_metrics
 from nodes.profiles import cpu_profile, launch_plan
 from scheduler.service import SchedulerService
-from tests.conftest import RunningApi, wait_healthy
+from tests.conftest import RunningApi, hosted, wait_healthy
 from tests.fixtures_vllm import VllmServer
 from tests.token.conftest import TenantKey, make_tenant
 from tests.token.test_token_api import usage_event
@@ -142,6 +142,33 @@ async def test_tenant_gets_answers_from_a_real_vllm_with_usage(
         too_long = "word " * 3000
         with pytest.raises(openai.BadRequestError):
             await client.completions.create(model=MODEL, prompt=too_long, max_tokens=10)
+    finally:
+        await agent.stop(drain=False)
+
+
+async def test_an_api_hosting_the_scheduler_serves_from_a_real_vllm(
+    hosting_api: RunningApi, settings: Settings, vllm_server: VllmServer, tenant: TenantKey, nc: Client
+) -> None:
+    """``market up``'s layout: the api hosts the scheduler replica and places its jobs in-process."""
+    agent = attached_agent(settings, vllm_server, "node_e2e_hosted")
+    await agent.start()
+    try:
+        replica = hosted(hosting_api)
+        await wait_healthy(replica, ["node_e2e_hosted"])
+        stream = await sdk(hosting_api, tenant.secret).chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hello there"}],
+            max_tokens=10,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        events = [e async for e in stream]
+        assert "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+        assert events[-1].usage is not None
+        assert events[-1].usage.completion_tokens == 10
+        event, _ = await usage_event(nc, tenant.tenant_id)
+        assert (event.node_id, event.completion_tokens, event.relayed_completion_tokens) == ("node_e2e_hosted", 10, 10)
+        assert replica.placements["node_e2e_hosted"] == 1
     finally:
         await agent.stop(drain=False)
 
