@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from litestar import Request
@@ -81,25 +82,41 @@ class _RelayResponse(ASGIStreamingResponse):
         self.stream = stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.start_response(send=send)
         write: Send = scope["state"].get(SERVER_SEND) or send
+        cork = _corker(write)
+        if cork is not None:
+            cork(True)  # the headers wait for the first token: one segment, one wake-up of the client
         run = self.stream.run
-        watcher = asyncio.create_task(_watch_disconnect(receive, run))
+        watcher: asyncio.Task[None] | None = None
         try:
-            await _relay(run, self.stream.fmt, self.stream.include_usage, write, send)
-        except ClientGone:
-            # Nothing reaches the client any more; this ends the request for the middleware (metrics).
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self.start_response(send=send)
+            watcher = asyncio.create_task(_watch_disconnect(receive, run))
+            try:
+                await _relay(run, self.stream.fmt, self.stream.include_usage, write, send, cork)
+            except ClientGone:
+                # Nothing reaches the client any more; this ends the request for the middleware (metrics).
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            watcher.cancel()
+            if cork is not None:
+                cork(False)
+            if watcher is not None:
+                watcher.cancel()
             if not run.finished:
                 # The client went away, or the server cancelled the response.
                 run.service.spawn(run.cancel_and_finish())
         await self.after_response()
 
 
-async def _relay(run: Run, fmt: StreamFormatter, include_usage: bool, write: Send, send: Send) -> None:
-    """Tokens through ``write`` (the server's own send), the end through ``send`` (the middleware's)."""
+async def _relay(
+    run: Run,
+    fmt: StreamFormatter,
+    include_usage: bool,
+    write: Send,
+    send: Send,
+    cork: Callable[[bool], None] | None = None,
+) -> None:
+    """Tokens through ``write`` (the server's own send), the end through ``send`` (the middleware's);
+    the socket, corked while the headers wait, is uncorked with the first token."""
     first = True
     try:
         async for batch in run.batches():
@@ -109,6 +126,8 @@ async def _relay(run: Run, fmt: StreamFormatter, include_usage: bool, write: Sen
                     run.first_token_at = time.time()
                     first = False
                 await write({"type": "http.response.body", "body": out, "more_body": True})
+            if cork is not None:
+                cork(False)  # after the first batch (a no-op after that): the headers never wait longer
         usage = run.engine_usage or Usage(0, run.relayed_tokens)
         await run.finish("completed")
         end = fmt.usage(usage) + DONE if include_usage else DONE
@@ -116,6 +135,33 @@ async def _relay(run: Run, fmt: StreamFormatter, include_usage: bool, write: Sen
         await run.finish("failed")
         end = fmt.error(exc.message, exc.code) + DONE
     await send({"type": "http.response.body", "body": end, "more_body": False})
+
+
+def _corker(send: Send) -> Callable[[bool], None] | None:
+    """Sets TCP_CORK on the response's socket, where the server is uvicorn on Linux; else None.
+
+    uvicorn writes the headers the moment the response starts and the first token in a second
+    system call: two segments, and on a busy core the client woke for the headers and ran before
+    the api got back to write the token. Corked in between, the kernel sends both as one. Any
+    other server (or platform) just sends them as before."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    cork_option = getattr(socket, "TCP_CORK", None)
+    if transport is None or cork_option is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+
+    corked = False
+
+    def cork(on: bool) -> None:
+        nonlocal corked
+        if on != corked:
+            corked = on
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, cork_option, 1 if on else 0)
+
+    return cork
 
 
 async def _watch_disconnect(receive: Receive, run: Run) -> None:
