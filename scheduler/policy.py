@@ -32,6 +32,11 @@ class PolicyConfig:
     """A nearly full KV cache means preemption soon, whatever the sequence count says."""
     fit_weight: float = 1.0
     """How much the semi-PD slowdown estimate counts against load (both are fractions)."""
+    short_context_penalty: float = 4.0
+    """Added to the score of a node whose ``max_model_len`` holds the prompt but not the prompt plus
+    ``max_tokens``: vLLM would end the answer early (``length``) there, so any node that holds the
+    whole request wins (load scores stay well under this), and a short one is taken only when no
+    such node has a free slot, rather than leave the request waiting."""
     tie_quantum: float = 0.02
     """Scores within the same quantum are a tie; among tied nodes the cheaper offer wins."""
     forget_after_s: float = 300.0
@@ -319,7 +324,8 @@ def place(job: Job, fleet: FleetView, now: float) -> NodeState | None:
     offer price for the model at most ``job.max_price_minor_per_million`` when both are known (a
     node without an offer is paid the price book rate, which the api already checked); the prompt
     fits its ``max_model_len``; a job with ``tools`` needs a node whose engine parses tool calls; and
-    a free slot (reported slots minus our in-flight placements).
+    a free slot (reported slots minus our in-flight placements). A node that holds the prompt but not
+    the whole ``max_tokens`` after it is taken only when none that holds both may take the job.
     burst/on_demand jobs must also leave ``reserved_headroom_share`` of the node's capacity free.
 
     Score (lower wins), each term a fraction of the node so they add up sensibly:
@@ -330,6 +336,7 @@ def place(job: Job, fleet: FleetView, now: float) -> NodeState | None:
       published prefill and decode slowdown curves (SIMULATOR.md) by prompt tokens and max_tokens,
       minus 1. A long prompt pays for a small prefill share, a long generation for a small decode
       share; a unified node (100/100) costs nothing here.
+    - short context: ``short_context_penalty`` for a node that cannot hold prompt plus ``max_tokens``.
     - price: scores in the same ``tie_quantum`` bucket tie, and the cheaper offer wins the tie;
       a node without an offer counts as 0 there. Then the lower exact score; exact ties are broken
       at random so that replicas with the same view do not all pick the same node.
@@ -354,6 +361,7 @@ def place(job: Job, fleet: FleetView, now: float) -> NodeState | None:
     prefill_weight = prompt / total if total else 0.5
     decode_weight = 1.0 - prefill_weight
     fit_weight = config.fit_weight
+    short_penalty = config.short_context_penalty
     quantum = config.tie_quantum
 
     count = len(candidates)
@@ -393,6 +401,8 @@ def place(job: Job, fleet: FleetView, now: float) -> NodeState | None:
         eligible += 1
         score = node.base_load + node.in_flight * node.inv_capacity
         score += fit_weight * (prefill_weight * node.prefill_slowdown + decode_weight * node.decode_slowdown - 1.0)
+        if total > node.profile.max_model_len:
+            score += short_penalty
         bucket = int(score / quantum)
         cost = price or 0
         if best is not None:

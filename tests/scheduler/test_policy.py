@@ -144,6 +144,21 @@ def test_prompt_longer_than_the_node_context_goes_elsewhere() -> None:
     assert placed_on(fleet, job(prompt_tokens=2000)) == "node_big"
 
 
+def test_a_node_that_holds_the_whole_answer_wins_over_a_less_loaded_one_that_would_cut_it() -> None:
+    fleet = fleet_of(
+        heartbeat("node_small", profile=ProfileInfo(max_model_len=1024)),
+        heartbeat("node_big", running=6, slots=2, profile=ProfileInfo(max_model_len=32768)),
+    )
+    assert placed_on(fleet, job(prompt_tokens=100, max_tokens=900)) == "node_small"  # it fits: less load wins
+    assert placed_on(fleet, job(prompt_tokens=100, max_tokens=2000)) == "node_big"  # it would end at 1024
+    full = fleet_of(
+        heartbeat("node_small", profile=ProfileInfo(max_model_len=1024)),
+        heartbeat("node_big", running=8, slots=0, profile=ProfileInfo(max_model_len=32768)),
+    )
+    # No node that holds it all is free: the short one serves rather than leave the request waiting.
+    assert placed_on(full, job(prompt_tokens=100, max_tokens=2000)) == "node_small"
+
+
 def test_a_request_with_tools_goes_only_to_a_node_that_parses_tool_calls() -> None:
     fleet = fleet_of(
         heartbeat("node_plain"),
