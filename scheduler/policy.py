@@ -32,11 +32,11 @@ class PolicyConfig:
     """A nearly full KV cache means preemption soon, whatever the sequence count says."""
     fit_weight: float = 1.0
     """How much the semi-PD slowdown estimate counts against load (both are fractions)."""
-    short_context_penalty: float = 4.0
+    short_context_penalty: float = 100.0
     """Added to the score of a node whose ``max_model_len`` holds the prompt but not the prompt plus
-    ``max_tokens``: vLLM would end the answer early (``length``) there, so any node that holds the
-    whole request wins (load scores stay well under this), and a short one is taken only when no
-    such node has a free slot, rather than leave the request waiting."""
+    ``max_tokens``: vLLM would end the answer early (``length``) there, so any node with a free slot
+    that holds the whole request wins (load and fit add up to a few units at most), and a short one
+    is taken only when there is none, rather than leave the request waiting."""
     tie_quantum: float = 0.02
     """Scores within the same quantum are a tie; among tied nodes the cheaper offer wins."""
     forget_after_s: float = 300.0
