@@ -58,6 +58,8 @@ SOFT_THRESHOLD_SUBJECT = "events.quota.soft_threshold"
 """Published once per tenant and period when usage first reaches the soft threshold."""
 SOFT_THRESHOLD = 0.8
 HEARTBEAT_S = 5.0
+CREDITS_KEPT = 10_000
+"""Failed credits kept for a retry (the newest): a minute on they would credit nothing anyway."""
 STALE_HOLDER_S = 60.0
 """A limiter silent this long is presumed dead; its holds go back to the tenants' quotas."""
 INFERENCE_SCOPE = "inference"
@@ -329,6 +331,8 @@ class Limiter:
         self.admit_statements = 0
         """Admit statements sent (a batch counts once)."""
         self._retry: list[_PendingSettle] = []
+        self._credit_retry: list[_PendingSettle] = []
+        """Settled requests whose tokens-per-minute credit failed: credited at the next heartbeat."""
         self._settlers = Drainers(1, self._flush_loop, "limiter-settle")
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -351,6 +355,7 @@ class Limiter:
         self._retry.clear()
         if self._pending:
             await self._flush()
+        await self.retry_credits()
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await self._pool.execute("DELETE FROM limiter_instances WHERE id = $1", self.holder)
@@ -611,8 +616,9 @@ class Limiter:
         n*60/r seconds of its clock), so only the part not yet drained is credited: crediting more
         would take back other requests' charges made since. One statement for the batch, locking
         the buckets in the order admission takes them (the keys', then the tenants', each by
-        scope), so it cannot deadlock with it. Written after the settle and not retried: a lost
-        credit leaves a limit briefly strict."""
+        scope), so it cannot deadlock with it. Written after the settle; one that fails is made
+        again at the next heartbeat (``retry_credits``), worked out anew then: what drained
+        meanwhile is no longer credited."""
         now = time.monotonic()
         seconds: dict[tuple[int, str], float] = {}
         for item in batch:
@@ -627,7 +633,15 @@ class Limiter:
         try:
             await self.hot.fetch(_CREDIT_SQL, [c[0] for c in credits], [c[1] for c in credits], [c[2] for c in credits])
         except Exception as exc:
-            log.warning("crediting tokens-per-minute limits failed: %r", exc)
+            log.warning("crediting tokens-per-minute limits failed (will retry): %r", exc)
+            self._credit_retry += [item for item in batch if item.token_rates]
+            del self._credit_retry[:-CREDITS_KEPT]
+
+    async def retry_credits(self) -> None:
+        """Make the credits that failed (the heartbeat calls this)."""
+        if self._credit_retry:
+            batch, self._credit_retry = self._credit_retry, []
+            await self._credit(batch)
 
     async def _soft_threshold_reached(self, tenant_id: str, period: date, granted: int, used: int) -> None:
         event = SoftThresholdReached(
@@ -660,6 +674,7 @@ class Limiter:
                     self._pending.extend(self._retry)
                     self._retry.clear()
                     self._settlers.kick()
+                await self.retry_credits()
                 released = await self.pool.fetchval("SELECT market_release_dead_holders($1)", STALE_HOLDER_S)
                 if released:
                     log.warning("released %d tokens held by api processes that stopped", released)

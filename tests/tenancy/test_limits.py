@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import asyncpg
 import httpx
 import msgspec
 import pytest
@@ -16,7 +18,7 @@ from sqlalchemy import text
 from api.admin.quota import quota_of
 from api.auth import Principal
 from api.errors import Forbidden, InvalidRequest, NotFound, QuotaExceeded, RateLimited, Unavailable
-from api.limits import SOFT_THRESHOLD_SUBJECT, Admission
+from api.limits import _CREDIT_SQL, SOFT_THRESHOLD_SUBJECT, Admission
 from market.models import Reservation
 from tests.conftest import RunningApi
 from tests.tenancy.conftest import Replica, make_world, ok
@@ -171,6 +173,36 @@ async def test_a_credit_takes_back_only_what_is_left_of_its_own_charge(
     await a.limiter.settle(long_ago, 0)  # it used nothing, but nothing of its charge is left
     with pytest.raises(RateLimited):
         await a.limiter.admit(p, world.model, 0, 50)  # 150 in this minute: over the limit
+
+
+async def test_a_credit_lost_to_a_database_error_is_made_at_the_next_heartbeat(
+    api: RunningApi, admin: httpx.AsyncClient, replicas: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection drops just as the credit is written (after the settle): the limit stays
+    strict until the heartbeat credits it, not for the rest of the minute."""
+    world = await make_world(admin, tenant_limits={"tokens_per_minute": 60, "requests_per_minute": 100})
+    a = await replicas()
+    p = await a.principal(world.key)
+    first = await a.limiter.admit(p, world.model, 10, 50)  # the whole minute of the limit
+    hot = a.limiter.hot
+    fetch = hot.fetch
+    dropped: list[str] = []
+
+    async def drops_the_credit(query: str, *args: Any) -> Any:
+        if query is _CREDIT_SQL and not dropped:
+            dropped.append(query)
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+        return await fetch(query, *args)
+
+    monkeypatch.setattr(hot, "fetch", drops_the_credit)
+    await a.limiter.settle(first, 15)  # it used 15 of the 60 it held
+    assert dropped
+    assert await _quota(a, world.tenant_id) == (100_000, 0, 15)  # the settle itself was written
+    with pytest.raises(RateLimited):
+        await a.limiter.admit(p, world.model, 10, 30)  # not credited yet
+    await a.limiter.retry_credits()  # what the heartbeat does
+    second = await a.limiter.admit(p, world.model, 10, 30)  # 40 of the 45 credited
+    assert 5 <= int(second.headers["x-ratelimit-remaining-tokens"]) < 10
 
 
 async def test_models_checked_at_admission(api: RunningApi, admin: httpx.AsyncClient, replicas: Start) -> None:
