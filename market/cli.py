@@ -160,7 +160,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         sup = Supervisor(_settings_env(settings), log_dir)
         # On one machine the api hosts the scheduler replica (a process and a NATS hop fewer on the
         # way to a first token) unless MARKET_API_SCHEDULER=0 asks for a scheduler process of its own.
-        hosted = "MARKET_API_SCHEDULER" not in os.environ or settings.api_scheduler
+        hosted = settings.api_scheduler is not False
         for service in SERVICES:
             if service == "scheduler" and hosted:
                 continue

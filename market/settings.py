@@ -26,7 +26,7 @@ def _env_int(name: str, default: int) -> int:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
 
 
-def _env_bool(name: str, default: bool) -> bool:
+def _env_bool(name: str, default: bool | None) -> bool | None:
     raw = _env(name)
     if raw is None:
         return default
@@ -92,9 +92,10 @@ class Settings:
     accept_timeout_s: float = 2.0
     queue_timeout_s: float = 10.0
     """How long the api waits for a free slot when every node serving the model is busy."""
-    api_scheduler: bool = False
+    api_scheduler: bool | None = None
     """The api process also runs a scheduler replica and places its own jobs there, in-process
-    (one NATS hop fewer on the way to a first token); the replica serves other apis' jobs too."""
+    (one NATS hop fewer on the way to a first token); the replica serves other apis' jobs too.
+    None (unset): off for ``market api``, on under ``market up``."""
     usage_checkpoint_s: float = 2.0
     """How often the api writes the usage its streams in flight would end with (billed if it dies)."""
     currency: str = "usd"
@@ -127,7 +128,7 @@ class Settings:
             accept_timeout_s=_env_float("MARKET_ACCEPT_TIMEOUT", 2.0),
             queue_timeout_s=_env_float("MARKET_QUEUE_TIMEOUT", 10.0),
             usage_checkpoint_s=_env_float("MARKET_USAGE_CHECKPOINT", 2.0),
-            api_scheduler=_env_bool("MARKET_API_SCHEDULER", False),
+            api_scheduler=_env_bool("MARKET_API_SCHEDULER", None),
             currency=(_env("MARKET_CURRENCY", "usd") or "usd").lower(),
             reservable_share=_env_float("MARKET_RESERVABLE_SHARE", 0.5),
             stripe=StripeSettings(
