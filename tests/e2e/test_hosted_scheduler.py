@@ -18,7 +18,7 @@ from market import bus, subjects
 from market.settings import Settings, SettingsError
 from nodes.agent import NodeAgent
 from tests.conftest import RunningApi, hosted, wait_healthy
-from tests.e2e.test_capacity_queue import MODEL, one_slot_agent
+from tests.e2e.test_capacity_queue import MODEL, long_stream, one_slot_agent
 from tests.token.conftest import make_tenant
 
 
@@ -93,22 +93,10 @@ async def test_jobs_wait_at_the_hosted_replica_in_order_and_a_client_that_leaves
     client = openai.AsyncOpenAI(api_key=tenant.secret, base_url=f"{hosting_api.url}/v1", max_retries=0)
     impatient = openai.AsyncOpenAI(api_key=tenant.secret, base_url=f"{hosting_api.url}/v1", max_retries=0, timeout=0.5)
     started: list[int] = []
-
-    async def ask(i: int) -> str:
-        # 192 tokens hold the one slot well over a second: the later ones wait for it
-        stream = await client.completions.create(model=MODEL, prompt=f"request {i}", max_tokens=192, stream=True)
-        text = []
-        async for event in stream:
-            if event.choices and event.choices[0].text:
-                if i not in started:
-                    started.append(i)
-                text.append(event.choices[0].text)
-        return "".join(text)
-
     with hosting_api.token_settings(queue_timeout_s=30.0):
         tasks = []
         for i in range(3):
-            tasks.append(asyncio.create_task(ask(i)))
+            tasks.append(asyncio.create_task(long_stream(client, i, started)))
             await asyncio.sleep(0.1)  # arrival order: 0, 1, 2
         with pytest.raises(openai.APITimeoutError):
             await impatient.completions.create(model=MODEL, prompt="short", max_tokens=5)
