@@ -49,7 +49,13 @@ async def main() -> None:
             )
             profile = ProfileInfo(max_num_seqs=args.max_num_seqs, max_model_len=2048)
         else:
-            engine = SimEngine(SimConfig(speedup=args.speedup, max_num_seqs=args.max_num_seqs))
+            engine = SimEngine(
+                SimConfig(
+                    speedup=args.speedup,
+                    max_num_seqs=args.max_num_seqs,
+                    busy_stream_interval=args.busy_stream_interval,
+                )
+            )
             profile = ProfileInfo(max_num_seqs=args.max_num_seqs, max_model_len=8192)
         config = AgentConfig(
             node_id=f"{args.node_id}_{i}",

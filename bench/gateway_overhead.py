@@ -15,7 +15,10 @@
    CPU share is printed for the direct and the marketplace rounds.
 2. The control plane alone: the api process in front of simulated nodes (``SimEngine``, a
    simulator, made near-instant with a large speedup) so only the api, NATS and the scheduler
-   are measured: requests/s and relayed tokens/s for one api process.
+   are measured: requests/s and relayed tokens/s for one api process. The simulated nodes stream
+   as the vLLM ones do: every token alone on a quiet node, ``--busy-stream-interval`` tokens a chunk
+   for a job that starts on a busy one (``--sim-nodes`` and ``--sim-max-num-seqs`` say which:
+   8 nodes of 256 seats for 64 streams are quiet; 4 of 32 are half full, and busy).
 
 Everything (PostgreSQL, NATS, vLLM, api, scheduler, agents, the load generator) shares this
 machine's cores, so the figures are a floor for a real deployment, where vLLM has a GPU and the
@@ -468,6 +471,13 @@ async def main() -> None:
     parser.add_argument("--cp-requests", type=int, default=3000, help="control-plane phase requests")
     parser.add_argument("--cp-concurrency", type=int, default=64)
     parser.add_argument("--sim-nodes", type=int, default=8)
+    parser.add_argument(
+        "--sim-max-num-seqs",
+        type=int,
+        default=256,
+        help="seats per simulated node (vLLM's default); a node counts as busy, and streams "
+        "--busy-stream-interval tokens a chunk, from a quarter of them (at least 8) streaming",
+    )
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument(
         "--stream-interval",
@@ -631,7 +641,9 @@ async def main() -> None:
                 "--speedup",
                 "100000",
                 "--max-num-seqs",
-                "256",
+                str(args.sim_max_num_seqs),
+                "--busy-stream-interval",
+                str(args.busy_stream_interval),
             ],
             stack.env(settings, "admin"),
             "agents-sim",
@@ -649,7 +661,9 @@ async def main() -> None:
             spread=args.spread,
         )
         api_cpu = cpu_seconds(api_proc.pid) - api_cpu_before
-        rows.append(row(f"control plane alone ({args.sim_nodes} simulated nodes)", control))
+        rows.append(
+            row(f"control plane alone ({args.sim_nodes} simulated nodes of {args.sim_max_num_seqs} seats)", control)
+        )
         split = await ttft_split(settings, [market_total, control])
 
         together = {
@@ -706,8 +720,9 @@ async def main() -> None:
             f"{control.tokens_per_s:,.0f} relayed tokens/s through one api process, which was busy "
             f"{api_cpu / control.wall:.0%} of the time: {control.requests / api_cpu:,.0f} requests and "
             f"{control.tokens / api_cpu:,.0f} tokens per api CPU-second; "
-            f"{control.events / max(control.requests, 1):.1f} chunks per request (a write each; the agents "
-            "coalesce a stream's tokens only when they come faster than they can send them)"
+            f"{control.events / max(control.requests, 1):.1f} chunks per request (a write each: a token each "
+            "on a quiet node, a few on a busy one, and the agents coalesce a stream's tokens when they come "
+            "faster than they can send them)"
         )
         print(f"the marketplace's own part of the TTFT with simulated nodes: {split_line(split, control)}")
     finally:

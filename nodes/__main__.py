@@ -57,6 +57,8 @@ def sim_engine_for(profile: Profile | None, speedup: float) -> SimEngine:
             max_model_len=profile.max_model_len,
             gpu_memory_utilization=profile.gpu_memory_utilization,
             speedup=speedup,
+            stream_interval=profile.stream_interval,
+            busy_stream_interval=profile.busy_stream_interval,
         )
     )
 

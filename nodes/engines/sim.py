@@ -112,6 +112,13 @@ class SimConfig:
     """Simulated seconds per wall second: tests run 10-1000x faster than real time."""
     start_delay_s: float = 0.0
     """Simulated start-up time before the engine reports healthy (wall time / speedup)."""
+    stream_interval: int = 1
+    """Tokens gathered before they are streamed (vLLM's ``--stream-interval``); the first and the
+    last of a request go at once."""
+    busy_stream_interval: int = 4
+    """The interval for a request that starts while the node is busy (a quarter of
+    ``max_num_seqs`` streaming, at least 8), as the vLLM engine asks vLLM for it per request
+    (``nodes.engines.vllm``): the simulator streams as a real node does under the same load."""
 
 
 @dataclass(eq=False, slots=True)
@@ -128,6 +135,9 @@ class _Seq:
     """Log probabilities asked for, with this many alternatives per token; None: not asked for."""
     tool: tuple[str, str] | None = None
     """(finish reason, function name) when the request makes the model call a tool."""
+    interval: int = 1
+    """Tokens a streamed emission gathers (the first and the last go at once)."""
+    held: list[Piece] = field(default_factory=list)
 
     @property
     def context(self) -> int:
@@ -177,6 +187,8 @@ class SimEngine:
             raise ValueError(f"unknown accelerator {self.config.accelerator!r}: one of {', '.join(ACCELERATORS)}")
         self.served_model_name = self.config.served_model_name
         self.max_num_seqs = self.config.max_num_seqs
+        self.busy_streams = max(8, self.config.max_num_seqs // 4)
+        """Requests in the engine from which a new one counts the node as busy (as ``VllmEngine``)."""
         acc = ACCELERATORS[self.config.accelerator]
         self._decode_scale = _REFERENCE.bandwidth_tbs / acc.bandwidth_tbs
         self._prefill_scale = _REFERENCE.tflops / acc.tflops
@@ -267,6 +279,9 @@ class SimEngine:
             )
         seed = int.from_bytes(hashlib.blake2b(job.id.encode(), digest_size=4).digest(), "big")
         seq = _Seq(job.id, prompt, max_tokens, seed)
+        seq.interval = self.config.stream_interval
+        if self.config.busy_stream_interval > 1 and self._open() >= self.busy_streams:
+            seq.interval = self.config.busy_stream_interval
         seq.tool = _forced_tool(body) if job.kind == "chat" else None
         if job.kind == "chat" and body.get("logprobs"):
             seq.alternatives = int(body.get("top_logprobs") or 0)
@@ -284,6 +299,10 @@ class SimEngine:
                 yield item
         finally:
             seq.aborted = True  # the loop drops it at its next step: the engine's abort
+
+    def _open(self) -> int:
+        """Requests in the engine (waiting or running), as the vLLM engine counts its open streams."""
+        return len(self._waiting) + len(self._prefilling) + len(self._decoding)
 
     def _wake_all(self) -> None:
         for wake in self._wakes:
@@ -410,6 +429,10 @@ class SimEngine:
             piece = self._tool_piece(seq, text, done)
         else:
             piece = Piece(0, text, 1, "length" if done else None, self._logprobs(seq, text))
-        seq.out.put_nowait(Emission([piece], Usage(seq.prompt_tokens, seq.generated)))
+        if seq.interval > 1 and not done and (seq.generated - 1) % seq.interval:
+            seq.held.append(piece)  # vLLM's stream interval: the first token at once, then every n-th
+            return
+        pieces, seq.held = [*seq.held, piece], []
+        seq.out.put_nowait(Emission(pieces, Usage(seq.prompt_tokens, seq.generated)))
         if done:
             seq.out.put_nowait(None)

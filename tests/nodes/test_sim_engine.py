@@ -260,3 +260,40 @@ async def test_a_forced_tool_call_is_simulated_as_json_arguments() -> None:
         assert all(p.tool_calls is None and p.text for p in texts)  # auto: the simulator answers in text
     finally:
         await engine.stop()
+
+
+async def emission_sizes(engine: SimEngine, j: Job) -> list[int]:
+    """Tokens in each emission the engine streamed for ``j``."""
+    return [sum(p.tokens for p in emission.pieces) async for emission in engine.generate(j)]
+
+
+async def test_a_busy_node_streams_a_few_tokens_a_chunk_as_vllm_does() -> None:
+    """As the vLLM engine asks vLLM for it: a request that starts while a quarter of the seats (at
+    least 8) stream gets its tokens 4 at a time, the first and the last at once; one that starts on
+    a quiet node, each alone. The control-plane benchmark's simulated nodes then stream as real ones."""
+    engine = SimEngine(SimConfig(max_num_seqs=32, speedup=2.0))
+    assert engine.busy_streams == 8
+    await engine.start()
+    try:
+        running = [asyncio.create_task(emission_sizes(engine, job(max_tokens=60))) for _ in range(8)]
+        await asyncio.sleep(0.01)
+        assert (await engine.load()).running == 8
+        late = await emission_sizes(engine, job(max_tokens=10))
+        early = await asyncio.gather(*running)
+    finally:
+        await engine.stop()
+    assert late == [1, 4, 4, 1]
+    assert early[0] == [1] * 60
+
+
+async def test_a_node_streaming_every_token_alone_does_so_under_load() -> None:
+    engine = SimEngine(SimConfig(max_num_seqs=32, speedup=2.0, busy_stream_interval=1))
+    await engine.start()
+    try:
+        running = [asyncio.create_task(emission_sizes(engine, job(max_tokens=60))) for _ in range(8)]
+        await asyncio.sleep(0.01)
+        late = await emission_sizes(engine, job(max_tokens=10))
+        await asyncio.gather(*running)
+    finally:
+        await engine.stop()
+    assert late == [1] * 10
