@@ -29,11 +29,15 @@ Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
 """Alternatives per token: OpenAI allows 20 for chat (5 for completions); vLLM's default cap is 20."""
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)] | None
-TopK = Annotated[int, msgspec.Meta(ge=-1)]
+INT32_MAX = 2**31 - 1
+"""vLLM keeps token ids and counts as 32-bit integers; anything larger is refused here, by name,
+rather than failing where the job is encoded for the scheduler (msgpack stops at 64 bits)."""
+TopK = Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)]
 """vLLM's: sample from the k likeliest tokens; -1 or 0 means all."""
 MinP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=2.0)]
-StopTokenIds = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=64)]
+TokenIdInt = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+StopTokenIds = Annotated[list[TokenIdInt], msgspec.Meta(max_length=64)]
 
 
 TokenBias = Annotated[int, msgspec.Meta(ge=-100, le=100)]
@@ -164,6 +168,19 @@ class ChatMessage(msgspec.Struct):
         return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
 
 
+def _check_message(i: int, message: ChatMessage) -> None:
+    """What OpenAI requires of each role: content (an assistant's may be its tool calls instead),
+    and for a tool's answer the call it answers."""
+    at = f"$.messages[{i}]"
+    if message.role == "assistant":
+        if message.content is None and not message.tool_calls:
+            raise ValueError(f"an assistant message needs content or tool_calls - at `{at}.content`")
+    elif message.content is None:
+        raise ValueError(f"a {message.role} message needs content - at `{at}.content`")
+    if message.role == "tool" and not message.tool_call_id:
+        raise ValueError(f"a tool message needs the tool_call_id it answers - at `{at}.tool_call_id`")
+
+
 _PASSED_ON = (
     "stop",
     "temperature",
@@ -198,7 +215,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     top_k: TopK | None = None
     min_p: MinP | None = None
     repetition_penalty: RepetitionPenalty | None = None
-    min_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_tokens: Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)] | None = None
     stop_token_ids: StopTokenIds | None = None
     # Fields we refuse when they ask for something (see the module's docstring); null, false, an
     # empty list or string, or ``"none"`` ask for nothing, as the SDKs and frameworks often send.
@@ -267,6 +284,8 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for i, message in enumerate(self.messages):
+            _check_message(i, message)
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true - at `$.top_logprobs`")
         if self.tool_choice not in (None, "none") and not self.tools:
@@ -329,11 +348,40 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
 
 class CompletionRequest(_Sampling, kw_only=True):
-    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+    prompt: str | Annotated[list[Any], msgspec.Meta(min_length=1)]
+    """A string, or as OpenAI's and vLLM's: a list of one string, token ids (a list of integers), or
+    a list of one list of token ids. Several prompts in one request are refused (one completion a
+    request, ``n`` of them at most)."""
     echo: bool | None = False
     logprobs: TopLogprobs | None = None
     """The completions API's: log probabilities of each token and of this many alternatives."""
     response_format: Any = None
+    best_of: Annotated[int, msgspec.Meta(ge=1, le=20)] | None = None
+    """OpenAI's legacy server-side choice among several completions; only 1 (or ``n``) is taken."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.token_ids()  # refuses a list that is none of the prompt's forms
+        if self.best_of is not None and self.best_of != self.choices:
+            raise ValueError("best_of other than n is not supported (each choice is streamed as made) - at `$.best_of`")
+
+    def token_ids(self) -> list[int] | None:
+        """The prompt as token ids, if it came so; None for text."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return None
+        if len(prompt) == 1 and isinstance(prompt[0], str):
+            return None
+        if len(prompt) == 1 and isinstance(prompt[0], list):
+            prompt = prompt[0]
+        if not prompt or any(type(t) is not int for t in prompt):
+            raise ValueError(
+                "prompt must be a string, token ids (a list of integers), or a list of one of these; "
+                "several prompts in one request are not supported - at `$.prompt`"
+            )
+        if any(t < 0 or t > INT32_MAX for t in prompt):
+            raise ValueError(f"token ids must be between 0 and {INT32_MAX} - at `$.prompt`")
+        return prompt
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -355,7 +403,10 @@ class CompletionRequest(_Sampling, kw_only=True):
         return self.max_tokens or 16
 
     def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        """The prompt as text; empty for token ids (``token_ids``)."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return str(self.prompt[0]) if isinstance(self.prompt[0], str) else ""
 
 
 _CHAT = msgspec.json.Decoder(ChatCompletionRequest)

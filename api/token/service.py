@@ -540,10 +540,15 @@ class Run:
                     # code for it is what frameworks check before trimming a conversation.
                     too_long = "maximum context length" in message
                     prompt_param = "messages" if self.kind == "chat" else "prompt"
+                    param = None
+                    if too_long:
+                        param = "max_tokens" if "max_tokens" in message else prompt_param
+                    elif "out of vocabulary" in message:  # a token id past the model's (vLLM's words)
+                        param = prompt_param
                     raise InvalidRequest(
                         message,
                         code="context_length_exceeded" if too_long else "invalid_request",
-                        param=("max_tokens" if "max_tokens" in message else prompt_param) if too_long else None,
+                        param=param,
                         status=chunk.status if chunk.status and 400 <= chunk.status < 500 else 400,
                     )
                 if code in RETRYABLE:
@@ -904,9 +909,13 @@ class TokenService:
         if principal.tenant_id is None:
             raise Forbidden("the token API needs a tenant key (sk-...)", code="invalid_api_key")
         model = await self.catalog.get(request.model)
-        prompt_text = request.prompt_text()
-        prompt_tokens = estimate_tokens(prompt_text)
-        lower_bound = max(1, len(prompt_text.encode()) // 8)
+        token_ids = request.token_ids() if isinstance(request, CompletionRequest) else None
+        if token_ids is not None:
+            prompt_tokens = lower_bound = len(token_ids)  # counted, not estimated
+        else:
+            prompt_text = request.prompt_text()
+            prompt_tokens = estimate_tokens(prompt_text)
+            lower_bound = max(1, len(prompt_text.encode()) // 8)
         requested = request.requested_max_tokens()
         if requested is not None and lower_bound + requested > model.context_length:
             raise InvalidRequest(
@@ -949,7 +958,7 @@ class TokenService:
             if request.requested_max_tokens() is not None or capped:
                 body["max_tokens"] = max_tokens
         else:
-            body["prompt"] = request.prompt_text()
+            body["prompt"] = token_ids if token_ids is not None else request.prompt_text()
             body["max_tokens"] = max_tokens
         job = wire.Job(
             id=new_id("request"),

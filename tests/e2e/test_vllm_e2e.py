@@ -142,6 +142,15 @@ async def test_tenant_gets_answers_from_a_real_vllm_with_usage(
         too_long = "word " * 3000
         with pytest.raises(openai.BadRequestError):
             await client.completions.create(model=MODEL, prompt=too_long, max_tokens=10)
+
+        # A prompt of token ids reaches vLLM as such: it counts exactly those, and refuses an id
+        # outside the vocabulary, which the client gets as a 400 naming the prompt.
+        by_ids = await client.completions.create(model=MODEL, prompt=[[5, 17, 300, 2, 9]], max_tokens=4)
+        assert by_ids.usage is not None
+        assert (by_ids.usage.prompt_tokens, by_ids.usage.completion_tokens) == (5, 4)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.completions.create(model=MODEL, prompt=[5, 10**6], max_tokens=4)
+        assert refused.value.body["param"] == "prompt", refused.value.body  # type: ignore[index]
     finally:
         await agent.stop(drain=False)
 

@@ -778,6 +778,32 @@ async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
             "invalid_request",
             "stop_token_ids[0]",
         ),
+        (  # past what msgpack carries to the scheduler: refused by name, not where the job is encoded
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "top_k": 18446744073709551616}',
+            400,
+            "invalid_request",
+            "top_k",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}],'
+            b' "stop_token_ids": [18446744073709551616]}',
+            400,
+            "invalid_request",
+            "stop_token_ids[0]",
+        ),
+        (b'{"model": "fake-model", "messages": [{"role": "user"}]}', 400, "invalid_request", "messages[0].content"),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]}',
+            400,
+            "invalid_request",
+            "messages[1].content",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "tool", "content": "42"}]}',
+            400,
+            "invalid_request",
+            "messages[0].tool_call_id",
+        ),
         (
             b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "x": '
             + b"[" * 5000
@@ -804,6 +830,53 @@ async def test_bad_requests_get_openai_errors(
     assert error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"model": "fake-model", "prompt": ["a", "b"]}', "prompt"),
+        (b'{"model": "fake-model", "prompt": [[1, 2], [3]]}', "prompt"),
+        (b'{"model": "fake-model", "prompt": [1, 2.5]}', "prompt"),
+        (b'{"model": "fake-model", "prompt": [1, true]}', "prompt"),
+        (b'{"model": "fake-model", "prompt": [-1]}', "prompt"),
+        (b'{"model": "fake-model", "prompt": [18446744073709551616]}', "prompt"),
+        (b'{"model": "fake-model", "prompt": []}', "prompt"),
+        (b'{"model": "fake-model", "prompt": [[]]}', "prompt"),
+        (b'{"model": "fake-model", "prompt": "x", "best_of": 3}', "best_of"),
+        (b'{"model": "fake-model", "prompt": "x", "best_of": "x"}', "best_of"),
+        (b'{"model": "fake-model", "prompt": "x", "min_tokens": 18446744073709551616}', "min_tokens"),
+        (b'{"model": "fake-model", "prompt": ' + b"[" + b"1, " * 3000 + b"1]}", "max_tokens"),
+    ],
+)
+async def test_bad_completion_requests_name_the_field(
+    api: RunningApi, tenant: TenantKey, body: bytes, param: str
+) -> None:
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        response = await client.post(
+            "/v1/completions",
+            content=body,
+            headers={"Authorization": f"Bearer {tenant.secret}", "content-type": "application/json"},
+        )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+async def test_a_prompt_of_token_ids_reaches_the_engine_as_sent_and_counts_exactly(
+    api: RunningApi, tenant: TenantKey, fleet: Fleet
+) -> None:
+    """OpenAI's and vLLM's completions take token ids for a prompt (a list, or a list of one list):
+    the engine gets them as they came, and the quota hold and placement count them, not guess."""
+    f = await fleet({"node_a": echo_node("node_a", words=2)})
+    client = sdk(api, tenant.secret)
+    ids = [5, 17, 300, 2]
+    completion = await client.completions.create(model="fake-model", prompt=ids, max_tokens=3)
+    assert completion.choices[0].text == "w0 w1 "
+    assert (f.jobs[-1].body["prompt"], f.jobs[-1].prompt_tokens) == (ids, 4)
+    await client.completions.create(model="fake-model", prompt=[ids], max_tokens=3, best_of=1)
+    assert f.jobs[-1].body["prompt"] == ids
+    await client.completions.create(model="fake-model", prompt=["as text"], max_tokens=3)
+    assert f.jobs[-1].body["prompt"] == "as text"
 
 
 async def test_nulls_the_sdk_sends_for_unset_parameters_mean_the_defaults(
