@@ -1,4 +1,4 @@
-"""``market api``: serve the api with uvicorn (uvloop + httptools)."""
+"""``market api``: serve the api with uvicorn (uvloop + httptools, its errors in the api's formats)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import uvicorn
 
 from api.main import build_app
+from api.server import server_options
 from market import logs
 from market.aio import settle_heap
 from market.settings import Settings
@@ -25,12 +26,9 @@ def main() -> None:
         app,
         host=args.host or settings.http_host,
         port=args.port or settings.http_port,
-        log_config=None,
-        access_log=False,
         loop="uvloop",
-        http="httptools",
-        lifespan="on",
         timeout_graceful_shutdown=10,
+        **server_options(),
     )
 
 

@@ -8,17 +8,18 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Request
+from litestar import Litestar, Request, Router, get
 from litestar.config.app import AppConfig
 from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
+from litestar.params import FromPath
 from litestar.plugins.prometheus import PrometheusController
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
-from api.bodies import strict_json_body
-from api.errors import EXCEPTION_HANDLERS
+from api.bodies import check_body
+from api.errors import EXCEPTION_HANDLERS, NotFound
 from api.health import HealthController
 from api.state import AppState
 from market import __version__, bus, db
@@ -144,6 +145,13 @@ class MarketApp(Litestar):
         await super().__call__(scope, receive, send)
 
 
+@get("/{path:str}", include_in_schema=False, sync_to_thread=False)
+def _no_such_schema_page(path: FromPath[str]) -> None:
+    """Litestar answers an unknown page under ``/schema`` with an HTML page; this one, registered
+    first on the schema's router, takes its place with a problem+json 404, as every other route."""
+    raise NotFound(f"no schema page {path!r}: the schema is at /schema/openapi.json, its pages at /schema")
+
+
 def create_app(
     settings: Settings,
     *,
@@ -183,13 +191,14 @@ def create_app(
         dependencies={"app_state": Provide(provide_state, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[observe_middleware],
-        before_request=strict_json_body,
+        before_request=check_body,
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(
             title="Compute Market",
             version=__version__,
             description="Token API (OpenAI-compatible), admin, tenant and provider APIs.",
             path="/schema",
+            openapi_router=Router("/schema", route_handlers=[_no_such_schema_page], include_in_schema=False),
         ),
         request_max_body_size=settings.max_body_bytes,
         debug=False,

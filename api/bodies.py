@@ -2,7 +2,7 @@
 
 The token routes and the fleet routes read raw bodies (the token path for speed, both to keep
 the error in their own format); the other routes' ``JSONBody`` is checked by ``strict_json_body``
-first. All share this one decoder so the messages match.
+first (in ``check_body``, every request's hook). All share this one decoder so the messages match.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from litestar import Request
 from litestar.enums import RequestEncodingType
 from litestar.params import BodyKwarg
 
-from api.errors import InvalidRequest
+from api.errors import InvalidRequest, UnsupportedMediaType
 
 T = TypeVar("T")
 
@@ -44,6 +44,20 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T], *, empty: bytes |
 
 
 _STRICT: dict[Any, msgspec.json.Decoder[Any] | None] = {}
+_IDENTITY = (b"", b"identity")
+
+
+async def check_body(request: Request[Any, Any, Any]) -> None:
+    """Every route's body, before its handler: encoded plainly, and strictly typed where JSON.
+
+    No body is decompressed here, and a compressed one read as JSON would fail in words about
+    JSON that hide the cause: a ``Content-Encoding`` other than identity is a 415 saying so."""
+    for name, value in request.scope["headers"]:
+        if name == b"content-encoding" and value.strip().lower() not in _IDENTITY:
+            raise UnsupportedMediaType(
+                f"Content-Encoding {value.decode('latin-1')!r} is not supported: send the body uncompressed"
+            )
+    await strict_json_body(request)
 
 
 async def strict_json_body(request: Request[Any, Any, Any]) -> None:

@@ -86,6 +86,12 @@ class PayloadTooLarge(AppError):
     title = "Payload Too Large"
 
 
+class UnsupportedMediaType(AppError):
+    status = 415
+    code = "unsupported_media_type"
+    title = "Unsupported Media Type"
+
+
 class RateLimited(AppError):
     status = 429
     code = "rate_limit_exceeded"
@@ -126,18 +132,37 @@ def error_body(
     title: str,
     param: str | None = None,
 ) -> dict[str, Any]:
-    if is_openai_path(request.url.path):
+    path = request.url.path
+    if is_openai_path(path):
+        return error_payload(path, status, message, code=code, openai_type=openai_type, title=title, param=param)
+    return error_payload(
+        path, status, message, code=code, openai_type=openai_type, title=title, request_id=request_id_of(request)
+    )
+
+
+def error_payload(
+    path: str,
+    status: int,
+    message: str,
+    *,
+    code: str,
+    openai_type: str,
+    title: str,
+    param: str | None = None,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    """An error for ``path`` in its API's format: OpenAI's under ``/v1``, RFC 9457 elsewhere."""
+    if is_openai_path(path):
         return {"error": {"message": message, "type": openai_type, "param": param, "code": code}}
-    body: dict[str, Any] = {
+    return {
         "type": f"https://docs.compute-market.dev/errors/{code}",
         "title": title,
         "status": status,
         "detail": message,
         "code": code,
-        "instance": request.url.path,
+        "instance": path,
+        "request_id": request_id or "req_" + ulid().lower(),
     }
-    body["request_id"] = request_id_of(request)
-    return body
 
 
 def request_id_of(request: Request[Any, Any, Any]) -> str:
@@ -252,7 +277,8 @@ def database_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
         error.headers["Retry-After"] = "1"
     if error is None:
         return internal_error_handler(request, exc)
-    log.warning("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+    # The client's values (4xx) need no traceback in the log; a database away (503) keeps one.
+    log.warning("%s %s: %s", request.method, request.url.path, exc, exc_info=exc if error.status >= 500 else None)
     return app_error_handler(request, error)
 
 

@@ -127,16 +127,11 @@ class RunningApi:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.app = app
+        from api.server import server_options
+
         self.server = uvicorn.Server(
             uvicorn.Config(
-                app,
-                host="127.0.0.1",
-                port=port,
-                log_config=None,
-                access_log=False,
-                lifespan="on",
-                loop="none",
-                timeout_graceful_shutdown=2,
+                app, host="127.0.0.1", port=port, loop="none", timeout_graceful_shutdown=2, **server_options()
             )
         )
         self.task: asyncio.Task[None] | None = None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
@@ -173,3 +175,75 @@ async def test_a_database_out_of_reach_is_a_503_to_retry(api: RunningApi, admin:
     finally:
         state.sessions = sessions
         await dead.dispose()
+
+
+async def test_a_compressed_body_is_a_415_in_each_apis_format(api: RunningApi, paths: dict[str, str]) -> None:
+    """Bodies are read as sent: one declared compressed is refused for that, rather than read as
+    JSON and refused in words about JSON (or taken, when it happened to be plain)."""
+    body = b'{"name": "zipped"}'
+    async with client(api, paths["tenant_key"]) as tenant:
+        for content, encoding in ((gzip.compress(body), "gzip"), (body, "br")):
+            r = await tenant.post(
+                "/api/tenant/keys",
+                content=content,
+                headers={"content-type": "application/json", "content-encoding": encoding},
+            )
+            assert r.status_code == 415, r.text
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert encoding in r.json()["detail"]
+            chat = await tenant.post(
+                "/v1/chat/completions",
+                content=content,
+                headers={"content-type": "application/json", "content-encoding": encoding},
+            )
+            assert chat.status_code == 415, chat.text
+            assert chat.json()["error"]["code"] == "unsupported_media_type"
+        plain = await tenant.post(
+            "/api/tenant/keys",
+            content=body,
+            headers={"content-type": "application/json", "content-encoding": "identity"},
+        )
+        assert plain.status_code == 201, plain.text
+
+
+async def test_an_unknown_schema_page_is_a_problem_404_and_the_schema_still_served(api: RunningApi) -> None:
+    async with httpx.AsyncClient(base_url=api.url) as anyone:
+        for path in ("/schema/nope", "/schema/a/b.json"):
+            missing = await anyone.get(path)
+            assert missing.status_code == 404, missing.text
+            assert missing.headers["content-type"].startswith("application/problem+json")
+            assert missing.json()["status"] == 404
+        schema = await anyone.get("/schema/openapi.json")
+        assert schema.status_code == 200
+        assert "/v1/chat/completions" in schema.json()["paths"]
+        assert (await anyone.get("/schema")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"Content-Length: -5\r\n",
+        b"Content-Length: ten\r\n",
+        b"Content-Length: 2\r\nContent-Length: 3\r\n",
+        b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n",
+    ],
+)
+async def test_a_request_the_server_cannot_parse_gets_the_apis_error_format(
+    api: RunningApi, request_head: bytes
+) -> None:
+    """Refused by the HTTP server before the app runs, and still answered in each API's format."""
+    for path, openai in ((b"/v1/chat/completions", True), (b"/api/admin/tenants", False)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+        writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + request_head + b"\r\n{}")
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), raw
+        if openai:
+            assert b"content-type: application/json" in head.lower()
+            assert msgspec.json.decode(body)["error"]["code"] == "invalid_request"
+        else:
+            assert b"content-type: application/problem+json" in head.lower()
+            problem = msgspec.json.decode(body)
+            assert (problem["status"], problem["instance"]) == (400, path.decode())
