@@ -20,6 +20,7 @@ from api.errors import InvalidRequest, UnsupportedMediaType
 T = TypeVar("T")
 
 
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 _PATH = re.compile(r"`\$\.([^`]+)`")
 """The field msgspec names in its message (``at `$.a.b``` or ``at `key` in `$.a```): the error's ``param``."""
 
@@ -38,6 +39,12 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T], *, empty: bytes |
         param = path.group(1).replace("[...]", "") if path else None
         raise InvalidRequest(f"invalid request: {message}", param=param) from None
     except msgspec.DecodeError as exc:
+        if "truncated" in str(exc) and _LONE_SURROGATE.search(body):
+            # msgspec calls an unpaired high surrogate escape the end of its input
+            raise InvalidRequest(
+                "request body is not valid JSON: an escaped high surrogate (\\uD800-\\uDBFF) must be "
+                "followed by an escaped low surrogate (\\uDC00-\\uDFFF)"
+            ) from None
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     except RecursionError:  # msgspec's own depth limit is far above what any of our bodies nests
         raise InvalidRequest("request body is nested too deeply") from None

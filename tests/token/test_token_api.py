@@ -879,6 +879,18 @@ async def test_a_prompt_of_token_ids_reaches_the_engine_as_sent_and_counts_exact
     assert f.jobs[-1].body["prompt"] == "as text"
 
 
+async def test_an_unpaired_surrogate_escape_is_named_as_such(api: RunningApi, tenant: TenantKey) -> None:
+    """msgspec calls it truncated input; the client is told what is wrong with its JSON."""
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        response = await client.post(
+            "/v1/chat/completions",
+            content=rb'{"model": "fake-model", "messages": [{"role": "user", "content": "a\ud800b"}]}',
+            headers={"Authorization": f"Bearer {tenant.secret}", "content-type": "application/json"},
+        )
+    assert response.status_code == 400, response.text
+    assert "surrogate" in response.json()["error"]["message"]
+
+
 async def test_nulls_the_sdk_sends_for_unset_parameters_mean_the_defaults(
     api: RunningApi, tenant: TenantKey, fleet: Fleet
 ) -> None:
