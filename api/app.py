@@ -145,13 +145,6 @@ class MarketApp(Litestar):
         await super().__call__(scope, receive, send)
 
 
-@get("/{path:str}", include_in_schema=False, sync_to_thread=False)
-def _no_such_schema_page(path: FromPath[str]) -> None:
-    """Litestar answers an unknown page under ``/schema`` with an HTML page; this one, registered
-    first on the schema's router, takes its place with a problem+json 404, as every other route."""
-    raise NotFound(f"no schema page {path!r}: the schema is at /schema/openapi.json, its pages at /schema")
-
-
 def create_app(
     settings: Settings,
     *,
@@ -159,6 +152,13 @@ def create_app(
     on_startup: Sequence[Startup] = (),
 ) -> Litestar:
     """Build the api. The token, admin, tenant and provider routes come in ``route_handlers``."""
+
+    @get("/{path:str}", include_in_schema=False, sync_to_thread=False)
+    def no_such_schema_page(path: FromPath[str]) -> None:
+        """Litestar answers an unknown page under ``/schema`` with an HTML page; this one, put on the
+        schema's router before Litestar adds its own, takes its place (a test holds Litestar to it)
+        with a problem+json 404, as every other route."""
+        raise NotFound(f"no schema page {path!r}: the schema is at /schema/openapi.json, its pages at /schema")
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -198,7 +198,7 @@ def create_app(
             version=__version__,
             description="Token API (OpenAI-compatible), admin, tenant and provider APIs.",
             path="/schema",
-            openapi_router=Router("/schema", route_handlers=[_no_such_schema_page], include_in_schema=False),
+            openapi_router=Router("/schema", route_handlers=[no_such_schema_page], include_in_schema=False),
         ),
         request_max_body_size=settings.max_body_bytes,
         debug=False,

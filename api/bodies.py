@@ -20,7 +20,8 @@ from api.errors import InvalidRequest, UnsupportedMediaType
 T = TypeVar("T")
 
 
-_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
+_LONE_SURROGATE = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
+"""A high surrogate escape (after an even run of backslashes: not itself escaped) with no low one after it."""
 _PATH = re.compile(r"`\$\.([^`]+)`")
 """The field msgspec names in its message (``at `$.a.b``` or ``at `key` in `$.a```): the error's ``param``."""
 
@@ -59,11 +60,16 @@ async def check_body(request: Request[Any, Any, Any]) -> None:
 
     No body is decompressed here, and a compressed one read as JSON would fail in words about
     JSON that hide the cause: a ``Content-Encoding`` other than identity is a 415 saying so."""
+    encoding, has_body = None, False
     for name, value in request.scope["headers"]:
-        if name == b"content-encoding" and value.strip().lower() not in _IDENTITY:
-            raise UnsupportedMediaType(
-                f"Content-Encoding {value.decode('latin-1')!r} is not supported: send the body uncompressed"
-            )
+        if name == b"content-encoding":
+            encoding = value
+        elif name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            has_body = True
+    if has_body and encoding is not None and encoding.strip().lower() not in _IDENTITY:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding.decode('latin-1')!r} is not supported: send the body uncompressed"
+        )
     await strict_json_body(request)
 
 

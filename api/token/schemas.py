@@ -38,6 +38,7 @@ MinP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=2.0)]
 TokenIdInt = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 StopTokenIds = Annotated[list[TokenIdInt], msgspec.Meta(max_length=64)]
+_TokenIds = Annotated[list[TokenIdInt], msgspec.Meta(min_length=1)]
 
 
 TokenBias = Annotated[int, msgspec.Meta(ge=-100, le=100)]
@@ -158,6 +159,8 @@ class ChatMessage(msgspec.Struct):
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[ToolCall] | None = None
+    function_call: Any = None
+    """The legacy function calling's, in an assistant's history: refused by name, as at the top."""
 
     def text(self) -> str:
         if self.content is None:
@@ -173,7 +176,7 @@ def _check_message(i: int, message: ChatMessage) -> None:
     and for a tool's answer the call it answers."""
     at = f"$.messages[{i}]"
     if message.role == "assistant":
-        if message.content is None and not message.tool_calls:
+        if message.content is None and not message.tool_calls and message.function_call is None:
             raise ValueError(f"an assistant message needs content or tool_calls - at `{at}.content`")
     elif message.content is None:
         raise ValueError(f"a {message.role} message needs content - at `{at}.content`")
@@ -298,6 +301,13 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         for i, message in enumerate(self.messages):
+            if message.function_call is not None:
+                raise InvalidRequest(
+                    f"Unsupported parameter 'messages[{i}].function_call': the legacy function calling is not"
+                    " supported; use tool_calls.",
+                    code="unsupported_parameter",
+                    param=f"messages[{i}].function_call",
+                )
             if isinstance(message.content, list):
                 for j, part in enumerate(message.content):
                     if not isinstance(part, TextPart):
@@ -361,27 +371,29 @@ class CompletionRequest(_Sampling, kw_only=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.token_ids()  # refuses a list that is none of the prompt's forms
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            # One form from here on: the text, or the token ids (checked in C: a long prompt of
+            # ids costs a few milliseconds of the event loop, not tens).
+            if len(prompt) == 1 and isinstance(prompt[0], str):
+                self.prompt = prompt[0]
+            else:
+                if len(prompt) == 1 and isinstance(prompt[0], list):
+                    prompt = prompt[0]
+                try:
+                    self.prompt = msgspec.convert(prompt, _TokenIds)
+                except msgspec.ValidationError as exc:
+                    why = str(exc).split(" - at ")[0]
+                    raise ValueError(
+                        f"prompt must be a string, token ids (integers from 0 to {INT32_MAX}), or a list of one "
+                        f"of these; several prompts in one request are not supported ({why}) - at `$.prompt`"
+                    ) from None
         if self.best_of is not None and self.best_of != self.choices:
             raise ValueError("best_of other than n is not supported (each choice is streamed as made) - at `$.best_of`")
 
     def token_ids(self) -> list[int] | None:
         """The prompt as token ids, if it came so; None for text."""
-        prompt = self.prompt
-        if isinstance(prompt, str):
-            return None
-        if len(prompt) == 1 and isinstance(prompt[0], str):
-            return None
-        if len(prompt) == 1 and isinstance(prompt[0], list):
-            prompt = prompt[0]
-        if not prompt or any(type(t) is not int for t in prompt):
-            raise ValueError(
-                "prompt must be a string, token ids (a list of integers), or a list of one of these; "
-                "several prompts in one request are not supported - at `$.prompt`"
-            )
-        if any(t < 0 or t > INT32_MAX for t in prompt):
-            raise ValueError(f"token ids must be between 0 and {INT32_MAX} - at `$.prompt`")
-        return prompt
+        return self.prompt if isinstance(self.prompt, list) else None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -404,9 +416,7 @@ class CompletionRequest(_Sampling, kw_only=True):
 
     def prompt_text(self) -> str:
         """The prompt as text; empty for token ids (``token_ids``)."""
-        if isinstance(self.prompt, str):
-            return self.prompt
-        return str(self.prompt[0]) if isinstance(self.prompt[0], str) else ""
+        return self.prompt if isinstance(self.prompt, str) else ""
 
 
 _CHAT = msgspec.json.Decoder(ChatCompletionRequest)

@@ -281,7 +281,7 @@ class SimEngine:
         seq = _Seq(job.id, prompt, max_tokens, seed)
         seq.interval = self.config.stream_interval
         if self.config.busy_stream_interval > 1 and self._open() >= self.busy_streams:
-            seq.interval = self.config.busy_stream_interval
+            seq.interval = max(seq.interval, self.config.busy_stream_interval)  # as vLLM takes the larger
         seq.tool = _forced_tool(body) if job.kind == "chat" else None
         if job.kind == "chat" and body.get("logprobs"):
             seq.alternatives = int(body.get("top_logprobs") or 0)

@@ -286,8 +286,17 @@ async def test_a_busy_node_streams_a_few_tokens_a_chunk_as_vllm_does() -> None:
     assert early[0] == [1] * 60
 
 
-async def test_a_node_streaming_every_token_alone_does_so_under_load() -> None:
-    engine = SimEngine(SimConfig(max_num_seqs=32, speedup=2.0, busy_stream_interval=1))
+@pytest.mark.parametrize(
+    ("stream_interval", "busy_stream_interval", "sizes"),
+    [(1, 1, [1] * 10), (3, 1, [1, 3, 3, 3]), (8, 4, [1, 8, 1])],  # the larger interval wins, as in vLLM
+)
+async def test_a_node_streams_under_load_at_its_profiles_interval_when_that_is_larger(
+    stream_interval: int, busy_stream_interval: int, sizes: list[int]
+) -> None:
+    config = SimConfig(
+        max_num_seqs=32, speedup=2.0, stream_interval=stream_interval, busy_stream_interval=busy_stream_interval
+    )
+    engine = SimEngine(config)
     await engine.start()
     try:
         running = [asyncio.create_task(emission_sizes(engine, job(max_tokens=60))) for _ in range(8)]
@@ -296,4 +305,4 @@ async def test_a_node_streaming_every_token_alone_does_so_under_load() -> None:
         await asyncio.gather(*running)
     finally:
         await engine.stop()
-    assert late == [1] * 10
+    assert late == sizes

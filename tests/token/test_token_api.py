@@ -804,6 +804,13 @@ async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
             "invalid_request",
             "messages[0].tool_call_id",
         ),
+        (  # the legacy function calling in the history: refused by name, as at the top
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}, {"role": "assistant",'
+            b' "content": null, "function_call": {"name": "f", "arguments": "{}"}}]}',
+            400,
+            "unsupported_parameter",
+            "messages[1].function_call",
+        ),
         (
             b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "x": '
             + b"[" * 5000
