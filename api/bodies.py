@@ -59,7 +59,8 @@ async def check_body(request: Request[Any, Any, Any]) -> None:
     """Every route's body, before its handler: encoded plainly, and strictly typed where JSON.
 
     No body is decompressed here, and a compressed one read as JSON would fail in words about
-    JSON that hide the cause: a ``Content-Encoding`` other than identity is a 415 saying so."""
+    JSON that hide the cause: a body sent with a ``Content-Encoding`` other than identity is a
+    415 saying so (a request without a body is not judged by the header)."""
     encoding, has_body = None, False
     for name, value in request.scope["headers"]:
         if name == b"content-encoding":
