@@ -133,11 +133,14 @@ def error_body(
     param: str | None = None,
 ) -> dict[str, Any]:
     path = request.url.path
-    if is_openai_path(path):
-        return error_payload(path, status, message, code=code, openai_type=openai_type, title=title, param=param)
+    request_id = None if is_openai_path(path) else request_id_of(request)  # OpenAI's body has no place for it
     return error_payload(
-        path, status, message, code=code, openai_type=openai_type, title=title, request_id=request_id_of(request)
+        path, status, message, code=code, openai_type=openai_type, title=title, param=param, request_id=request_id
     )
+
+
+def error_media_type(path: str) -> str:
+    return "application/json" if is_openai_path(path) else "application/problem+json"
 
 
 def error_payload(
@@ -151,7 +154,8 @@ def error_payload(
     param: str | None = None,
     request_id: str | None = None,
 ) -> dict[str, Any]:
-    """An error for ``path`` in its API's format: OpenAI's under ``/v1``, RFC 9457 elsewhere."""
+    """An error for ``path`` in its API's format: OpenAI's under ``/v1`` (``param``), RFC 9457
+    elsewhere (``request_id``; a new one if None)."""
     if is_openai_path(path):
         return {"error": {"message": message, "type": openai_type, "param": param, "code": code}}
     return {
@@ -177,7 +181,7 @@ def request_id_of(request: Request[Any, Any, Any]) -> str:
 def _response(
     request: Request[Any, Any, Any], status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> Response[dict[str, Any]]:
-    media_type = "application/json" if is_openai_path(request.url.path) else "application/problem+json"
+    media_type = error_media_type(request.url.path)
     headers = dict(headers or {})
     if not request_id_var.get():
         headers["x-request-id"] = request_id_of(request)

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from api.errors import error_payload, is_openai_path
+from api.errors import error_media_type, error_payload
 
 UNPARSABLE = "the HTTP request could not be parsed: check its request line, Content-Length and Transfer-Encoding"
 
@@ -30,7 +30,7 @@ class MarketHttpProtocol(HttpToolsProtocol):
                 path, 400, UNPARSABLE, code="invalid_request", openai_type="invalid_request_error", title="Bad Request"
             )
         )
-        media_type = b"application/json" if is_openai_path(path) else b"application/problem+json"
+        media_type = error_media_type(path).encode("ascii")
         content = [STATUS_LINE[400]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
