@@ -637,6 +637,14 @@ async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
     assert err.value.response.headers["retry-after"] == "1"
 
 
+async def post_raw(api: RunningApi, tenant: TenantKey, path: str, body: bytes | str) -> httpx.Response:
+    """POST ``body`` as it is (no SDK to tidy it up) with the tenant's key."""
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        return await client.post(
+            path, content=body, headers={"Authorization": f"Bearer {tenant.secret}", "content-type": "application/json"}
+        )
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [
@@ -825,12 +833,7 @@ async def test_no_scheduler_is_503(api: RunningApi, tenant: TenantKey) -> None:
 async def test_bad_requests_get_openai_errors(
     api: RunningApi, tenant: TenantKey, body: bytes, status: int, code: str, param: str | None
 ) -> None:
-    async with httpx.AsyncClient(base_url=api.url) as client:
-        response = await client.post(
-            "/v1/chat/completions",
-            content=body,
-            headers={"Authorization": f"Bearer {tenant.secret}", "content-type": "application/json"},
-        )
+    response = await post_raw(api, tenant, "/v1/chat/completions", body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code
@@ -859,12 +862,7 @@ async def test_bad_requests_get_openai_errors(
 async def test_bad_completion_requests_name_the_field(
     api: RunningApi, tenant: TenantKey, body: bytes, param: str
 ) -> None:
-    async with httpx.AsyncClient(base_url=api.url) as client:
-        response = await client.post(
-            "/v1/completions",
-            content=body,
-            headers={"Authorization": f"Bearer {tenant.secret}", "content-type": "application/json"},
-        )
+    response = await post_raw(api, tenant, "/v1/completions", body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
 
@@ -888,12 +886,8 @@ async def test_a_prompt_of_token_ids_reaches_the_engine_as_sent_and_counts_exact
 
 async def test_an_unpaired_surrogate_escape_is_named_as_such(api: RunningApi, tenant: TenantKey) -> None:
     """msgspec calls it truncated input; the client is told what is wrong with its JSON."""
-    async with httpx.AsyncClient(base_url=api.url) as client:
-        response = await client.post(
-            "/v1/chat/completions",
-            content=rb'{"model": "fake-model", "messages": [{"role": "user", "content": "a\ud800b"}]}',
-            headers={"Authorization": f"Bearer {tenant.secret}", "content-type": "application/json"},
-        )
+    body = rb'{"model": "fake-model", "messages": [{"role": "user", "content": "a\ud800b"}]}'
+    response = await post_raw(api, tenant, "/v1/chat/completions", body)
     assert response.status_code == 400, response.text
     assert "surrogate" in response.json()["error"]["message"]
 
@@ -1209,12 +1203,7 @@ async def test_a_request_every_node_failed_still_has_its_usage_event(
 
 async def test_body_too_large_is_413(api: RunningApi, tenant: TenantKey) -> None:
     huge = '{"model": "fake-model", "prompt": "' + "x" * 2_000_000 + '"}'
-    async with httpx.AsyncClient(base_url=api.url) as client:
-        response = await client.post(
-            "/v1/completions",
-            content=huge,
-            headers={"Authorization": f"Bearer {tenant.secret}", "content-type": "application/json"},
-        )
+    response = await post_raw(api, tenant, "/v1/completions", huge)
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
 
