@@ -48,6 +48,12 @@ class Emission:
     usage: Usage | None = None
 
 
+def busy_streams(max_num_seqs: int) -> int:
+    """Streams open on an engine from which its node counts as busy (a quarter of its batch, at
+    least 8): a job that starts then streams a few tokens a chunk (``busy_stream_interval``)."""
+    return max(8, max_num_seqs // 4)
+
+
 @runtime_checkable
 class Engine(Protocol):
     """An inference engine the agent relays jobs to."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from market.wire import Job, Piece, ServingMode, TokenLogprob, ToolCallDelta, TopLogprob, Usage
-from nodes.engines.base import Emission, EngineError, EngineLoad, EngineStatus
+from nodes.engines.base import Emission, EngineError, EngineLoad, EngineStatus, busy_streams
 
 SIM_MODEL_NAME = "sim-llama-3-8b"
 Phase = Literal["both", "prefill", "decode"]
@@ -187,8 +187,8 @@ class SimEngine:
             raise ValueError(f"unknown accelerator {self.config.accelerator!r}: one of {', '.join(ACCELERATORS)}")
         self.served_model_name = self.config.served_model_name
         self.max_num_seqs = self.config.max_num_seqs
-        self.busy_streams = max(8, self.config.max_num_seqs // 4)
-        """Requests in the engine from which a new one counts the node as busy (as ``VllmEngine``)."""
+        self.busy_streams = busy_streams(self.config.max_num_seqs)
+        """Requests in the engine from which a new one counts the node as busy, as for vLLM."""
         acc = ACCELERATORS[self.config.accelerator]
         self._decode_scale = _REFERENCE.bandwidth_tbs / acc.bandwidth_tbs
         self._prefill_scale = _REFERENCE.tflops / acc.tflops

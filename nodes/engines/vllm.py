@@ -39,6 +39,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from market.wire import MAX_REPORTED_COUNT, Job, Piece, TokenLogprob, ToolCallDelta, TopLogprob, Usage
 from nodes.engines.base import Emission, EngineError, EngineLoad, EngineStatus, ErrorCode
+from nodes.engines.base import busy_streams as default_busy_streams
 from nodes.profiles import LaunchPlan, ProcessSpec
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,7 @@ class VllmEngine:
         self.busy_stream_interval = busy_stream_interval
         """Tokens vLLM gathers per streamed chunk (its per-request ``stream_interval``) for a job
         that starts while the node is busy; 1 streams every token alone, whatever the load."""
-        self.busy_streams = max(8, max_num_seqs // 4) if busy_streams is None else busy_streams
+        self.busy_streams = default_busy_streams(max_num_seqs) if busy_streams is None else busy_streams
         """Streams open on this engine from which the node counts as busy (default: a quarter of
         its batch, at least 8)."""
         self._open_streams = 0
