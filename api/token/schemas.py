@@ -275,6 +275,16 @@ class _Sampling(msgspec.Struct, kw_only=True):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+def _check_free_json(value: object, where: str) -> None:
+    """Free-form JSON (a tool's parameters, a response schema) travels to the node in msgpack,
+    which carries integers of 64 bits at most: a larger one is refused here by name, not where
+    the job is encoded. The encode runs in C; the schemas are small."""
+    try:
+        msgspec.msgpack.encode(value)
+    except OverflowError:
+        raise ValueError(f"an integer in it does not fit in 64 bits - at `$.{where}`") from None
+
+
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=4096)]
     max_completion_tokens: PositiveInt | None = None
@@ -297,6 +307,10 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             wanted = self.tool_choice.function.name
             if wanted not in {t.function.name for t in self.tools}:
                 raise ValueError(f"tool_choice names '{wanted}', which is not among the tools - at `$.tool_choice`")
+        for i, tool in enumerate(self.tools or ()):
+            _check_free_json(tool.function.parameters, f"tools[{i}].function.parameters")
+        if isinstance(self.response_format, JsonSchemaFormat):
+            _check_free_json(self.response_format.json_schema.schema, "response_format.json_schema.schema")
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()

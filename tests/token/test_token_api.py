@@ -799,6 +799,20 @@ async def post_raw(api: RunningApi, tenant: TenantKey, path: str, body: bytes | 
             "invalid_request",
             "stop_token_ids[0]",
         ),
+        (  # free-form JSON, as deep as it goes
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function",'
+            b' "function": {"name": "f", "parameters": {"type": "object", "x": [{"maximum": -18446744073709551616}]}}}]}',
+            400,
+            "invalid_request",
+            "tools[0].function.parameters",
+        ),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "response_format": {"type":'
+            b' "json_schema", "json_schema": {"name": "s", "schema": {"maximum": 18446744073709551616}}}}',
+            400,
+            "invalid_request",
+            "response_format.json_schema.schema",
+        ),
         (b'{"model": "fake-model", "messages": [{"role": "user"}]}', 400, "invalid_request", "messages[0].content"),
         (
             b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]}',
