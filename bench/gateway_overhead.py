@@ -65,7 +65,8 @@ import nats.errors
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from market import db, keys, migrate, natsauth, subjects, wire  # noqa: E402
+from bench._client import StreamClient  # noqa: E402
+from market import aio, db, keys, migrate, natsauth, subjects, wire  # noqa: E402
 from market.embedded import EmbeddedNats, EmbeddedPostgres, free_port  # noqa: E402
 from market.ids import new_id  # noqa: E402
 from market.models import ApiKey, Model, Tenant  # noqa: E402
@@ -123,69 +124,28 @@ class Result:
         return len(self.ttft) + len(self.ramp)
 
 
-class _Choice(msgspec.Struct):
-    text: str | None = None
-
-
-class _Usage(msgspec.Struct):
-    completion_tokens: int = 0
-
-
-class _Event(msgspec.Struct):
-    choices: list[_Choice] = []
-    usage: _Usage | None = None
-
-
-_decode_event = msgspec.json.Decoder(_Event).decode
-"""The load generator reads only what it counts: its CPU shares a core with the services in
-the ``shared`` layout, and typed decoding of two fields costs a fraction of ``json.loads``."""
-
-
-async def one_stream(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: dict[str, Any],
-    headers: dict[str, str],
-    result: Result,
-    ramp: bool = False,
-) -> None:
+async def one_stream(client: StreamClient, slot: int, body: dict[str, Any], result: Result, ramp: bool = False) -> None:
     started = time.perf_counter()
-    first = None
-    tokens = 0
-    events = 0
     try:
-        async with session.post(url, json=body, headers=headers) as response:
-            if response.status != 200:
-                result.errors += 1
-                text = (await response.read()).decode(errors="replace")[:200]
-                if len(result.samples) < 3:
-                    result.samples.append(f"{response.status} {text}")
-                return
-            async for raw in response.content:
-                line = raw.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                event = _decode_event(line[6:])
-                for choice in event.choices:
-                    if choice.text:
-                        if first is None:
-                            first = time.perf_counter() - started
-                        tokens += 1
-                        events += 1
-                if event.usage is not None:
-                    tokens = event.usage.completion_tokens
-    except aiohttp.ClientError:
+        answer = await client.post(slot, body)
+    except (ConnectionError, OSError, TimeoutError) as exc:
+        result.errors += 1
+        if len(result.samples) < 3:
+            result.samples.append(f"{type(exc).__name__}: {exc}")
+        return
+    if answer.status != 200:
+        result.errors += 1
+        if len(result.samples) < 3:
+            result.samples.append(f"{answer.status} {answer.error_body.decode(errors='replace')}")
+        return
+    if answer.first is None:
         result.errors += 1
         return
-    if first is None:
-        result.errors += 1
-        return
-    (result.ramp if ramp else result.ttft).append(first)
-    request_id = response.headers.get("x-request-id")
-    if request_id:
-        (result.ramp_ids if ramp else result.ids).append(request_id)
-    result.tokens += tokens
-    result.events += events
+    (result.ramp if ramp else result.ttft).append(answer.first - started)
+    if answer.request_id:
+        (result.ramp_ids if ramp else result.ids).append(answer.request_id)
+    result.tokens += answer.tokens
+    result.events += answer.events
 
 
 async def run_load(
@@ -224,19 +184,19 @@ async def run_load(
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait(i)
-    connector = aiohttp.TCPConnector(limit=concurrency * 2)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+    client = StreamClient(url, headers)
 
-        async def worker() -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                await one_stream(
-                    session, url, {**body, "max_tokens": lengths[i]}, headers, result, ramp=i < concurrency
-                )
+    async def worker(slot: int) -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            await one_stream(client, slot, {**body, "max_tokens": lengths[i]}, result, ramp=i < concurrency)
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        result.wall = time.perf_counter() - started
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(slot) for slot in range(concurrency)))
+    finally:
+        client.close()
+    result.wall = time.perf_counter() - started
     return result
 
 
@@ -631,7 +591,7 @@ async def main() -> None:
             # NATS, PostgreSQL, the scheduler and the simulated nodes share the rest.
             os.sched_setaffinity(api_proc.pid, engine_cores)
 
-        stack.spawn(
+        sim_agents = stack.spawn(
             [
                 py,
                 str(ROOT / "bench" / "_agents.py"),
@@ -650,7 +610,9 @@ async def main() -> None:
         )
         await wait_serving(api, SIM_MODEL_NAME, headers)
         await run_load(api + "/v1/completions", SIM_MODEL_NAME, headers, args.cp_concurrency, 200, args.max_tokens)
+        names[sim_agents.pid] = "simulated nodes"
         api_cpu_before = cpu_seconds(api_proc.pid)
+        cp_before = cpu_by_process(stack, names)
         control = await run_load(
             api + "/v1/completions",
             SIM_MODEL_NAME,
@@ -661,6 +623,7 @@ async def main() -> None:
             spread=args.spread,
         )
         api_cpu = cpu_seconds(api_proc.pid) - api_cpu_before
+        cp_cpu = _add({}, cp_before, cpu_by_process(stack, names))
         rows.append(
             row(f"control plane alone ({args.sim_nodes} simulated nodes of {args.sim_max_num_seqs} seats)", control)
         )
@@ -725,9 +688,10 @@ async def main() -> None:
             "faster than they can send them)"
         )
         print(f"the marketplace's own part of the TTFT with simulated nodes: {split_line(split, control)}")
+        print(f"CPU during the control-plane run: {cpu_share(cp_cpu, control.wall)}")
     finally:
         stack.close()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    aio.run(main())  # the load generator on uvloop too: its CPU is taken from the services' core
