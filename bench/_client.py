@@ -63,6 +63,8 @@ class _Connection(asyncio.Protocol):
         self.done: asyncio.Future[None] | None = None
         self.buffer = b""
         self.keep_alive = True
+        self.framed = False
+        """The response says where its body ends (a length or chunks), not the connection's end."""
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -74,11 +76,16 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(ConnectionError(f"unparsable response: {exc}"))
+        except httptools.HttpParserError as exc:  # a callback's own failure is the context
+            self._fail(ConnectionError(f"unparsable response: {exc} ({exc.__context__!r})"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if exc is None and self.answer.status and not self.framed:
+            # A body that ends with the connection (neither a length nor chunks): llhttp without
+            # ``feed_eof`` cannot see its end, but the closed connection is it.
+            self.on_message_complete()
+            return
         self._fail(ConnectionError(f"connection lost: {exc}"))
 
     def _fail(self, exc: Exception) -> None:
@@ -90,8 +97,11 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"x-request-id":
+        name = name.lower()
+        if name == b"x-request-id":
             self.answer.request_id = value.decode()
+        elif name in (b"content-length", b"transfer-encoding"):
+            self.framed = True
 
     def on_headers_complete(self) -> None:
         self.answer.status = self.parser.get_status_code()
@@ -148,11 +158,21 @@ class StreamClient:
         payload = _encode(body)
         conn.answer = Answer()
         conn.buffer = b""
+        conn.framed = False
         conn.done = asyncio.get_running_loop().create_future()
         assert conn.transport is not None
         conn.transport.write(self.head + b"%d\r\n\r\n" % len(payload) + payload)
-        async with asyncio.timeout(timeout):
-            await conn.done
+        try:
+            async with asyncio.timeout(timeout):
+                await conn.done
+        except BaseException:
+            # Timed out or cancelled mid-response: the rest of it would arrive as the next
+            # request's answer, so the connection is dropped rather than used again.
+            conn.keep_alive = False
+            if conn.transport is not None:
+                conn.transport.close()
+            self.connections.pop(slot, None)
+            raise
         return conn.answer
 
     def close(self) -> None:

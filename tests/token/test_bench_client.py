@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from bench._client import StreamClient
 from tests.conftest import RunningApi
 from tests.token.conftest import FakeFleet, TenantKey, echo_node
@@ -42,3 +44,20 @@ async def test_the_lean_client_counts_a_stream_as_the_api_sent_it_on_one_connect
     assert refused.status == 404
     assert b"model_not_found" in refused.error_body
     assert refused.first is None
+
+
+async def test_a_slot_timed_out_mid_stream_gets_its_next_answer_whole(
+    api: RunningApi, tenant: TenantKey, fleet: Callable[..., Awaitable[FakeFleet]]
+) -> None:
+    await fleet({"node_a": echo_node("node_a", words=4, delay=0.1)})
+    client = StreamClient(api.url + "/v1/completions", {"Authorization": f"Bearer {tenant.secret}"})
+    body = {"model": "fake-model", "prompt": "once upon", "max_tokens": 4, "stream": True}
+    try:
+        with pytest.raises(TimeoutError):
+            await client.post(0, body, timeout=0.25)
+        answer = await client.post(0, body, timeout=30)
+    finally:
+        client.close()
+    assert answer.status == 200
+    assert answer.tokens == 4
+    assert answer.events == 4

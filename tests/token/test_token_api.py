@@ -801,7 +801,8 @@ async def post_raw(api: RunningApi, tenant: TenantKey, path: str, body: bytes | 
         ),
         (  # free-form JSON, as deep as it goes
             b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function",'
-            b' "function": {"name": "f", "parameters": {"type": "object", "x": [{"maximum": -18446744073709551616}]}}}]}',
+            b' "function": {"name": "f", "parameters": {"type": "object",'
+            b' "x": [{"maximum": -18446744073709551616}]}}}]}',
             400,
             "invalid_request",
             "tools[0].function.parameters",
