@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 
 from market.embedded import free_port
 
@@ -221,6 +222,65 @@ def test_market_up_with_a_sim_node_serves_a_tenant_through_the_admin_api(tmp_pat
                     break
                 assert time.monotonic() < deadline, by_class
                 time.sleep(0.3)
+    finally:
+        if proc.poll() is None:
+            _stop(proc, _descendants(proc))
+
+
+@pytest.mark.vllm
+def test_market_up_with_a_vllm_node_answers_the_sdk_with_usage_that_reaches_the_ledger(tmp_path: Path) -> None:
+    """The issue's own check: ``market up --node vllm`` (the tiny random Llama built into the data
+    directory, served by a real vLLM), then only the ``openai`` SDK: streamed and whole answers
+    with usage, and the usage events billed from the stream."""
+    import openai
+
+    data_dir, port = tmp_path / "market", free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start(data_dir, port, "--node", "vllm")
+    try:
+        _wait_ready(url, proc, timeout=120)
+        admin = {"Authorization": "Bearer " + (data_dir / "admin-key").read_text().strip()}
+        with httpx.Client(base_url=url, timeout=30) as client:
+            tenant = client.post("/api/admin/tenants", json={"name": "startup"}, headers=admin).json()
+            grant = client.post(f"/api/admin/tenants/{tenant['id']}/grants", json={"tokens": 100_000}, headers=admin)
+            assert grant.status_code == 201, grant.text
+            secret = client.post(f"/api/admin/tenants/{tenant['id']}/keys", json={}, headers=admin).json()["key"]
+        sdk = openai.OpenAI(base_url=url + "/v1", api_key=secret, max_retries=0, timeout=60)
+        deadline = time.monotonic() + 300
+        while True:  # vLLM starts (about 40 s here) and the node enrols
+            try:
+                whole = sdk.chat.completions.create(
+                    model="tiny-random-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=6
+                )
+                break
+            except openai.APIStatusError:
+                assert time.monotonic() < deadline, "".join(_OUTPUT[proc.pid])
+                time.sleep(1)
+        assert whole.usage is not None
+        assert whole.usage.completion_tokens == 6
+        assert whole.choices[0].finish_reason == "length"
+        parts = list(
+            sdk.completions.create(
+                model="tiny-random-llama",
+                prompt="once upon a time",
+                max_tokens=5,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        streamed = parts[-1].usage
+        assert streamed is not None
+        assert streamed.completion_tokens == 5
+        assert sum(1 for p in parts if p.choices and p.choices[0].text) >= 1
+        # Both usage events went through JetStream into the ledger, rated at the demo prices.
+        expected = (whole.usage.prompt_tokens + streamed.prompt_tokens) * 15 + (6 + 5) * 60
+        deadline = time.monotonic() + 30
+        while True:
+            balance = httpx.get(url + "/api/tenant/balance", headers={"Authorization": f"Bearer {secret}"}).json()
+            if balance["unbilled_usage_micros"] == expected:
+                break
+            assert time.monotonic() < deadline, balance
+            time.sleep(0.3)
     finally:
         if proc.poll() is None:
             _stop(proc, _descendants(proc))
