@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -29,6 +30,76 @@ def wake(future: asyncio.Future[Any]) -> None:
     """Resolve a bare wake-up future unless something already did (a timer's callback)."""
     if not future.done():
         future.set_result(None)
+
+
+TIMED_OUT = object()
+"""What ``Mailbox.get_within`` returns when nothing came in time."""
+
+
+class Mailbox:
+    """A stream's items: any number of writers, one reader at a time (the api's relay of a job
+    attempt's chunks, the node agent's of its engine's emissions).
+
+    A relay puts and takes an item per streamed token; ``asyncio.Queue`` does more per item (an
+    unfinished-task count and its Event, a deque of getters, a running-loop lookup per wait).
+    """
+
+    __slots__ = ("_items", "_loop", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Any] = deque()
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self, timeout: float | None = None) -> None:
+        """Until an item is put, or ``timeout`` seconds pass: a timer wakes the same waiter
+        (``asyncio.wait_for`` would wrap the wait in a task of its own on Python 3.11, two more
+        turns of a busy loop on the way to a request's first token)."""
+        waiter = self._waiter = self._loop.create_future()
+        timer = None if timeout is None else self._loop.call_later(max(0.0, timeout), wake, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._waiter is waiter:
+                self._waiter = None
+
+    async def get(self) -> Any:
+        """The next item; cancelling the wait loses none."""
+        while not self._items:
+            await self._wait()
+        return self._items.popleft()
+
+    async def get_within(self, timeout: float) -> Any:
+        """The next item, or ``TIMED_OUT`` after ``timeout`` seconds; cancelling the wait loses none."""
+        if not self._items:
+            await self._wait(timeout)
+        return self._items.popleft() if self._items else TIMED_OUT
+
+    async def take(self) -> list[Any]:
+        """Every item there is, waiting for the first if there is none."""
+        while not self._items:
+            await self._wait()
+        return self._take_all()
+
+    async def take_within(self, timeout: float) -> list[Any]:
+        """Every item there is, waiting up to ``timeout`` seconds for the first (none if it does
+        not come; no wait at all for a timeout <= 0)."""
+        if not self._items and timeout > 0:
+            await self._wait(timeout)
+        return self._take_all()
+
+    def _take_all(self) -> list[Any]:
+        items = list(self._items)
+        self._items.clear()
+        return items
 
 
 class Drainers:

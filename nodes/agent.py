@@ -128,46 +128,6 @@ _DONE, _STOPPED = _Done(), _Stopped()
 _QueueItem = Emission | EngineError | _Done | _Stopped
 
 
-class _Mailbox:
-    """A job's items from its engine pump, for its relay: a list and at most one waiter.
-
-    ``asyncio.Queue`` (a getter future per wait, its wake-up bookkeeping, and ``asyncio.timeout``
-    around a timed get) cost the agent a few percent of its CPU per relayed chunk; the relay only
-    ever takes everything there is, so waiting and taking are apart, and a wait that times out or
-    is cancelled cannot lose an item.
-    """
-
-    __slots__ = ("items", "waiter")
-
-    def __init__(self) -> None:
-        self.items: list[_QueueItem] = []
-        self.waiter: asyncio.Future[None] | None = None
-
-    def put(self, item: _QueueItem) -> None:
-        self.items.append(item)
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def wait(self, within: float | None) -> None:
-        """Until an item is there, or ``within`` seconds have passed (``None``: no timer)."""
-        if self.items:
-            return
-        loop = asyncio.get_running_loop()
-        waiter = self.waiter = loop.create_future()
-        timer = None if within is None else loop.call_later(within, aio.wake, waiter)
-        try:
-            await waiter
-        finally:
-            self.waiter = None
-            if timer is not None:
-                timer.cancel()
-
-    def take(self) -> list[_QueueItem]:
-        items, self.items = self.items, []
-        return items
-
-
 def _join_calls(calls: list[ToolCallDelta] | None, more: list[ToolCallDelta]) -> list[ToolCallDelta]:
     """Tool-call deltas in order, a delta that only continues the previous one's arguments joined
     onto it (one delta per call per message, rather than one per token)."""
@@ -631,7 +591,7 @@ class NodeAgent:
                 ),
             )
             return
-        box = _Mailbox()
+        box = aio.Mailbox()
         running.engine_sent_at = time.monotonic()
         running.pump = asyncio.create_task(self._pump(self.engine.generate(job), box, running), name=f"pump {job.id}")
         loop = asyncio.get_running_loop()
@@ -656,14 +616,12 @@ class NodeAgent:
                         await self._publish(running, chunk("accepted"))
                         said_anything = True
                         continue
-                    await box.wait(remaining)
+                    items = await box.take_within(remaining)
                 elif not pending:
-                    await box.wait(None)  # the common case: nothing held back, no timer
+                    items = await box.take()  # the common case: nothing held back, no timer
                 else:
-                    wait = last_sent + interval - time.monotonic()
-                    if wait > 0:
-                        await box.wait(wait)
-                for item in box.take():
+                    items = await box.take_within(last_sent + interval - time.monotonic())
+                for item in items:
                     if isinstance(item, Emission):
                         _merge(pending, item.pieces)
                         relayed += sum(p.tokens for p in item.pieces)
@@ -753,21 +711,21 @@ class NodeAgent:
         while self._outbox_task is not None:
             await asyncio.shield(self._outbox_task)
 
-    async def _pump(self, stream: AsyncIterator[Emission], box: _Mailbox, running: _Running) -> None:
+    async def _pump(self, stream: AsyncIterator[Emission], box: aio.Mailbox, running: _Running) -> None:
         """Read the engine stream into the job's mailbox; cancelling this aborts the engine request."""
         try:
             async for emission in stream:
                 if running.engine_first_at is None:
                     running.engine_first_at = time.monotonic()
-                box.put(emission)
-            box.put(_DONE)
+                box.put_nowait(emission)
+            box.put_nowait(_DONE)
         except asyncio.CancelledError:
-            box.put(_STOPPED)
+            box.put_nowait(_STOPPED)
         except EngineError as exc:
-            box.put(exc)
+            box.put_nowait(exc)
         except Exception as exc:
             log.exception("engine stream failed")
-            box.put(EngineError("engine_error", f"engine failed: {exc}"))
+            box.put_nowait(EngineError("engine_error", f"engine failed: {exc}"))
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections import deque
 from typing import Any
 
 import msgspec
@@ -28,76 +27,20 @@ from nats.aio.subscription import Subscription
 
 from api.limits import STALE_HOLDER_S
 from api.token.outbox import StoredEvent, UsageOutbox
-from market import aio, bus, subjects, wire
+from market import bus, subjects, wire
+from market.aio import TIMED_OUT, Mailbox
 from market.ids import ulid
 
 log = logging.getLogger(__name__)
 
 LOST = object()
 """Put on a job's queue when the node it runs on was declared lost."""
-TIMED_OUT = object()
-"""What ``Mailbox.get_within`` returns when nothing came in time."""
 
 _chunk_decoder = wire.decoder(wire.Chunk)
 _batch_decoder = wire.decoder(wire.ChunkBatch)
 _fleet_decoder = wire.decoder(wire.FleetEvent)
 ORPHANS_KEPT = 1024
 """Orphaned jobs remembered, so each is cancelled once rather than once per chunk."""
-
-
-class Mailbox:
-    """One job attempt's chunks and signals: any number of writers, one reader at a time.
-
-    A relay puts and takes an item per streamed token; ``asyncio.Queue`` does more per item (an
-    unfinished-task count and its Event, a deque of getters, a running-loop lookup per wait).
-    """
-
-    __slots__ = ("_items", "_loop", "_waiter")
-
-    def __init__(self) -> None:
-        self._items: deque[Any] = deque()
-        self._loop = asyncio.get_running_loop()
-        self._waiter: asyncio.Future[None] | None = None
-
-    def put_nowait(self, item: Any) -> None:
-        self._items.append(item)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _wait(self, timeout: float | None = None) -> None:
-        """Until an item is put, or ``timeout`` seconds pass: a timer wakes the same waiter
-        (``asyncio.wait_for`` would wrap the wait in a task of its own on Python 3.11, two more
-        turns of a busy loop on the way to a request's first token)."""
-        waiter = self._waiter = self._loop.create_future()
-        timer = None if timeout is None else self._loop.call_later(max(0.0, timeout), aio.wake, waiter)
-        try:
-            await waiter
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if self._waiter is waiter:
-                self._waiter = None
-
-    async def get(self) -> Any:
-        """The next item; cancelling the wait loses none."""
-        while not self._items:
-            await self._wait()
-        return self._items.popleft()
-
-    async def get_within(self, timeout: float) -> Any:
-        """The next item, or ``TIMED_OUT`` after ``timeout`` seconds; cancelling the wait loses none."""
-        if not self._items:
-            await self._wait(timeout)
-        return self._items.popleft() if self._items else TIMED_OUT
-
-    async def take(self) -> list[Any]:
-        """Every item there is, waiting for the first if there is none."""
-        while not self._items:
-            await self._wait()
-        items = list(self._items)
-        self._items.clear()
-        return items
 
 
 class Inboxes:

@@ -39,10 +39,8 @@ from api.state import AppState
 from api.token.outbox import StoredEvent, UsageOutbox
 from api.token.relay import (
     LOST,
-    TIMED_OUT,
     FleetWatch,
     Inboxes,
-    Mailbox,
     Question,
     SchedulerWatch,
     UsagePublisher,
@@ -50,6 +48,7 @@ from api.token.relay import (
 )
 from api.token.schemas import ChatCompletionRequest, CompletionRequest, estimate_tokens
 from market import subjects, wire
+from market.aio import TIMED_OUT, Mailbox
 from market.db import plain_url
 from market.ids import new_id
 from market.models import Model, TenantModel
