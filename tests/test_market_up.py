@@ -77,6 +77,18 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 60) -> f
     raise AssertionError("market up did not become ready")
 
 
+def _wait_unbilled(url: str, secret: str, expected: int, timeout: float = 30) -> None:
+    """Until the tenant's unbilled usage is ``expected`` micros: its usage events went through
+    JetStream into the ledger and were rated."""
+    deadline = time.monotonic() + timeout
+    while True:
+        balance = httpx.get(url + "/api/tenant/balance", headers={"Authorization": f"Bearer {secret}"}).json()
+        if balance["unbilled_usage_micros"] == expected:
+            return
+        assert time.monotonic() < deadline, balance
+        time.sleep(0.3)
+
+
 def _descendants(proc: subprocess.Popen[str]) -> list[psutil.Process]:
     try:
         return psutil.Process(proc.pid).children(recursive=True)
@@ -182,13 +194,7 @@ def test_market_up_with_a_sim_node_serves_a_tenant_through_the_admin_api(tmp_pat
         assert not (data_dir / "logs" / "scheduler.log").exists()
         # The billing worker rates it at the demo prices: (prompt * 15 + 4 * 60) micros.
         expected = answer.usage.prompt_tokens * 15 + 4 * 60
-        deadline = time.monotonic() + 30
-        while True:
-            balance = httpx.get(url + "/api/tenant/balance", headers={"Authorization": f"Bearer {secret}"}).json()
-            if balance["unbilled_usage_micros"] == expected:
-                break
-            assert time.monotonic() < deadline, balance
-            time.sleep(0.3)
+        _wait_unbilled(url, secret, expected)
         # The walkthrough's tool call: the local sim node says it parses calls, and makes one up.
         weather: Any = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
         call = sdk.chat.completions.create(
@@ -274,13 +280,7 @@ def test_market_up_with_a_vllm_node_answers_the_sdk_with_usage_that_reaches_the_
         assert sum(1 for p in parts if p.choices and p.choices[0].text) >= 1
         # Both usage events went through JetStream into the ledger, rated at the demo prices.
         expected = (whole.usage.prompt_tokens + streamed.prompt_tokens) * 15 + (6 + 5) * 60
-        deadline = time.monotonic() + 30
-        while True:
-            balance = httpx.get(url + "/api/tenant/balance", headers={"Authorization": f"Bearer {secret}"}).json()
-            if balance["unbilled_usage_micros"] == expected:
-                break
-            assert time.monotonic() < deadline, balance
-            time.sleep(0.3)
+        _wait_unbilled(url, secret, expected)
     finally:
         if proc.poll() is None:
             _stop(proc, _descendants(proc))
